@@ -1,0 +1,330 @@
+"""Layer-wise calibration and ``quantize_model``.
+
+For each decoder layer l in turn (METHOD.md, "Calibration objective"):
+  1. inputs x_l: the full-precision outputs of layer l-1 (teacher forcing), or the quantized
+     outputs (``propagate="quant"``); targets y_l = layer_l(x_l) in full precision;
+  2. swap the layer's linears for QuantLinears of the method; if the method learns, train its
+     transforms and clipping logits with Adam(W) + cosine decay on MSE(y_l, quantized layer(x_l)),
+     straight-through gradients through the MX quantizers; one jitted ``lax.scan`` per epoch;
+  3. record the Hessians of the transformed inputs, fold transform and weight clipping into every
+     weight and quantize it (GPTQ or RTN); the layer keeps only its online activation path.
+Every layer logs its loss before and after training, after weight quantization, and the loss of
+plain RTN on the same layer and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from batquant_jax import gptq
+from batquant_jax.models.llama import LlamaForCausalLM
+from batquant_jax.qlayers import (GROUPS, METHODS, SETTINGS, MethodSpec, QuantSpec, group_heads,
+                                  quant_linears, quantize_layer, set_recording)
+from batquant_jax.transforms import transform_is_healthy
+
+WEIGHT_QUANTIZERS = ("gptq", "rtn")
+PROPAGATIONS = ("fp", "quant")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Hyper-parameters of one calibration run (paper defaults where the paper gives them)."""
+
+    method: str = "batquant"
+    setting: str = "W4A4KV16"
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 2e-3
+    clip_lr: float = 2e-2
+    weight_decay: float = 0.0
+    g1: int = 8
+    g2: int = 4
+    init: str = "hadamard"
+    weight_quantizer: str | None = None  # None: the method's own (rtn for "rtn", else gptq)
+    propagate: str = "fp"
+    scale_mode: str = "floor"
+    rounding: str = "even"
+    damp: float = 0.01
+    seed: int = 0
+    max_cond: float = 1e4
+
+    def validate(self) -> "CalibConfig":
+        def one_of(value, valid, what):
+            if value not in valid:
+                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        one_of(self.method, tuple(METHODS), "method")
+        one_of(self.setting, tuple(SETTINGS), "setting")
+        one_of(self.propagate, PROPAGATIONS, "propagate")
+        one_of(self.init, ("hadamard", "identity"), "init")
+        if self.weight_quantizer is not None:
+            one_of(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
+        if self.g1 * self.g2 != 32:
+            raise ValueError(f"g1 * g2 must be 32 (the MX block), got {self.g1} * {self.g2}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not (self.lr > 0 and self.clip_lr > 0):
+            raise ValueError("lr and clip_lr must be positive")
+        return self
+
+    @property
+    def spec(self) -> QuantSpec:
+        return dataclasses.replace(SETTINGS[self.setting], scale_mode=self.scale_mode,
+                                   rounding=self.rounding)
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        m = METHODS[self.method]
+        return m if self.weight_quantizer is None else dataclasses.replace(
+            m, weights=self.weight_quantizer)
+
+
+@dataclasses.dataclass
+class LayerReport:
+    index: int
+    loss_rtn: float       # plain RTN (no transform, no clipping) on this layer
+    loss_init: float      # the method at its initial parameters, RTN-fake-quantized weights
+    loss_trained: float   # after training (best finite parameters), RTN-fake-quantized weights
+    loss_final: float     # after the final weight quantization (GPTQ or RTN)
+    steps: int
+    seconds: float
+    fell_back: bool = False
+
+    def line(self, n: int) -> str:
+        return (f"layer {self.index + 1}/{n}: mse rtn {self.loss_rtn:.4g} | init {self.loss_init:.4g}"
+                f" -> trained {self.loss_trained:.4g} -> final {self.loss_final:.4g}"
+                f"{' (fell back)' if self.fell_back else ''} [{self.seconds:.1f}s]")
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    config: CalibConfig
+    layers: list[LayerReport]
+    qweights: dict[str, object]  # "layers.{i}.{linear}" -> mx.MXArray of the deployed weight
+    seconds: float
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- jitted kernels
+# graphdef is a static argument: layers of one shape share one compiled program.
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_batches(graphdef, state, xs):
+    """xs: [nb, bs, T, d] -> layer outputs [nb, bs, T, d]."""
+    def body(_, x):
+        return None, nnx.merge(graphdef, state)(x)
+    return jax.lax.scan(body, None, xs)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mse_batches(graphdef, state, xs, ys):
+    """Mean squared error of the layer on all batches (xs, ys: [nb, bs, T, d])."""
+    def body(acc, xy):
+        out = nnx.merge(graphdef, state)(xy[0])
+        return acc + jnp.mean(jnp.square(out - xy[1])), None
+    return jax.lax.scan(body, jnp.float32(0.0), (xs, ys))[0] / xs.shape[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _record_hessians(graphdef, state, xs):
+    """Runs the layer (recording on) over all batches; returns the updated state."""
+    def body(st, x):
+        layer = nnx.merge(graphdef, st)
+        layer(x)
+        return nnx.state(layer), None
+    return jax.lax.scan(body, state, xs)[0]
+
+
+def _make_epoch(tx_t, tx_c):
+    @functools.partial(jax.jit, static_argnums=0)
+    def epoch(graphdef, tparams, cparams, opt_t, opt_c, rest, xs, ys, order):
+        """One epoch: order [steps, bs] indexes the samples of xs, ys: [N, T, d]."""
+        def loss_fn(tp, cp, x, y):
+            out = nnx.merge(graphdef, tp, cp, rest)(x)
+            return jnp.mean(jnp.square(out - y))
+
+        def step(carry, idx):
+            tp, cp, ot, oc = carry
+            loss, (gt, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1))(tp, cp, xs[idx], ys[idx])
+            ut, ot = tx_t.update(gt, ot, tp)
+            uc, oc = tx_c.update(gc, oc, cp)
+            return (optax.apply_updates(tp, ut), optax.apply_updates(cp, uc), ot, oc), loss
+
+        carry, losses = jax.lax.scan(step, (tparams, cparams, opt_t, opt_c), order)
+        return (*carry, losses)
+    return epoch
+
+
+def _is_transform_param(path, value) -> bool:
+    return isinstance(value, nnx.Param) and "transform" in path
+
+
+def _is_clip_param(path, value) -> bool:
+    return isinstance(value, nnx.Param) and ("act_clip" in path or "weight_clip" in path)
+
+
+def _healthy(layer, max_cond: float) -> bool:
+    return all(transform_is_healthy(q.transform, max_cond) for q in group_heads(layer).values())
+
+
+class LayerCalibrator:
+    """Calibrates decoder layers one at a time; built once per run so programs compile once."""
+
+    def __init__(self, cfg: CalibConfig, nsamples: int, log: Callable[[str], None] = _stderr):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.steps_per_epoch = nsamples // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"nsamples ({nsamples}) must be >= batch_size ({cfg.batch_size})")
+        total = max(1, cfg.epochs * self.steps_per_epoch)
+        self.tx_t = optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay)
+        self.tx_c = optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0)
+        self.epoch_fn = _make_epoch(self.tx_t, self.tx_c)
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def _batches(self, a):
+        """[N, T, d] -> [N // bs, bs, T, d] (drops a remainder smaller than one batch)."""
+        bs = self.cfg.batch_size
+        nb = a.shape[0] // bs
+        return a[: nb * bs].reshape(nb, bs, *a.shape[1:])
+
+    def mse(self, layer, xb, yb) -> float:
+        graphdef, state = nnx.split(layer)
+        return float(_mse_batches(graphdef, state, xb, yb))
+
+    def outputs(self, layer, xb):
+        graphdef, state = nnx.split(layer)
+        out = _apply_batches(graphdef, state, xb)
+        return out.reshape(-1, *out.shape[2:])
+
+    def _train(self, layer, xs, ys, index: int, n_layers: int) -> tuple[int, bool, float]:
+        """Trains the learnable parameters of ``layer`` in place; returns (steps, fell_back, best)."""
+        cfg = self.cfg
+        graphdef, tparams, cparams, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
+        opt_t, opt_c = self.tx_t.init(tparams), self.tx_c.init(cparams)
+        best = (math.inf, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
+        fell_back, steps, t0 = False, 0, time.time()
+        for ep in range(cfg.epochs):
+            order = self.rng.permutation(xs.shape[0])[: self.steps_per_epoch * cfg.batch_size]
+            order = jnp.asarray(order.reshape(self.steps_per_epoch, cfg.batch_size))
+            tparams, cparams, opt_t, opt_c, losses = self.epoch_fn(
+                graphdef, tparams, cparams, opt_t, opt_c, rest, xs, ys, order)
+            steps += self.steps_per_epoch
+            loss = float(jnp.mean(losses))
+            nnx.update(layer, tparams, cparams)
+            ok = math.isfinite(loss) and _healthy(layer, cfg.max_cond)
+            if ok and loss < best[0]:
+                best = (loss, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
+            elif not ok:
+                fell_back = True
+                self.log(f"warning: layer {index + 1}: non-finite loss or ill-conditioned transform "
+                         f"at epoch {ep + 1}; keeping the best finite parameters")
+                break
+            rate = (time.time() - t0) / steps
+            self.log(f"layer {index + 1}/{n_layers} epoch {ep + 1}/{cfg.epochs} step {steps} "
+                     f"train mse {loss:.4g} ({rate:.2f}s/step)")
+        nnx.update(layer, best[1], best[2])
+        return steps, fell_back, best[0]
+
+    def calibrate(self, fp_layer, xs, index: int, n_layers: int):
+        """Quantizes ``fp_layer`` given its inputs xs: [N, T, d].
+
+        Returns (quantized layer, its outputs on xs for the next layer, LayerReport, qweights).
+        """
+        cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
+        t0 = time.time()
+        xb = self._batches(xs)
+        ys = self.outputs(fp_layer, xb)
+        yb = self._batches(ys)
+
+        rtn = quantize_layer(nnx.clone(fp_layer), "rtn", spec)
+        loss_rtn = self.mse(rtn, xb, yb)
+        del rtn
+        layer = quantize_layer(nnx.clone(fp_layer), method, spec, g1=cfg.g1, g2=cfg.g2,
+                               init=cfg.init, seed=cfg.seed * 100003 + index, record_hessian=True)
+        loss_init = self.mse(layer, xb, yb)
+        steps, fell_back, loss_trained = 0, False, loss_init
+        if method.train and cfg.epochs > 0:
+            steps, fell_back, _ = self._train(layer, xs[: xb.shape[0] * cfg.batch_size],
+                                              ys[: yb.shape[0] * cfg.batch_size], index, n_layers)
+            loss_trained = self.mse(layer, xb, yb)
+
+        qweights = self.deploy(layer, xb)
+        loss_final = self.mse(layer, xb, yb)
+        report = LayerReport(index, loss_rtn, loss_init, loss_trained, loss_final, steps,
+                             time.time() - t0, fell_back)
+        next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)
+        return layer, next_x, report, qweights
+
+    def deploy(self, layer, xb) -> dict[str, object]:
+        """Fold transforms + weight clipping into the weights and quantize them (GPTQ or RTN)."""
+        cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
+        hessians = {}
+        if method.weights == "gptq":
+            set_recording(layer, True)
+            graphdef, state = nnx.split(layer)
+            nnx.update(layer, _record_hessians(graphdef, state, xb))
+            set_recording(layer, False)
+            hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
+        group_of = {n: g for _, names, g in GROUPS for n in names}
+        qweights = {}
+        kw = dict(fmt=spec.w_fmt, block_size=spec.block_size, scale_mode=spec.scale_mode,
+                  rounding=spec.rounding)
+        for name, q in quant_linears(layer).items():
+            w = jnp.asarray(q.transform.fold_f64(np.asarray(q.weight[...])), jnp.float32)
+            w = q.weight_clip(w)
+            if method.weights == "gptq":
+                res = gptq.gptq_quantize(w, hessians[group_of[name]], damp=cfg.damp, **kw)
+            else:
+                res = gptq.rtn_quantize(w, **kw)
+            q.deploy(res.weight)
+            qweights[name] = res.to_mxarray()
+        for q in group_heads(layer).values():  # the sums are no longer needed
+            q.hessian = None
+        return qweights
+
+
+def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquant",
+                   setting: str = "W4A4KV16", *, log: Callable[[str], None] = _stderr,
+                   on_layer_done: Callable | None = None, start_layer: int = 0,
+                   start_inputs=None, **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
+    """Quantizes every decoder layer of ``model`` in place with ``method`` at ``setting``.
+
+    calib_tokens: int32 [N, T] calibration windows. hparams: any CalibConfig field.
+    on_layer_done(i, layer, next_inputs, report, qweights) is called after each layer (resume
+    support: ``start_layer`` / ``start_inputs`` continue a run whose first layers are done).
+    Returns (model, CalibrationResult).
+    """
+    cfg = CalibConfig(method=method, setting=setting, **hparams).validate()
+    tokens = jnp.asarray(np.asarray(calib_tokens, np.int32))
+    if tokens.ndim != 2:
+        raise ValueError(f"calib_tokens must be [N, T], got shape {tokens.shape}")
+    n_layers = len(model.layers)
+    cal = LayerCalibrator(cfg, tokens.shape[0], log)
+    t0 = time.time()
+    xs = model.embed(tokens) if start_inputs is None else jnp.asarray(start_inputs)
+    reports, qweights = [], {}
+    for i in range(start_layer, n_layers):
+        layer, xs, rep, qw = cal.calibrate(model.layers[i], xs, i, n_layers)
+        model.layers[i] = layer
+        reports.append(rep)
+        qweights.update({f"layers.{i}.{k}": v for k, v in qw.items()})
+        done = i + 1 - start_layer
+        eta = (time.time() - t0) / done * (n_layers - i - 1)
+        log(rep.line(n_layers) + f" elapsed {time.time() - t0:.0f}s, eta {eta:.0f}s")
+        if on_layer_done is not None:
+            on_layer_done(i, layer, xs, rep, qw)
+    return model, CalibrationResult(cfg, reports, qweights, time.time() - t0)

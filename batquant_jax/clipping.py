@@ -1,0 +1,125 @@
+"""Block-wise learnable clipping (BATQuant), as Flax NNX modules.
+
+For each MX block of 32 values (one token's / one weight row's slice along d), with signed
+``max(block)`` and ``min(block)``:
+
+    hi = sigmoid(a_max) * max(block),   lo = sigmoid(a_min) * min(block),   x <- clamp(x, lo, hi)
+
+applied before the MX shared scale is computed. The logits start at 4.0 (ratio sigmoid(4) ~ 0.982)
+and receive gradients through the clamp. ``granularity="tensor"`` is FlatQuant's variant: one
+logit pair for the whole activation tensor (max / min taken per token over all of d), or one per
+output row for weights (max / min over the whole row).
+
+A block whose values all share one sign is clipped only on that side: e.g. for an all-negative
+block ``hi = sigmoid(a_max) * max`` lies above the block max and is inactive. (If the two
+thresholds cross, ``lo > hi``, the clamp returns ``hi``.)
+
+``enabled=False`` (static, fixed at construction) makes the module the identity with no parameters,
+for ablations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_GRANULARITIES = ("block", "tensor")
+
+
+def clamp_to_ratios(xb: jax.Array, r_max: jax.Array, r_min: jax.Array) -> jax.Array:
+    """Clamp each group of ``xb: [..., g, n]`` to ``[r_min * min, r_max * max]`` over its last axis.
+
+    r_max, r_min broadcast against ``[..., g, 1]``; computed in float32 at least, returned in xb's
+    dtype. Differentiable in r_max, r_min (and in xb).
+    """
+    dt = jnp.promote_types(xb.dtype, jnp.float32)
+    x = xb.astype(dt)
+    hi = r_max * jnp.max(x, axis=-1, keepdims=True)
+    lo = r_min * jnp.min(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.maximum(x, lo), hi).astype(xb.dtype)
+
+
+def _check(granularity: str, d: int, block: int) -> None:
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    if block <= 0 or d <= 0 or d % block:
+        raise ValueError(f"d={d} must be a positive multiple of the block size {block}")
+
+
+class ActClip(nnx.Module):
+    """Learnable activation clipping for x: [..., d], ``d % block == 0``.
+
+    granularity="block": logits a_max, a_min: [d / block], one pair per block position along d,
+    shared by all tokens; "tensor": scalar logits, thresholds from each token's max / min over d.
+    """
+
+    def __init__(self, d: int, block: int = 32, init: float = 4.0, granularity: str = "block",
+                 enabled: bool = True):
+        _check(granularity, d, block)
+        self.d, self.block, self.granularity, self.enabled = d, block, granularity, enabled
+        shape = (d // block,) if granularity == "block" else ()
+        if enabled:
+            self.a_max = nnx.Param(jnp.full(shape, init, jnp.float32))
+            self.a_min = nnx.Param(jnp.full(shape, init, jnp.float32))
+        else:
+            self.a_max = self.a_min = None
+
+    def ratios(self) -> tuple[jax.Array, jax.Array]:
+        """(sigmoid(a_max), sigmoid(a_min)), each [d / block] or []."""
+        if not self.enabled:
+            raise ValueError("clipping is disabled")
+        return jax.nn.sigmoid(self.a_max[...]), jax.nn.sigmoid(self.a_min[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., d] -> clamped x, same shape and dtype."""
+        if x.shape[-1:] != (self.d,):
+            raise ValueError(f"expected x: [..., {self.d}], got {x.shape}")
+        if not self.enabled:
+            return x
+        r_max, r_min = self.ratios()
+        if self.granularity == "block":
+            xb = x.reshape(*x.shape[:-1], self.d // self.block, self.block)
+            return clamp_to_ratios(xb, r_max[:, None], r_min[:, None]).reshape(x.shape)
+        return clamp_to_ratios(x[..., None, :], r_max, r_min).reshape(x.shape)
+
+
+class WeightClip(nnx.Module):
+    """Learnable weight clipping for W: [out, d], ``d % block == 0``.
+
+    granularity="block": logits a_max, a_min: [out, d / block], one pair per (row, block);
+    "tensor": [out], one pair per output row with thresholds from the whole row.
+    """
+
+    def __init__(self, out: int, d: int, block: int = 32, init: float = 4.0,
+                 granularity: str = "block", enabled: bool = True):
+        _check(granularity, d, block)
+        if out <= 0:
+            raise ValueError(f"out must be positive, got {out}")
+        self.out, self.d, self.block = out, d, block
+        self.granularity, self.enabled = granularity, enabled
+        shape = (out, d // block) if granularity == "block" else (out,)
+        if enabled:
+            self.a_max = nnx.Param(jnp.full(shape, init, jnp.float32))
+            self.a_min = nnx.Param(jnp.full(shape, init, jnp.float32))
+        else:
+            self.a_max = self.a_min = None
+
+    def ratios(self) -> tuple[jax.Array, jax.Array]:
+        """(sigmoid(a_max), sigmoid(a_min)), each [out, d / block] or [out]."""
+        if not self.enabled:
+            raise ValueError("clipping is disabled")
+        return jax.nn.sigmoid(self.a_max[...]), jax.nn.sigmoid(self.a_min[...])
+
+    def __call__(self, w: jax.Array) -> jax.Array:
+        """W: [out, d] -> clamped W, same shape and dtype."""
+        if w.shape != (self.out, self.d):
+            raise ValueError(f"expected W: [{self.out}, {self.d}], got {w.shape}")
+        if not self.enabled:
+            return w
+        r_max, r_min = self.ratios()
+        if self.granularity == "block":
+            wb = w.reshape(self.out, self.d // self.block, self.block)
+            return clamp_to_ratios(wb, r_max[..., None], r_min[..., None]).reshape(w.shape)
+        return clamp_to_ratios(w[:, None, :], r_max[:, None, None], r_min[:, None, None]).reshape(
+            w.shape)

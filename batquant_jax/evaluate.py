@@ -1,0 +1,184 @@
+"""Perplexity of a model on a corpus: ``python -m batquant_jax.evaluate``.
+
+    python -m batquant_jax.evaluate --model=smollm2-135m --eval_data=wiki-eval \\
+        --seqlen=512 --max_tokens=65536 --output_json=/tmp/ppl.json
+
+Progress goes to stderr; the last line on stdout is ``perplexity: <value>``. Bad input (an unknown
+model, a missing or unreadable corpus, a bad flag) prints one line to stderr and exits with 2.
+The flags only fill an ``EvalConfig``; ``run_evaluation(cfg)`` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+
+from batquant_jax import data, perplexity
+
+
+class ConfigError(ValueError):
+    """An evaluation setting that cannot work; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate. ``max_tokens`` None means the whole corpus."""
+
+    model: str = "smollm2-135m"
+    eval_data: str = "wiki-eval"
+    seqlen: int = 512
+    max_tokens: int | None = 65536
+    batch_size: int = 1
+    output_json: str | None = None
+
+    def validate(self) -> None:
+        """Checks that need no model; ``run_evaluation`` also checks seqlen against the model."""
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be >= 2 (one prediction needs two tokens), "
+                              f"got {self.seqlen}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < self.seqlen:
+            raise ConfigError(f"--max_tokens {self.max_tokens} is less than one window of "
+                              f"--seqlen {self.seqlen}; pass >= {self.seqlen}, or 0 for all")
+        if not self.model.strip():
+            raise ConfigError("--model must name a model (an alias or a path), got ''")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+    """What the evaluation needs from a model: nll_fn int32 [B, T] -> float32 [B, T-1]."""
+
+    nll_fn: Callable[[Any], Any]
+    tokenizer: Any
+    description: str
+    max_positions: int
+
+
+def get_nll_fn(cfg: EvalConfig) -> EvalModel:
+    """Loads ``cfg.model`` and returns its jitted NLL function, tokenizer and a description.
+
+    The model is an argument of the jitted function (not a constant baked into it), so it is
+    compiled once per batch shape. Raises ``ModelLoadError`` on a bad model spec.
+    """
+    from batquant_jax.models import forward_nll, load_model  # imported here: the heavy part
+
+    loaded = load_model(cfg.model)
+    description = f"{cfg.model} ({loaded.source})"
+    return EvalModel(nll_fn=functools.partial(forward_nll, loaded.model),
+                     tokenizer=loaded.tokenizer, description=description,
+                     max_positions=int(loaded.config.max_position_embeddings))
+
+
+def _log(msg: str) -> None:
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    """Perplexity of ``cfg.model`` on ``cfg.eval_data`` by the project's protocol.
+
+    Returns {"perplexity", "tokens", "windows", "seqlen", "model", "eval_data", "seconds"
+    (model loading included), "eval_seconds"} and writes it to ``cfg.output_json`` when set.
+    Raises ConfigError, data.DataError or the model loader's error (all ValueErrors with
+    one-line messages) on bad input.
+    """
+    cfg.validate()
+    start = time.perf_counter()
+    _log(f"reading {cfg.eval_data}")
+    text = data.load_corpus(cfg.eval_data)  # before the model: a bad path fails fast
+    _log(f"loading model {cfg.model}")
+    evm = get_nll_fn(cfg)
+    if cfg.seqlen > evm.max_positions:
+        raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's context of "
+                          f"{evm.max_positions} positions")
+    ids = data.tokenize_corpus(text, evm.tokenizer)
+    if ids.size < cfg.seqlen:
+        raise data.DataError(f"{cfg.eval_data} has {ids.size} tokens; one window of --seqlen "
+                             f"{cfg.seqlen} needs at least {cfg.seqlen}")
+    windows = min(ids.size // cfg.seqlen,
+                  ids.size if cfg.max_tokens is None else cfg.max_tokens // cfg.seqlen)
+    _log(f"{len(text)} chars -> {ids.size} tokens; evaluating {windows} windows of "
+         f"{cfg.seqlen} tokens, batch {cfg.batch_size}, with {evm.description}")
+    res = perplexity.evaluate_perplexity(
+        evm.nll_fn, ids, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens,
+        batch_size=cfg.batch_size, progress=perplexity.progress_printer())
+    result = {"perplexity": res.perplexity, "tokens": res.tokens, "windows": res.windows,
+              "seqlen": res.seqlen, "model": cfg.model, "eval_data": cfg.eval_data,
+              "seconds": round(time.perf_counter() - start, 3),
+              "eval_seconds": round(res.seconds, 3)}
+    if cfg.output_json:
+        out = pathlib.Path(cfg.output_json).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        _log(f"wrote {out}")
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: importing this module
+    registers nothing, so other command lines may use the same flag names)."""
+    flags.DEFINE_string("model", EvalConfig.model,
+                        "model alias (smollm2-135m), Hugging Face folder or GGUF file")
+    flags.DEFINE_string("eval_data", EvalConfig.eval_data,
+                        "wiki-eval, wiki-calib, or a path to a UTF-8 text file or folder")
+    flags.DEFINE_integer("seqlen", EvalConfig.seqlen, "tokens per window")
+    flags.DEFINE_integer("max_tokens", EvalConfig.max_tokens,
+                         "evaluate the first max_tokens // seqlen windows; 0 or negative = all")
+    flags.DEFINE_integer("batch_size", EvalConfig.batch_size, "windows per forward pass")
+    flags.DEFINE_string("output_json", None, "write the result to this JSON file")
+
+
+def config_from_flags(f: flags.FlagValues = FLAGS) -> EvalConfig:
+    """Parsed flags -> EvalConfig (max_tokens <= 0 becomes None: the whole corpus)."""
+    return EvalConfig(model=f.model, eval_data=f.eval_data, seqlen=f.seqlen,
+                      max_tokens=f.max_tokens if f.max_tokens > 0 else None,
+                      batch_size=f.batch_size, output_json=f.output_json)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (ConfigError, data.DataError)
+    try:
+        from batquant_jax.models import ModelLoadError
+    except ImportError:
+        return errors
+    return errors + (ModelLoadError,)
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return []
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    try:
+        result = run_evaluation(config_from_flags())
+    except _user_errors() as e:
+        _fail(str(e).splitlines()[0])
+    print(f"perplexity: {result['perplexity']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=_parse_flags)

