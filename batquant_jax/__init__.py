@@ -12,3 +12,10 @@ Modules (each readable alone):
 """
 
 __version__ = "0.1.0"
+
+import jax as _jax
+
+# XLA's CPU client can deadlock (0% CPU, waiting forever) when several large programs are queued
+# by asynchronous dispatch at once (seen here during calibration; a known JAX CPU issue). Dispatch
+# on the CPU is made synchronous; GPU and TPU backends are unaffected by this option.
+_jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -122,50 +122,39 @@ def _stderr(msg: str) -> None:
 # graphdef is a static argument: layers of one shape share one compiled program.
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply_batches(graphdef, state, xs):
-    """xs: [nb, bs, T, d] -> layer outputs [nb, bs, T, d]."""
-    def body(_, x):
-        return None, nnx.merge(graphdef, state)(x)
-    return jax.lax.scan(body, None, xs)[1]
+def _apply(graphdef, state, x):
+    """One batch x: [bs, T, d] -> layer output [bs, T, d]."""
+    return nnx.merge(graphdef, state)(x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _mse_batches(graphdef, state, xs, ys):
-    """Mean squared error of the layer on all batches (xs, ys: [nb, bs, T, d])."""
-    def body(acc, xy):
-        out = nnx.merge(graphdef, state)(xy[0])
-        return acc + jnp.mean(jnp.square(out - xy[1])), None
-    return jax.lax.scan(body, jnp.float32(0.0), (xs, ys))[0] / xs.shape[0]
+def _sq_err(graphdef, state, x, y):
+    """Mean squared error of the layer output on one batch."""
+    return jnp.mean(jnp.square(nnx.merge(graphdef, state)(x) - y))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _record_hessians(graphdef, state, xs):
-    """Runs the layer (recording on) over all batches; returns the updated state."""
-    def body(st, x):
-        layer = nnx.merge(graphdef, st)
-        layer(x)
-        return nnx.state(layer), None
-    return jax.lax.scan(body, state, xs)[0]
+def _record(graphdef, state, x):
+    """Runs the layer (Hessian recording on) on one batch; returns the updated state."""
+    layer = nnx.merge(graphdef, state)
+    layer(x)
+    return nnx.state(layer)
 
 
-def _make_epoch(tx_t, tx_c):
+def _make_step(tx_t, tx_c):
     @functools.partial(jax.jit, static_argnums=0)
-    def epoch(graphdef, tparams, cparams, opt_t, opt_c, rest, xs, ys, order):
-        """One epoch: order [steps, bs] indexes the samples of xs, ys: [N, T, d]."""
-        def loss_fn(tp, cp, x, y):
+    def step(graphdef, tparams, cparams, opt_t, opt_c, rest, x, y):
+        """One optimizer step on a batch x, y: [bs, T, d]; returns the new state and the loss."""
+        def loss_fn(tp, cp):
             out = nnx.merge(graphdef, tp, cp, rest)(x)
             return jnp.mean(jnp.square(out - y))
 
-        def step(carry, idx):
-            tp, cp, ot, oc = carry
-            loss, (gt, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1))(tp, cp, xs[idx], ys[idx])
-            ut, ot = tx_t.update(gt, ot, tp)
-            uc, oc = tx_c.update(gc, oc, cp)
-            return (optax.apply_updates(tp, ut), optax.apply_updates(cp, uc), ot, oc), loss
-
-        carry, losses = jax.lax.scan(step, (tparams, cparams, opt_t, opt_c), order)
-        return (*carry, losses)
-    return epoch
+        loss, (gt, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1))(tparams, cparams)
+        ut, opt_t = tx_t.update(gt, opt_t, tparams)
+        uc, opt_c = tx_c.update(gc, opt_c, cparams)
+        return (optax.apply_updates(tparams, ut), optax.apply_updates(cparams, uc),
+                opt_t, opt_c, loss)
+    return step
 
 
 def _is_transform_param(path, value) -> bool:
@@ -192,8 +181,7 @@ class LayerCalibrator:
         total = max(1, cfg.epochs * self.steps_per_epoch)
         self.tx_t = optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay)
         self.tx_c = optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0)
-        self.epoch_fn = _make_epoch(self.tx_t, self.tx_c)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.step_fn = _make_step(self.tx_t, self.tx_c)
 
     def _batches(self, a):
         """[N, T, d] -> [N // bs, bs, T, d] (drops a remainder smaller than one batch)."""
@@ -203,12 +191,12 @@ class LayerCalibrator:
 
     def mse(self, layer, xb, yb) -> float:
         graphdef, state = nnx.split(layer)
-        return float(_mse_batches(graphdef, state, xb, yb))
+        total = sum(_sq_err(graphdef, state, x, y) for x, y in zip(xb, yb))
+        return float(total) / len(xb)
 
     def outputs(self, layer, xb):
         graphdef, state = nnx.split(layer)
-        out = _apply_batches(graphdef, state, xb)
-        return out.reshape(-1, *out.shape[2:])
+        return jnp.concatenate([_apply(graphdef, state, x) for x in xb])
 
     def _train(self, layer, xs, ys, index: int, n_layers: int) -> tuple[int, bool, float]:
         """Trains the learnable parameters of ``layer`` in place; returns (steps, fell_back, best)."""
@@ -217,13 +205,17 @@ class LayerCalibrator:
         opt_t, opt_c = self.tx_t.init(tparams), self.tx_c.init(cparams)
         best = (math.inf, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
         fell_back, steps, t0 = False, 0, time.time()
+        rng = np.random.default_rng([cfg.seed, index])  # per layer: a resumed run draws the same
         for ep in range(cfg.epochs):
-            order = self.rng.permutation(xs.shape[0])[: self.steps_per_epoch * cfg.batch_size]
-            order = jnp.asarray(order.reshape(self.steps_per_epoch, cfg.batch_size))
-            tparams, cparams, opt_t, opt_c, losses = self.epoch_fn(
-                graphdef, tparams, cparams, opt_t, opt_c, rest, xs, ys, order)
+            order = rng.permutation(xs.shape[0])[: self.steps_per_epoch * cfg.batch_size]
+            losses = []
+            for idx in order.reshape(self.steps_per_epoch, cfg.batch_size):
+                idx = jnp.asarray(idx)
+                tparams, cparams, opt_t, opt_c, loss = self.step_fn(
+                    graphdef, tparams, cparams, opt_t, opt_c, rest, xs[idx], ys[idx])
+                losses.append(loss)
             steps += self.steps_per_epoch
-            loss = float(jnp.mean(losses))
+            loss = float(jnp.mean(jnp.stack(losses)))
             nnx.update(layer, tparams, cparams)
             ok = math.isfinite(loss) and _healthy(layer, cfg.max_cond)
             if ok and loss < best[0]:
@@ -276,7 +268,9 @@ class LayerCalibrator:
         if method.weights == "gptq":
             set_recording(layer, True)
             graphdef, state = nnx.split(layer)
-            nnx.update(layer, _record_hessians(graphdef, state, xb))
+            for x in xb:
+                state = _record(graphdef, state, x)
+            nnx.update(layer, state)
             set_recording(layer, False)
             hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
         group_of = {n: g for _, names, g in GROUPS for n in names}

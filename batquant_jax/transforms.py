@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from batquant_jax import linalg
+
 _HI = jax.lax.Precision.HIGHEST
 _INITS = ("hadamard", "identity")
 
@@ -85,6 +87,11 @@ def _kron_apply(x, left, right):
     return sum(z[..., r, None, :] * left[:, r, :, None] for r in range(m))
 
 
+def _solve(xp, a, b):
+    """``a^{-1} b``: LAPACK in numpy (float64 export), Gauss-Jordan in JAX (see ``linalg``)."""
+    return np.linalg.solve(a, b) if xp is np else linalg.solve(a, b)
+
+
 def _kron_fold(w, left, right, xp=jnp):
     """``L_i^{-1} W_i R^{-T}`` per block, with solves only. w: [o, k, m, n]; left: [k, m, m].
 
@@ -92,9 +99,9 @@ def _kron_fold(w, left, right, xp=jnp):
     """
     o, k, m, n = w.shape
     z = xp.transpose(w, (1, 2, 0, 3)).reshape(k, m, o * n)
-    z = xp.linalg.solve(left, z).reshape(k, m, o, n)  # L_i^{-1} W_i
+    z = _solve(xp, left, z).reshape(k, m, o, n)  # L_i^{-1} W_i
     z = xp.transpose(z, (3, 2, 0, 1)).reshape(n, o * k * m)
-    z = xp.linalg.solve(right, z).reshape(n, o, k, m)  # (R^{-1} Z^T)^T = Z R^{-T}
+    z = _solve(xp, right, z).reshape(n, o, k, m)  # (R^{-1} Z^T)^T = Z R^{-T}
     return xp.transpose(z, (1, 2, 3, 0))
 
 
@@ -287,7 +294,7 @@ class BlockAffine(Transform):
     def _fold(self, w, p=None, xp=jnp):
         p = self.P[...] if p is None else p
         z = xp.transpose(w.reshape(w.shape[0], self.k, self.block), (1, 2, 0))  # [k, b, o]
-        z = xp.linalg.solve(p, z)  # P_i^{-1} W_i^T
+        z = _solve(xp, p, z)  # P_i^{-1} W_i^T
         return xp.transpose(z, (2, 0, 1)).reshape(w.shape)
 
     def _fold_np(self, w):
