@@ -1,0 +1,398 @@
+"""Quantized checkpoints on disk (Orbax) and the per-layer state a calibration run resumes from.
+
+A finished output directory DIR holds only the deployable model:
+
+  DIR/checkpoint/       Orbax composite checkpoint with two items
+      qweights/         every quantized linear weight as its MXArray leaves (uint8 packed E2M1
+                        codes and uint8 E8M0 scales): layers/{i}/{linear}/{codes, scales}
+      params/           the rest of the model state by module path: embeddings, norms, lm_head,
+                        and of each QuantLinear its online side (transform parameters and
+                        constants, clipping logits) and bias -- never a float weight
+  DIR/metadata.json     how it was made and what ``load_quantized`` needs to rebuild the skeleton
+  DIR/tokenizer/        ``tokenizer.save_pretrained``
+
+While a run is calibrating, DIR/resume/ holds progress.json (the commit point, replaced
+atomically), layer_{i:03d}/ (Orbax: layer i's params and qweights) and inputs_{i:03d}/ (the
+inputs of layer i + 1). Orbax writes every checkpoint into a temporary folder and renames it, so
+a run killed at any moment leaves the last committed state readable.
+
+    model, tokenizer, meta = load_quantized("/tmp/smollm2-batquant")
+    nll = forward_nll(model, tokens)            # tokens: int32 [B, T] -> [B, T-1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from batquant_jax import mx
+from batquant_jax.calibration import CalibConfig
+from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
+from batquant_jax.qlayers import QuantLinear, quant_linears, quantize_layer
+
+FORMAT = "batquant_jax.quantized/1"
+CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
+RESUME_DIR, PROGRESS_FILE = "resume", "progress.json"
+ARTIFACT = (CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR)
+
+Flat = dict[tuple[str, ...], np.ndarray]
+
+
+class CheckpointError(ValueError):
+    """A directory that does not hold a readable checkpoint; the message is one line."""
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The seed ``quantize_layer`` gets for layer ``index`` (as in ``LayerCalibrator.calibrate``)."""
+    return seed * 100003 + index
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_json(path, obj: Any) -> None:
+    """Writes ``obj`` as JSON atomically: a temporary file in the same folder, fsync, os.replace."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def remove(path) -> None:
+    """Removes a file or folder if it exists."""
+    path = pathlib.Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def dir_bytes(path) -> int:
+    """Bytes of the regular files under ``path``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported on use: the command line checks flags first
+    return ocp
+
+
+def save_tree(path, items: Mapping[str, dict]) -> None:
+    """Saves nested dicts of arrays as one Orbax composite checkpoint (one item per key).
+
+    Synchronous and atomic: Orbax writes a temporary folder and renames it to ``path``; an
+    existing ``path`` is replaced. Raises OSError (disk full, permissions) from the write.
+    """
+    ocp = _ocp()
+    args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+        pathlib.Path(path).absolute(), args=args, force=True)
+
+
+def load_tree(path, targets: Mapping[str, dict]) -> dict[str, dict]:
+    """Restores the items of ``save_tree`` as numpy arrays; targets: nested ShapeDtypeStructs."""
+    ocp = _ocp()
+    args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+    try:
+        out = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+            pathlib.Path(path).absolute(), args=args)
+    except Exception as e:  # orbax raises several types for a missing or damaged checkpoint
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot restore {path} ({type(e).__name__}: {msg})") from None
+    return {k: jax.tree.map(np.asarray, out[k]) for k in targets}
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+def _nest(flat: Flat) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Flat:
+    out: Flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _abstract(tree: dict) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def _lookup(module, path):
+    for p in path:
+        module = module[p] if isinstance(p, int) else getattr(module, p)
+    return module
+
+
+def _state_vars(module) -> dict[tuple[str, ...], tuple[tuple, Any]]:
+    """{str path: (path, variable)} of ``module``'s state without QuantLinear weights."""
+    out = {}
+    for path, _ in nnx.to_flat_state(nnx.state(module)):
+        if path[-1] == "weight" and isinstance(_lookup(module, path[:-1]), QuantLinear):
+            continue  # stored as its MXArray in qweights
+        out[tuple(str(p) for p in path)] = (path, _lookup(module, path))
+    return out
+
+
+def state_arrays(module) -> dict:
+    """Nested dict of the state arrays of ``module`` except QuantLinear weights (float as is)."""
+    return _nest({k: np.asarray(v[...]) for k, (_, v) in _state_vars(module).items()})
+
+
+def set_state_arrays(module, tree: dict, where: str) -> None:
+    """Sets every state variable of ``module`` (except QuantLinear weights) from ``tree``."""
+    flat, wanted = _flatten(tree), _state_vars(module)
+    missing, extra = sorted(set(wanted) - set(flat)), sorted(set(flat) - set(wanted))
+    if missing or extra:
+        bad = ".".join((missing or extra)[0])
+        raise CheckpointError(f"{where}: {'missing' if missing else 'unexpected'} array {bad!r} "
+                              f"({len(missing)} missing, {len(extra)} unexpected)")
+    for key, (_, var) in wanted.items():
+        value = flat[key]
+        if tuple(value.shape) != tuple(var.shape) or value.dtype != var[...].dtype:
+            raise CheckpointError(f"{where}: {'.'.join(key)} is {value.dtype}{list(value.shape)}, "
+                                  f"expected {var[...].dtype}{list(var.shape)}")
+        var.set_value(jnp.asarray(value))
+
+
+def mx_meta(q: mx.MXArray) -> dict:
+    """JSON description of an MXArray (everything but its leaves)."""
+    return {"fmt": q.fmt, "axis": q.axis, "shape": list(q.shape), "block_size": q.block_size,
+            "codes": list(q.codes.shape), "scales": list(q.scales.shape)}
+
+
+def qweight_arrays(qweights: Mapping[str, mx.MXArray]) -> dict:
+    """{"layers.0.q_proj": MXArray} -> {"layers": {"0": {"q_proj": {"codes", "scales"}}}}."""
+    return _nest({tuple(n.split(".")) + (leaf,): np.asarray(getattr(q, leaf))
+                  for n, q in qweights.items() for leaf in ("codes", "scales")})
+
+
+def _qweight_targets(meta: Mapping[str, dict]) -> dict:
+    return _nest({tuple(n.split(".")) + (leaf,): jax.ShapeDtypeStruct(tuple(m[leaf]), np.uint8)
+                  for n, m in meta.items() for leaf in ("codes", "scales")})
+
+
+def _mxarrays(tree: dict, meta: Mapping[str, dict]) -> dict[str, mx.MXArray]:
+    flat = _flatten(tree)
+    return {n: mx.MXArray(jnp.asarray(flat[tuple(n.split(".")) + ("codes",)]),
+                          jnp.asarray(flat[tuple(n.split(".")) + ("scales",)]),
+                          m["fmt"], int(m["axis"]), tuple(m["shape"]), int(m["block_size"]))
+            for n, m in meta.items()}
+
+
+def weight_sizes(qweights: Mapping[str, mx.MXArray]) -> dict:
+    """Storage of the quantized linear weights vs the same weights in float32 / bfloat16."""
+    n = sum(int(np.prod(q.shape)) for q in qweights.values())
+    packed = sum(q.nbytes for q in qweights.values())
+    return {"linears": len(qweights), "elements": n, "mx_bytes": packed,
+            "bits_per_element": 8.0 * packed / max(n, 1), "float32_bytes": 4 * n,
+            "bfloat16_bytes": 2 * n, "ratio_vs_float32": packed / max(4 * n, 1),
+            "ratio_vs_bfloat16": packed / max(2 * n, 1)}
+
+
+# ----------------------------------------------------------------------------- skeletons
+
+def calib_config_from(fields: Mapping[str, Any]) -> CalibConfig:
+    """CalibConfig from recorded fields (fields this version lacks are ignored)."""
+    known = {f.name for f in dataclasses.fields(CalibConfig)}
+    return CalibConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def llama_config_from(fields: Mapping[str, Any]) -> LlamaConfig:
+    f = dict(fields)
+    if f.get("rope_scaling") is not None:
+        f["rope_scaling"] = tuple(tuple(kv) for kv in f["rope_scaling"])
+    try:
+        return LlamaConfig(**f)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"recorded model config is invalid ({e})") from None
+
+
+def quantized_layer(config: LlamaConfig, cfg: CalibConfig, index: int) -> DecoderLayer:
+    """Zero-weight DecoderLayer with QuantLinears built as calibration builds them (no Hessians)."""
+    return quantize_layer(DecoderLayer(config, None), cfg.method_spec, cfg.spec, g1=cfg.g1,
+                          g2=cfg.g2, init=cfg.init, seed=layer_seed(cfg.seed, index))
+
+
+def restore_layer(layer: DecoderLayer, params: dict, qweights: Mapping[str, mx.MXArray],
+                  where: str) -> None:
+    """Fills a ``quantized_layer`` skeleton; every QuantLinear is deployed at its dequantized weight.
+
+    qweights: linear name (q_proj, ...) -> MXArray.
+    """
+    set_state_arrays(layer, params, where)
+    for name, q in quant_linears(layer).items():
+        if name not in qweights:
+            raise CheckpointError(f"{where}: no quantized weight for {name}")
+        q.deploy(mx.dequantize(qweights[name]))
+
+
+# ----------------------------------------------------------------------------- final artifact
+
+def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
+                   tokenizer, metadata: dict) -> dict:
+    """Writes the deployable checkpoint into ``out_dir``; returns the metadata as written.
+
+    qweights: "layers.{i}.{linear}" -> MXArray for every QuantLinear of ``model``. metadata must
+    hold "calib_config" (CalibConfig fields); "model_config", "qweights", "sizes" and "format" are
+    filled in here. metadata.json is written last: it marks the checkpoint complete.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
+    save_tree(out / CHECKPOINT_DIR, {"qweights": qweight_arrays(qweights),
+                                     "params": state_arrays(model)})
+    tok_dir = out / TOKENIZER_DIR
+    remove(tok_dir)
+    if tokenizer is not None:
+        tmp = out / f".{TOKENIZER_DIR}.tmp"
+        remove(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, tok_dir)
+    sizes = weight_sizes(qweights)
+    sizes["qweights_on_disk_bytes"] = dir_bytes(out / CHECKPOINT_DIR / "qweights")
+    sizes["checkpoint_on_disk_bytes"] = dir_bytes(out / CHECKPOINT_DIR)
+    meta = dict(metadata, format=FORMAT, model_config=dataclasses.asdict(model.config),
+                qweights={n: mx_meta(q) for n, q in qweights.items()}, sizes=sizes,
+                tokenizer=tokenizer is not None)
+    write_json(out / METADATA_FILE, meta)
+    return meta
+
+
+def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
+    """Rebuilds a quantized model from ``out_dir`` alone -> (model, tokenizer or None, metadata).
+
+    The skeleton is LlamaForCausalLM(config) with zero weights, every layer quantized with the
+    recorded method / setting / g1 / g2 / init / seed; every array is then restored and each
+    QuantLinear deployed at ``mx.dequantize`` of its stored MXArray.
+    """
+    out = pathlib.Path(out_dir)
+    if not (out / METADATA_FILE).is_file():
+        raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
+    meta = read_json(out / METADATA_FILE)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{out / METADATA_FILE}: format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    config = llama_config_from(meta["model_config"])
+    cfg = calib_config_from(meta["calib_config"])
+    model = LlamaForCausalLM(config, None)
+    for i in range(config.num_layers):
+        model.layers[i] = quantized_layer(config, cfg, i)
+    qmeta = meta["qweights"]
+    trees = load_tree(out / CHECKPOINT_DIR, {"qweights": _qweight_targets(qmeta),
+                                             "params": _abstract(state_arrays(model))})
+    set_state_arrays(model, trees["params"], str(out))
+    q_all = _mxarrays(trees["qweights"], qmeta)
+    for i, layer in enumerate(model.layers):
+        for name, q in quant_linears(layer).items():
+            key = f"layers.{i}.{name}"
+            if key not in q_all:
+                raise CheckpointError(f"{out}: no quantized weight {key}")
+            q.deploy(mx.dequantize(q_all[key]))
+    tokenizer = None
+    if (out / TOKENIZER_DIR).is_dir():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER_DIR), local_files_only=True)
+    return model, tokenizer, meta
+
+
+# ----------------------------------------------------------------------------- resume state
+
+class ResumeStore:
+    """Per-layer state of an unfinished run under ``out_dir/resume``.
+
+    progress.json is the commit point: {"flags", "layers_done", "reports", "qweights" (MXArray
+    descriptions), "elapsed_s", ...}. A layer counts as done only once progress.json says so.
+    """
+
+    def __init__(self, out_dir):
+        self.root = pathlib.Path(out_dir) / RESUME_DIR
+
+    def progress(self) -> dict | None:
+        path = self.root / PROGRESS_FILE
+        return read_json(path) if path.is_file() else None
+
+    def start(self, progress: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.root / PROGRESS_FILE, progress)
+
+    def _layer(self, i: int) -> pathlib.Path:
+        return self.root / f"layer_{i:03d}"
+
+    def _inputs(self, i: int) -> pathlib.Path:
+        return self.root / f"inputs_{i:03d}"
+
+    def save_layer(self, i: int, layer: DecoderLayer, qweights: Mapping[str, mx.MXArray],
+                   next_inputs, progress: dict) -> dict:
+        """Saves layer i (done) and the next layer's inputs, then commits ``progress`` with
+        layers_done = i + 1. On an OSError the previous commit stays valid."""
+        save_tree(self._layer(i), {"params": state_arrays(layer),
+                                   "qweights": qweight_arrays(qweights)})
+        save_tree(self._inputs(i), {"inputs": {"x": np.asarray(next_inputs)}})
+        progress = dict(progress, layers_done=i + 1,
+                        qweights=dict(progress.get("qweights", {}),
+                                      **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}))
+        write_json(self.root / PROGRESS_FILE, progress)
+        self.clean(i + 1)
+        return progress
+
+    def clean(self, layers_done: int) -> None:
+        """Removes what the commit does not reference (older inputs, interrupted writes)."""
+        keep = {PROGRESS_FILE} | {self._layer(j).name for j in range(layers_done)}
+        if layers_done:
+            keep.add(self._inputs(layers_done - 1).name)
+        for p in self.root.iterdir() if self.root.is_dir() else ():
+            if p.name not in keep:
+                remove(p)
+
+    def restore(self, model: LlamaForCausalLM, cfg: CalibConfig, progress: dict
+                ) -> tuple[dict[str, mx.MXArray], np.ndarray | None]:
+        """Puts the finished layers into ``model`` -> (their qweights, inputs of the next layer)."""
+        n = int(progress["layers_done"])
+        qmeta, qweights = progress.get("qweights", {}), {}
+        for i in range(n):
+            layer = quantized_layer(model.config, cfg, i)
+            names = {k.split(".")[-1]: m for k, m in qmeta.items() if k.startswith(f"layers.{i}.")}
+            tree = load_tree(self._layer(i), {"params": _abstract(state_arrays(layer)),
+                                              "qweights": _qweight_targets(names)})
+            q = _mxarrays(tree["qweights"], names)
+            restore_layer(layer, tree["params"], q, str(self._layer(i)))
+            model.layers[i] = layer
+            qweights.update({f"layers.{i}.{k}": v for k, v in q.items()})
+        if n == 0:
+            return qweights, None
+        d, path = model.config.hidden_size, self._inputs(n - 1)
+        shape = progress["inputs_shape"][:2] + [d]
+        x = load_tree(path, {"inputs": {"x": jax.ShapeDtypeStruct(tuple(shape), np.float32)}})
+        return qweights, x["inputs"]["x"]

@@ -1,0 +1,156 @@
+"""Quantized layers, layer-wise calibration and the small-matrix inverse, on tiny random models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from batquant_jax import linalg, mx
+from batquant_jax.calibration import CalibConfig, quantize_model
+from batquant_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from batquant_jax.qlayers import (METHODS, SETTINGS, QuantLinear, num_trainable, quant_linears,
+                                  quantize_layer)
+
+CFG = LlamaConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, rope_theta=10000.0,
+                  rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                  attention_bias=False, qk_norm=False, max_position_embeddings=64)
+
+
+def _model(seed=0):
+    """A tiny random model with a few outlier hidden channels (as real LLMs have)."""
+    model = LlamaForCausalLM(CFG, nnx.Rngs(seed))
+    emb = model.embed_tokens.weight[...]
+    boost = jnp.ones((CFG.hidden_size,)).at[jnp.array([3, 40])].set(25.0)
+    model.embed_tokens.weight[...] = emb * 20.0 * boost
+    return model
+
+
+def _tokens(n=8, t=32, seed=0):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("n", [4, 8, 24, 48])
+def test_inverse_matches_lapack(n):
+    a = jax.random.normal(jax.random.key(n), (3, n, n)) + 2.0 * jnp.eye(n)
+    got = jax.jit(linalg.inv)(a)
+    err = jnp.max(jnp.abs(got @ a - jnp.eye(n)))
+    assert float(err) < 1e-4
+    # gradients agree with LAPACK's inverse (taken eagerly, outside any jitted program)
+    f = lambda inv: lambda m: jnp.sum(jnp.sin(inv(m)))
+    g_ours, g_ref = jax.grad(f(linalg.inv))(a), jax.grad(f(jnp.linalg.inv))(a)
+    np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_ref), rtol=1e-3, atol=1e-3)
+
+
+def test_inverse_of_singular_matrix_is_not_finite():
+    a = jnp.ones((4, 4))
+    assert not bool(jnp.all(jnp.isfinite(linalg.inv(a))))
+
+
+def test_quant_linear_equals_its_formula():
+    model = _model()
+    spec = SETTINGS["W4A4KV16"]
+    layer = quantize_layer(model.layers[0], "batquant", spec)
+    q = layer.self_attn.k_proj
+    # perturb the learnable parameters away from their init
+    t = q.transform
+    t.A[...] = t.A[...] + 0.05 * jax.random.normal(jax.random.key(1), t.A.shape)
+    t.log_scale[...] = 0.3 * jax.random.normal(jax.random.key(2), t.log_scale.shape)
+    q.act_clip.a_max[...] = q.act_clip.a_max[...] - 2.0
+    x = jax.random.normal(jax.random.key(3), (2, 5, CFG.hidden_size))
+    xq = mx.fake_quant(q.act_clip(t(x)), "mxfp4")
+    wq = mx.fake_quant(q.weight_clip(t.fold(q.weight[...])), "mxfp4")
+    np.testing.assert_array_equal(np.asarray(q(x)), np.asarray(jnp.einsum("bti,oi->bto", xq, wq)))
+    # q, k, v share one transform and one activation clip; each has its own weight clip
+    assert layer.self_attn.q_proj.transform is t and layer.self_attn.v_proj.act_clip is q.act_clip
+    assert layer.self_attn.q_proj.weight_clip is not q.weight_clip
+
+
+def test_trainable_parameter_count_of_batquant_layer():
+    layer = quantize_layer(_model().layers[0], "batquant", SETTINGS["W4A4KV16"])
+    d, f = CFG.hidden_size, CFG.intermediate_size
+    gpk = lambda n: 8 * 8 + (n // 32) * 4 * 4 + n          # A, B_i, channel scale
+    act = lambda n: 2 * (n // 32)                            # a_max, a_min per block
+    wclip = lambda o, n: 2 * o * (n // 32)
+    outs = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": d, "gate_proj": f,
+            "up_proj": f, "down_proj": d}
+    ins = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": 64, "gate_proj": d, "up_proj": d,
+           "down_proj": f}
+    expected = (gpk(d) * 2 + gpk(64) + gpk(f) + act(d) * 2 + act(64) + act(f)
+                + sum(wclip(outs[n], ins[n]) for n in outs))
+    assert num_trainable(layer) == expected
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="g1 \\* g2 must be 32"):
+        CalibConfig(g1=4, g2=4).validate()
+    with pytest.raises(ValueError, match="unknown method 'spinquant'"):
+        CalibConfig(method="spinquant").validate()
+    with pytest.raises(ValueError, match="unknown setting"):
+        CalibConfig(setting="W2A2").validate()
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """rtn, gptq and batquant on the same tiny model and windows (compiled once per method)."""
+    toks = _tokens()
+    out = {}
+    for method in ("rtn", "gptq", "batquant"):
+        model, res = quantize_model(_model(), toks, method, epochs=3, batch_size=4, lr=5e-3,
+                                    log=lambda s: None)
+        out[method] = (model, res)
+    return toks, out
+
+
+def test_gptq_layers_beat_rtn(calibrated):
+    _, out = calibrated
+    for rep in out["gptq"][1].layers:
+        assert rep.loss_final < rep.loss_rtn
+    rtn_losses = [r.loss_final for r in out["rtn"][1].layers]
+    np.testing.assert_allclose(rtn_losses, [r.loss_rtn for r in out["rtn"][1].layers], rtol=1e-6)
+
+
+def test_batquant_training_lowers_the_layer_loss(calibrated):
+    _, out = calibrated
+    for rep in out["batquant"][1].layers:
+        assert rep.steps == 3 * 2
+        assert rep.loss_trained < rep.loss_init
+        assert rep.loss_final < rep.loss_rtn
+        assert not rep.fell_back
+
+
+def test_deployed_weights_are_the_packed_mx_weights(calibrated):
+    _, out = calibrated
+    model, res = out["batquant"]
+    for i, layer in enumerate(model.layers):
+        for name, q in quant_linears(layer).items():
+            assert isinstance(q, QuantLinear) and q.deployed and q.hessian is None
+            packed = res.qweights[f"layers.{i}.{name}"]
+            assert packed.codes.dtype == jnp.uint8 and packed.codes.shape[-1] == q.in_features // 2
+            np.testing.assert_array_equal(np.asarray(mx.dequantize(packed)), np.asarray(q.weight[...]))
+
+
+def test_quantized_model_is_close_to_full_precision(calibrated):
+    toks, out = calibrated
+    fp = float(jnp.mean(_model().nll(jnp.asarray(toks))))
+    gaps = {m: float(jnp.mean(out[m][0].nll(jnp.asarray(toks)))) - fp for m in out}
+    assert all(np.isfinite(list(gaps.values())))
+    assert abs(gaps["batquant"]) < abs(gaps["rtn"])
+
+
+def test_divergent_training_falls_back_to_finite_parameters():
+    model, res = quantize_model(_model(), _tokens(), "batquant", epochs=2, batch_size=4, lr=1e6,
+                                clip_lr=1e6, log=lambda s: None)
+    for layer in model.layers:
+        for q in quant_linears(layer).values():
+            leaves = jax.tree.leaves(nnx.state(q))
+            assert all(bool(jnp.all(jnp.isfinite(v))) for v in leaves)
+    assert all(np.isfinite(r.loss_final) for r in res.layers)
+
+
+def test_method_table_matches_the_paper_table():
+    assert METHODS["brq"].transform == "block_hadamard" and METHODS["brq"].hadamard_size == 32
+    assert METHODS["mr-gptq"].hadamard_size == 128 and METHODS["quarot"].transform == "random_hadamard"
+    assert METHODS["batquant"].clip == "block" and METHODS["flatquant"].clip == "tensor"
+    assert [m for m, s in METHODS.items() if s.weights == "rtn"] == ["rtn"]
