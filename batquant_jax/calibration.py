@@ -169,6 +169,16 @@ def _healthy(layer, max_cond: float) -> bool:
     return all(transform_is_healthy(q.transform, max_cond) for q in group_heads(layer).values())
 
 
+def build_quantized_layer(layer, cfg: CalibConfig, index: int, *, record_hessian: bool = False):
+    """Swaps ``layer``'s linears (in place) for the QuantLinears of ``cfg``'s method.
+
+    The one place that decides a quantized layer's structure and seeds, so that calibration and
+    ``checkpoint.load_quantized`` build identical layers.
+    """
+    return quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=cfg.init,
+                          seed=cfg.seed * 100003 + index, record_hessian=record_hessian)
+
+
 class LayerCalibrator:
     """Calibrates decoder layers one at a time; built once per run so programs compile once."""
 
@@ -245,8 +255,7 @@ class LayerCalibrator:
         rtn = quantize_layer(nnx.clone(fp_layer), "rtn", spec)
         loss_rtn = self.mse(rtn, xb, yb)
         del rtn
-        layer = quantize_layer(nnx.clone(fp_layer), method, spec, g1=cfg.g1, g2=cfg.g2,
-                               init=cfg.init, seed=cfg.seed * 100003 + index, record_hessian=True)
+        layer = build_quantized_layer(nnx.clone(fp_layer), cfg, index, record_hessian=True)
         loss_init = self.mse(layer, xb, yb)
         steps, fell_back, loss_trained = 0, False, loss_init
         if method.train and cfg.epochs > 0:

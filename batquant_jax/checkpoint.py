@@ -35,9 +35,9 @@ import numpy as np
 from flax import nnx
 
 from batquant_jax import mx
-from batquant_jax.calibration import CalibConfig
+from batquant_jax.calibration import CalibConfig, build_quantized_layer
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
-from batquant_jax.qlayers import QuantLinear, quant_linears, quantize_layer
+from batquant_jax.qlayers import QuantLinear, quant_linears
 
 FORMAT = "batquant_jax.quantized/1"
 CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
@@ -49,11 +49,6 @@ Flat = dict[tuple[str, ...], np.ndarray]
 
 class CheckpointError(ValueError):
     """A directory that does not hold a readable checkpoint; the message is one line."""
-
-
-def layer_seed(seed: int, index: int) -> int:
-    """The seed ``quantize_layer`` gets for layer ``index`` (as in ``LayerCalibrator.calibrate``)."""
-    return seed * 100003 + index
 
 
 # ----------------------------------------------------------------------------- files
@@ -91,6 +86,19 @@ def remove(path) -> None:
 def dir_bytes(path) -> int:
     """Bytes of the regular files under ``path``."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def quiet_orbax_logs() -> None:
+    """Keeps Orbax's per-save INFO lines out of the absl log (warnings and errors still show)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+    absl_logging.get_absl_handler().addFilter(_Filter())
 
 
 def _ocp():
@@ -241,8 +249,7 @@ def llama_config_from(fields: Mapping[str, Any]) -> LlamaConfig:
 
 def quantized_layer(config: LlamaConfig, cfg: CalibConfig, index: int) -> DecoderLayer:
     """Zero-weight DecoderLayer with QuantLinears built as calibration builds them (no Hessians)."""
-    return quantize_layer(DecoderLayer(config, None), cfg.method_spec, cfg.spec, g1=cfg.g1,
-                          g2=cfg.g2, init=cfg.init, seed=layer_seed(cfg.seed, index))
+    return build_quantized_layer(DecoderLayer(config, None), cfg, index)
 
 
 def restore_layer(layer: DecoderLayer, params: dict, qweights: Mapping[str, mx.MXArray],
@@ -290,13 +297,8 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
     return meta
 
 
-def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
-    """Rebuilds a quantized model from ``out_dir`` alone -> (model, tokenizer or None, metadata).
-
-    The skeleton is LlamaForCausalLM(config) with zero weights, every layer quantized with the
-    recorded method / setting / g1 / g2 / init / seed; every array is then restored and each
-    QuantLinear deployed at ``mx.dequantize`` of its stored MXArray.
-    """
+def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
+    """(skeleton model, {"qweights", "params"} trees, metadata) of a finished checkpoint."""
     out = pathlib.Path(out_dir)
     if not (out / METADATA_FILE).is_file():
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
@@ -309,11 +311,30 @@ def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
     model = LlamaForCausalLM(config, None)
     for i in range(config.num_layers):
         model.layers[i] = quantized_layer(config, cfg, i)
-    qmeta = meta["qweights"]
-    trees = load_tree(out / CHECKPOINT_DIR, {"qweights": _qweight_targets(qmeta),
+    trees = load_tree(out / CHECKPOINT_DIR, {"qweights": _qweight_targets(meta["qweights"]),
                                              "params": _abstract(state_arrays(model))})
+    return model, trees, meta
+
+
+def read_arrays(out_dir) -> dict[str, np.ndarray]:
+    """Every stored array of a finished checkpoint, keyed "qweights/layers/0/q_proj/codes",
+    "params/layers/0/self_attn/k_proj/transform/A", ... (for inspection and comparisons)."""
+    _, trees, _ = _read(out_dir)
+    return {"/".join((item,) + k): v for item, tree in trees.items()
+            for k, v in _flatten(tree).items()}
+
+
+def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
+    """Rebuilds a quantized model from ``out_dir`` alone -> (model, tokenizer or None, metadata).
+
+    The skeleton is LlamaForCausalLM(config) with zero weights, every layer quantized with the
+    recorded method / setting / g1 / g2 / init / seed; every array is then restored and each
+    QuantLinear deployed at ``mx.dequantize`` of its stored MXArray.
+    """
+    out = pathlib.Path(out_dir)
+    model, trees, meta = _read(out)
     set_state_arrays(model, trees["params"], str(out))
-    q_all = _mxarrays(trees["qweights"], qmeta)
+    q_all = _mxarrays(trees["qweights"], meta["qweights"])
     for i, layer in enumerate(model.layers):
         for name, q in quant_linears(layer).items():
             key = f"layers.{i}.{name}"
@@ -359,8 +380,9 @@ class ResumeStore:
         layers_done = i + 1. On an OSError the previous commit stays valid."""
         save_tree(self._layer(i), {"params": state_arrays(layer),
                                    "qweights": qweight_arrays(qweights)})
-        save_tree(self._inputs(i), {"inputs": {"x": np.asarray(next_inputs)}})
-        progress = dict(progress, layers_done=i + 1,
+        x = np.asarray(next_inputs)
+        save_tree(self._inputs(i), {"inputs": {"x": x}})
+        progress = dict(progress, layers_done=i + 1, inputs=[list(x.shape), str(x.dtype)],
                         qweights=dict(progress.get("qweights", {}),
                                       **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}))
         write_json(self.root / PROGRESS_FILE, progress)
@@ -392,7 +414,7 @@ class ResumeStore:
             qweights.update({f"layers.{i}.{k}": v for k, v in q.items()})
         if n == 0:
             return qweights, None
-        d, path = model.config.hidden_size, self._inputs(n - 1)
-        shape = progress["inputs_shape"][:2] + [d]
-        x = load_tree(path, {"inputs": {"x": jax.ShapeDtypeStruct(tuple(shape), np.float32)}})
+        shape, dtype = progress["inputs"]
+        x = load_tree(self._inputs(n - 1),
+                      {"inputs": {"x": jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))}})
         return qweights, x["inputs"]["x"]

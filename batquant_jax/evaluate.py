@@ -2,6 +2,7 @@
 
     python -m batquant_jax.evaluate --model=smollm2-135m --eval_data=wiki-eval \\
         --seqlen=512 --max_tokens=65536 --output_json=/tmp/ppl.json
+    python -m batquant_jax.evaluate --checkpoint=/tmp/smollm2-batquant --eval_data=wiki-eval
 
 Progress goes to stderr; the last line on stdout is ``perplexity: <value>``. Bad input (an unknown
 model, a missing or unreadable corpus, a bad flag) prints one line to stderr and exits with 2.
@@ -37,6 +38,7 @@ class EvalConfig:
     max_tokens: int | None = 65536
     batch_size: int = 1
     output_json: str | None = None
+    checkpoint: str | None = None  # a quantized checkpoint folder (calibrate's output); overrides model
 
     def validate(self) -> None:
         """Checks that need no model; ``run_evaluation`` also checks seqlen against the model."""
@@ -48,7 +50,7 @@ class EvalConfig:
         if self.max_tokens is not None and self.max_tokens < self.seqlen:
             raise ConfigError(f"--max_tokens {self.max_tokens} is less than one window of "
                               f"--seqlen {self.seqlen}; pass >= {self.seqlen}, or 0 for all")
-        if not self.model.strip():
+        if self.checkpoint is None and not self.model.strip():
             raise ConfigError("--model must name a model (an alias or a path), got ''")
 
 
@@ -70,6 +72,15 @@ def get_nll_fn(cfg: EvalConfig) -> EvalModel:
     """
     from batquant_jax.models import forward_nll, load_model  # imported here: the heavy part
 
+    if cfg.checkpoint is not None:
+        from batquant_jax.checkpoint import load_quantized
+        model, tokenizer, meta = load_quantized(cfg.checkpoint)
+        if tokenizer is None:
+            raise ConfigError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
+        return EvalModel(nll_fn=functools.partial(forward_nll, model), tokenizer=tokenizer,
+                         description=(f"checkpoint {cfg.checkpoint} ({meta['method']} "
+                                      f"{meta['setting']} of {meta['source_model']['spec']})"),
+                         max_positions=int(model.config.max_position_embeddings))
     loaded = load_model(cfg.model)
     description = f"{cfg.model} ({loaded.source})"
     return EvalModel(nll_fn=functools.partial(forward_nll, loaded.model),
@@ -93,7 +104,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     start = time.perf_counter()
     _log(f"reading {cfg.eval_data}")
     text = data.load_corpus(cfg.eval_data)  # before the model: a bad path fails fast
-    _log(f"loading model {cfg.model}")
+    _log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
     evm = get_nll_fn(cfg)
     if cfg.seqlen > evm.max_positions:
         raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's context of "
@@ -110,7 +121,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         evm.nll_fn, ids, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens,
         batch_size=cfg.batch_size, progress=perplexity.progress_printer())
     result = {"perplexity": res.perplexity, "tokens": res.tokens, "windows": res.windows,
-              "seqlen": res.seqlen, "model": cfg.model, "eval_data": cfg.eval_data,
+              "seqlen": res.seqlen, "model": cfg.checkpoint or cfg.model, "eval_data": cfg.eval_data,
               "seconds": round(time.perf_counter() - start, 3),
               "eval_seconds": round(res.seconds, 3)}
     if cfg.output_json:
@@ -138,22 +149,27 @@ def define_flags() -> None:
                          "evaluate the first max_tokens // seqlen windows; 0 or negative = all")
     flags.DEFINE_integer("batch_size", EvalConfig.batch_size, "windows per forward pass")
     flags.DEFINE_string("output_json", None, "write the result to this JSON file")
+    flags.DEFINE_string("checkpoint", None,
+                        "evaluate this quantized checkpoint folder (from batquant_jax.calibrate) "
+                        "instead of --model")
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> EvalConfig:
     """Parsed flags -> EvalConfig (max_tokens <= 0 becomes None: the whole corpus)."""
     return EvalConfig(model=f.model, eval_data=f.eval_data, seqlen=f.seqlen,
                       max_tokens=f.max_tokens if f.max_tokens > 0 else None,
-                      batch_size=f.batch_size, output_json=f.output_json)
+                      batch_size=f.batch_size, output_json=f.output_json,
+                      checkpoint=f.checkpoint or None)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: tuple[type[BaseException], ...] = (ConfigError, data.DataError)
     try:
+        from batquant_jax.checkpoint import CheckpointError
         from batquant_jax.models import ModelLoadError
     except ImportError:
         return errors
-    return errors + (ModelLoadError,)
+    return errors + (ModelLoadError, CheckpointError)
 
 
 def _fail(msg: str) -> None:
@@ -172,6 +188,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    if FLAGS.checkpoint:
+        from batquant_jax.checkpoint import quiet_orbax_logs
+        quiet_orbax_logs()
     try:
         result = run_evaluation(config_from_flags())
     except _user_errors() as e:

@@ -1,0 +1,401 @@
+"""Calibrate a model and write a deployable MXFP4 checkpoint: ``python -m batquant_jax.calibrate``.
+
+    python -m batquant_jax.calibrate --model=smollm2-135m --method=batquant \\
+        --output_dir=/tmp/smollm2-batquant --eval_data=wiki-eval
+    python -m batquant_jax.evaluate --checkpoint=/tmp/smollm2-batquant --eval_data=wiki-eval
+
+Progress goes to stderr (loading, tokenizing, one line per layer with elapsed time and ETA);
+results to stdout (per-layer loss table, weight storage, perplexities). The output directory
+ends up holding only the checkpoint (see ``checkpoint.py``). After every layer the run commits
+its state there, so the same command, rerun after a crash or kill, continues from the last
+finished layer and writes the same checkpoint as an uninterrupted run. Bad flags or inputs print
+one line and exit with 2 before any work; a failed write (disk full, permissions) exits with 1
+and keeps the last committed state. The flags only fill a ``CalibrateConfig``;
+``run_calibration(cfg)`` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import pathlib
+import platform
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags
+
+from batquant_jax import checkpoint, data, perplexity
+from batquant_jax.calibration import PROPAGATIONS, WEIGHT_QUANTIZERS, CalibConfig
+from batquant_jax.qlayers import METHODS, SETTINGS
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line."""
+
+
+class SaveError(RuntimeError):
+    """Writing the checkpoint failed; the last committed state is intact. One-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+    """One calibration run. The CPU budget defaults live here and nowhere else."""
+
+    model: str = "smollm2-135m"
+    output_dir: str = ""
+    method: str = "batquant"
+    setting: str = "W4A4KV16"
+    calib_data: str = "wiki-calib"
+    nsamples: int = 32
+    seqlen: int = 256
+    epochs: int = 2
+    batch_size: int = 4
+    lr: float = 2e-3
+    clip_lr: float = 2e-2
+    g1: int = 8
+    g2: int = 4
+    init: str = "hadamard"
+    weight_quantizer: str | None = None  # None: the method's own
+    propagate: str = "fp"
+    scale_mode: str = "floor"
+    seed: int = 0
+    eval_data: str | None = None
+    eval_seqlen: int = 512
+    eval_max_tokens: int | None = 65536  # None: the whole corpus
+    overwrite: bool = False
+
+    # the fields that decide the checkpoint: a rerun must repeat them to resume
+    RUN_FIELDS = ("model", "method", "setting", "calib_data", "nsamples", "seqlen", "epochs",
+                  "batch_size", "lr", "clip_lr", "g1", "g2", "init", "weight_quantizer",
+                  "propagate", "scale_mode", "seed")
+
+    def run_flags(self) -> dict:
+        return {k: getattr(self, k) for k in self.RUN_FIELDS}
+
+    def calib_config(self) -> CalibConfig:
+        return CalibConfig(method=self.method, setting=self.setting, epochs=self.epochs,
+                           batch_size=self.batch_size, lr=self.lr, clip_lr=self.clip_lr,
+                           g1=self.g1, g2=self.g2, init=self.init,
+                           weight_quantizer=self.weight_quantizer, propagate=self.propagate,
+                           scale_mode=self.scale_mode, seed=self.seed)
+
+    def validate(self) -> CalibConfig:
+        """Checks that need no model or data; returns the CalibConfig."""
+        def one_of(name, valid):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"--{name}={getattr(self, name)} is unknown; valid: "
+                                  f"{', '.join(valid)}")
+        one_of("method", tuple(METHODS))
+        one_of("setting", tuple(SETTINGS))
+        one_of("propagate", PROPAGATIONS)
+        one_of("init", ("hadamard", "identity"))
+        one_of("scale_mode", ("floor", "ceil", "even", "rceil"))
+        if self.weight_quantizer is not None:
+            one_of("weight_quantizer", WEIGHT_QUANTIZERS)
+        if self.g1 * self.g2 != 32:
+            raise ConfigError(f"--g1 * --g2 must be 32 (the MX block), got {self.g1} * {self.g2}"
+                              f" = {self.g1 * self.g2}")
+        if not self.output_dir.strip():
+            raise ConfigError("--output_dir is required")
+        for name in ("nsamples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.nsamples < self.batch_size:
+            raise ConfigError(f"--nsamples ({self.nsamples}) must be >= --batch_size "
+                              f"({self.batch_size})")
+        if self.seqlen < 2 or self.eval_seqlen < 2:
+            raise ConfigError(f"--seqlen and --eval_seqlen must be >= 2, got {self.seqlen} and "
+                              f"{self.eval_seqlen}")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs must be >= 0, got {self.epochs}")
+        if not (self.lr > 0 and self.clip_lr > 0):
+            raise ConfigError(f"--lr and --clip_lr must be positive, got {self.lr} and {self.clip_lr}")
+        if self.eval_max_tokens is not None and self.eval_max_tokens < self.eval_seqlen:
+            raise ConfigError(f"--eval_max_tokens {self.eval_max_tokens} is less than one window of"
+                              f" --eval_seqlen {self.eval_seqlen}")
+        try:
+            return self.calib_config().validate()
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _log(msg: str) -> None:
+    print(f"calibrate: {msg}", file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import orbax.checkpoint
+
+    import batquant_jax
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "orbax_checkpoint": orbax.checkpoint.__version__,
+            "batquant_jax": batquant_jax.__version__}
+
+
+def _owned(name: str) -> bool:
+    stem = name.lstrip(".").split(".")[0]
+    return stem in checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, "metadata")
+
+
+def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:
+    """("new" | "resume" | "done", recorded progress or metadata). Reads only.
+
+    Refuses (ConfigError) a folder holding foreign files, or a run made with other flags
+    (unless --overwrite, which returns "new": the caller clears the folder).
+    """
+    out = pathlib.Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} exists and is not a folder")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in names if not _owned(n)]
+    if foreign:
+        raise ConfigError(f"--output_dir {out} holds files this command did not write "
+                          f"({', '.join(foreign[:3])}); pass an empty or new folder")
+    if (out / checkpoint.METADATA_FILE).is_file():
+        kind, record = "done", checkpoint.read_json(out / checkpoint.METADATA_FILE)
+    else:
+        record = checkpoint.ResumeStore(out).progress()
+        kind = "resume"
+    if record is None or cfg.overwrite:
+        return "new", None
+    before, now = record.get("flags", {}), cfg.run_flags()
+    diff = [f"--{k}={before.get(k)} (now {now[k]})" for k in now if before.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"--output_dir {out} holds a run with different flags: "
+                          f"{', '.join(diff)}; rerun with the same flags to resume, pass "
+                          "--overwrite to start over, or choose another --output_dir")
+    return kind, record
+
+
+def _summary(reports: list[dict]) -> str:
+    rows = [f"{'layer':>5}  {'mse rtn':>10}  {'init':>10}  {'trained':>10}  {'final':>10}  "
+            f"{'steps':>5}  {'seconds':>7}"]
+    for r in reports:
+        rows.append(f"{r['index'] + 1:>5}  {r['loss_rtn']:>10.4g}  {r['loss_init']:>10.4g}  "
+                    f"{r['loss_trained']:>10.4g}  {r['loss_final']:>10.4g}  {r['steps']:>5}  "
+                    f"{r['seconds']:>7.1f}{'  fell back' if r.get('fell_back') else ''}")
+    return "\n".join(rows)
+
+
+def _sizes_line(s: dict) -> str:
+    return (f"quantized linear weights: {s['linears']} linears, {s['elements']:,} elements: "
+            f"{s['mx_bytes']:,} bytes as MXFP4 ({s['bits_per_element']:.2f} bits/element; "
+            f"{s['qweights_on_disk_bytes']:,} bytes on disk) vs {s['float32_bytes']:,} float32 "
+            f"({s['ratio_vs_float32']:.1%}) and {s['bfloat16_bytes']:,} bfloat16 "
+            f"({s['ratio_vs_bfloat16']:.1%})")
+
+
+def _perplexity(model, ids, cfg: CalibrateConfig) -> float:
+    from batquant_jax.models import forward_nll
+    res = perplexity.evaluate_perplexity(
+        functools.partial(forward_nll, model), ids, seqlen=cfg.eval_seqlen,
+        max_tokens=cfg.eval_max_tokens, batch_size=1, progress=perplexity.progress_printer())
+    return res.perplexity
+
+
+def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
+                    out: Callable[[str], None] = print) -> dict:
+    """Calibrates ``cfg.model`` and writes the checkpoint to ``cfg.output_dir``; returns its metadata.
+
+    Resumes an unfinished run of the same flags in that folder. Raises ConfigError,
+    data.DataError or ModelLoadError (one-line messages) before any work on bad input, and
+    SaveError when a write fails.
+    """
+    t_session = time.perf_counter()
+    calib_cfg = cfg.validate()
+    kind, record = inspect_output_dir(cfg)
+    out_dir = pathlib.Path(cfg.output_dir).expanduser()
+    if kind == "done":
+        checkpoint.remove(out_dir / checkpoint.RESUME_DIR)  # a run killed after its last commit
+        log(f"{out_dir} already holds the finished checkpoint of these flags; nothing to do "
+            "(pass --overwrite to redo it)")
+        return record
+    log(f"reading {cfg.calib_data}")
+    text = data.load_corpus(cfg.calib_data)
+    eval_text = data.load_corpus(cfg.eval_data) if cfg.eval_data else None
+    log(f"loading model {cfg.model}")
+    from batquant_jax.calibration import quantize_model
+    from batquant_jax.models import load_model
+    loaded = load_model(cfg.model)
+    max_pos = int(loaded.config.max_position_embeddings)
+    for name in ("seqlen",) + (("eval_seqlen",) if eval_text is not None else ()):
+        if getattr(cfg, name) > max_pos:
+            raise ConfigError(f"--{name} {getattr(cfg, name)} exceeds the model's context of "
+                              f"{max_pos} positions")
+    if loaded.tokenizer is None:
+        raise ConfigError(f"model {cfg.model} has no tokenizer "
+                          f"({loaded.info.get('tokenizer_note', 'none found')})")
+    log(f"tokenizing {len(text):,} characters")
+    ids = data.tokenize_corpus(text, loaded.tokenizer)
+    windows = data.sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    eval_ids = None
+    if eval_text is not None:
+        eval_ids = data.tokenize_corpus(eval_text, loaded.tokenizer)
+        if eval_ids.size < cfg.eval_seqlen:
+            raise data.DataError(f"{cfg.eval_data} has {eval_ids.size} tokens; one window of "
+                                 f"--eval_seqlen {cfg.eval_seqlen} needs more")
+    log(f"{ids.size:,} tokens; {cfg.nsamples} windows of {cfg.seqlen} tokens (seed {cfg.seed})")
+
+    model, n_layers = loaded.model, loaded.config.num_layers
+    fp_model = None
+    if eval_ids is not None:
+        from flax import nnx
+        fp_model = nnx.clone(model)
+    store = checkpoint.ResumeStore(out_dir)
+    try:
+        if kind == "new":
+            for name in sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else ():
+                checkpoint.remove(out_dir / name)  # only our own leftovers are ever present
+            record = {"flags": cfg.run_flags(), "layers_done": 0, "reports": [],
+                      "elapsed_s": 0.0, "sessions": 0, "qweights": {}}
+        record = dict(record, sessions=int(record.get("sessions", 0)) + 1)
+        store.start(record)
+        start = int(record["layers_done"])
+        store.clean(start)
+        qweights, start_inputs = store.restore(model, calib_cfg, record)
+        if start:
+            log(f"resuming: layers 1-{start} of {n_layers} restored from {store.root}")
+        progress = record
+
+        def on_layer_done(i, layer, next_inputs, report, qw):
+            nonlocal progress
+            t0 = time.perf_counter()
+            progress = dict(progress, reports=progress["reports"] + [dataclasses.asdict(report)],
+                            elapsed_s=record["elapsed_s"] + time.perf_counter() - t_session)
+            progress = store.save_layer(i, layer, qw, next_inputs, progress)
+            qweights.update({f"layers.{i}.{k}": v for k, v in qw.items()})
+            log(f"layer {i + 1}/{n_layers} committed to {store.root} "
+                f"({time.perf_counter() - t0:.1f}s)")
+
+        if start < n_layers:
+            log(f"calibrating layers {start + 1}-{n_layers} with {cfg.method} at {cfg.setting}")
+            hp = {k: v for k, v in dataclasses.asdict(calib_cfg).items()
+                  if k not in ("method", "setting")}
+            quantize_model(model, windows, cfg.method, cfg.setting, log=log,
+                           on_layer_done=on_layer_done, start_layer=start,
+                           start_inputs=start_inputs, **hp)
+        del start_inputs
+        metadata = {
+            "method": cfg.method, "setting": cfg.setting, "flags": cfg.run_flags(),
+            "all_flags": dataclasses.asdict(cfg), "calib_config": dataclasses.asdict(calib_cfg),
+            "versions": _versions(), "seed": cfg.seed,
+            "source_model": {"spec": cfg.model, "path": loaded.source,
+                             "format": loaded.info.get("format"),
+                             "num_params": loaded.info.get("num_params")},
+            "calib_data": {"name": cfg.calib_data, "chars": len(text), "tokens": int(ids.size),
+                           "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                           "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
+            "layers": progress["reports"], "sessions": progress["sessions"]}
+        eval_result = None
+        if eval_ids is not None:
+            log(f"evaluating perplexity on {cfg.eval_data}: full precision")
+            ppl_fp = _perplexity(fp_model, eval_ids, cfg)
+            log("evaluating perplexity: quantized")
+            ppl_q = _perplexity(model, eval_ids, cfg)
+            eval_result = {"eval_data": cfg.eval_data, "seqlen": cfg.eval_seqlen,
+                           "max_tokens": cfg.eval_max_tokens, "perplexity_fp": ppl_fp,
+                           "perplexity_quantized": ppl_q, "gap": ppl_q / ppl_fp - 1.0}
+        metadata["eval"] = eval_result
+        metadata["wall_time_s"] = round(record["elapsed_s"] + time.perf_counter() - t_session, 3)
+        log(f"writing the checkpoint to {out_dir}")
+        meta = checkpoint.save_quantized(out_dir, model, qweights, loaded.tokenizer, metadata)
+        checkpoint.remove(store.root)
+    except OSError as e:
+        reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise SaveError(f"cannot write the checkpoint in {out_dir}: {reason}{where}; the last "
+                        "committed layer is kept: fix the cause and rerun the same command to "
+                        "resume") from None
+
+    out(_summary(meta["layers"]))
+    out(_sizes_line(meta["sizes"]))
+    if eval_result is not None:
+        out(f"perplexity fp: {eval_result['perplexity_fp']:.4f}")
+        out(f"perplexity quantized: {eval_result['perplexity_quantized']:.4f} "
+            f"(gap {eval_result['gap']:+.2%})")
+    out(f"checkpoint: {out_dir} ({meta['sizes']['checkpoint_on_disk_bytes']:,} bytes, "
+        f"{meta['wall_time_s']:.0f}s)")
+    return meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+_D = CalibrateConfig
+
+
+def define_flags() -> None:
+    """Defines the flags (only when run as a program, so importing registers nothing)."""
+    flags.DEFINE_string("model", _D.model, "model alias (smollm2-135m), Hugging Face folder or GGUF file")
+    flags.DEFINE_string("output_dir", None, "folder for the checkpoint (created; reruns resume)")
+    flags.DEFINE_string("method", _D.method, f"quantization method: {', '.join(METHODS)}")
+    flags.DEFINE_string("setting", _D.setting, f"quantization setting: {', '.join(SETTINGS)}")
+    flags.DEFINE_string("calib_data", _D.calib_data, "wiki-calib, or a UTF-8 text file or folder")
+    flags.DEFINE_integer("nsamples", _D.nsamples, "calibration windows")
+    flags.DEFINE_integer("seqlen", _D.seqlen, "tokens per calibration window")
+    flags.DEFINE_integer("epochs", _D.epochs, "training epochs per layer (learned methods)")
+    flags.DEFINE_integer("batch_size", _D.batch_size, "windows per training step")
+    flags.DEFINE_float("lr", _D.lr, "learning rate of the transforms (AdamW, cosine decay)")
+    flags.DEFINE_float("clip_lr", _D.clip_lr, "learning rate of the clipping logits")
+    flags.DEFINE_integer("g1", _D.g1, "GPK global factor size (g1 * g2 = 32)")
+    flags.DEFINE_integer("g2", _D.g2, "GPK private factor size (g1 * g2 = 32)")
+    flags.DEFINE_string("init", _D.init, "transform initialisation: hadamard or identity")
+    flags.DEFINE_string("weight_quantizer", None, "gptq or rtn (default: the method's own)")
+    flags.DEFINE_string("propagate", _D.propagate, "inputs of the next layer: fp or quant outputs")
+    flags.DEFINE_string("scale_mode", _D.scale_mode, "MX shared-scale rule: floor, ceil, even, rceil")
+    flags.DEFINE_integer("seed", _D.seed, "seed of the calibration windows and the training order")
+    flags.DEFINE_string("eval_data", None, "if set, report FP and quantized perplexity on this text")
+    flags.DEFINE_integer("eval_seqlen", _D.eval_seqlen, "tokens per evaluation window")
+    flags.DEFINE_integer("eval_max_tokens", _D.eval_max_tokens,
+                         "evaluate the first eval_max_tokens // eval_seqlen windows; 0 = all")
+    flags.DEFINE_boolean("overwrite", False, "discard a previous run in --output_dir")
+
+
+def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
+    return CalibrateConfig(
+        model=f.model, output_dir=f.output_dir or "", method=f.method, setting=f.setting,
+        calib_data=f.calib_data, nsamples=f.nsamples, seqlen=f.seqlen, epochs=f.epochs,
+        batch_size=f.batch_size, lr=f.lr, clip_lr=f.clip_lr, g1=f.g1, g2=f.g2, init=f.init,
+        weight_quantizer=f.weight_quantizer or None, propagate=f.propagate,
+        scale_mode=f.scale_mode, seed=f.seed, eval_data=f.eval_data or None,
+        eval_seqlen=f.eval_seqlen,
+        eval_max_tokens=f.eval_max_tokens if f.eval_max_tokens > 0 else None,
+        overwrite=f.overwrite)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return []
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    from batquant_jax.models import ModelLoadError
+    checkpoint.quiet_orbax_logs()
+    try:
+        run_calibration(config_from_flags())
+    except (ConfigError, data.DataError, ModelLoadError, checkpoint.CheckpointError) as e:
+        _fail(str(e).splitlines()[0])
+    except SaveError as e:
+        _fail(str(e), 1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=_parse_flags)
