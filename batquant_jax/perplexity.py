@@ -112,7 +112,8 @@ def _is_jitted(fn: Callable) -> bool:
 
 def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 512,
                         max_tokens: int | None = None, batch_size: int = 1,
-                        progress: Callable[[Progress], None] | None = None) -> PerplexityResult:
+                        progress: Callable[[Progress], None] | None = None,
+                        mesh: jax.sharding.Mesh | None = None) -> PerplexityResult:
     """Perplexity of ``nll_fn`` over the windows of ``token_ids`` (see the module docstring).
 
     nll_fn: int32 ``[batch_size, seqlen]`` -> float32 ``[batch_size, seqlen - 1]``. A plain
@@ -121,6 +122,9 @@ def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 5
       which keeps model weights as arguments rather than constants baked into the program.
     token_ids: int ``[n]``, the whole tokenized text.
     progress: called with a ``Progress`` after every batch.
+    mesh: a ``distributed.make_mesh`` mesh: every batch is split over its data axis (each process
+      reads its own rows; ``batch_size`` must divide by the data-axis size). The model must
+      already be on the mesh (``DataParallel(mesh).put_module(model)``).
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -131,13 +135,20 @@ def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 5
     if pad:  # repeat the last window: one compiled shape, the rows are dropped below
         windows = np.concatenate([windows, np.repeat(windows[-1:], pad, axis=0)])
     fn = nll_fn if _is_jitted(nll_fn) else jax.jit(nll_fn)
+    fetch = np.asarray
+    if mesh is not None:
+        from batquant_jax.distributed import DataParallel
+        dp = DataParallel(mesh)
+        dp.check_batch(batch_size, "batch_size")
+        fn = lambda t, fn=fn: fn(dp.shard_rows(t))  # noqa: E731
+        fetch = dp.fetch
 
     start = time.perf_counter()
     total, done = 0.0, 0
 
     def consume(out: jax.Array, valid: int) -> None:
         nonlocal total, done
-        nll = np.asarray(out, dtype=np.float64)
+        nll = np.asarray(fetch(out), dtype=np.float64)
         if nll.shape != (batch_size, seqlen - 1):
             raise ValueError(f"nll_fn returned shape {nll.shape}, expected "
                              f"{(batch_size, seqlen - 1)} for tokens {(batch_size, seqlen)}")

@@ -68,6 +68,8 @@ class MethodSpec:
     hadamard_size: int = 32
     channel_scale: bool = False
     clip: str | None = None
+    act_clip: bool = True      # with clip set: clip the activations ...
+    weight_clip: bool = True   # ... and / or the weights
     train: bool = False
     weights: str = "gptq"
 
@@ -105,7 +107,7 @@ def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init
     if kind == "kronecker":
         return KroneckerTransform(d, channel_scale=method.channel_scale, init="identity")
     if kind == "gpk":
-        return GPKTransform(d, g1, g2, init=init, channel_scale=method.channel_scale)
+        return GPKTransform(d, g1, g2, block=g1 * g2, init=init, channel_scale=method.channel_scale)
     if kind == "block_affine":
         return BlockAffine(d, g1 * g2, init=init, channel_scale=method.channel_scale)
     raise ValueError(f"unknown transform {kind!r}")
@@ -174,7 +176,7 @@ class QuantLinear(nnx.Module):
 
 def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec, *,
                    g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
-                   record_hessian: bool = False) -> DecoderLayer:
+                   clip_init: float = 4.0, record_hessian: bool = False) -> DecoderLayer:
     """Swap the seven linears of ``layer`` (in place) for QuantLinears of ``method``; returns layer.
 
     One transform and one activation clip per group (qkv, o, ug, d), one weight clip per linear.
@@ -187,12 +189,14 @@ def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpe
             raise ValueError(f"{container_name}.{names[0]} is already quantized")
         d = lin0.in_features
         transform = make_transform(method, d, g1=g1, g2=g2, init=init, seed=seed * 1000 + gi)
-        clip_on = method.clip is not None and spec.a_fmt is not None
-        act_clip = ActClip(d, spec.block_size, granularity=method.clip or "block", enabled=clip_on)
+        clip_on = method.clip is not None and method.act_clip and spec.a_fmt is not None
+        act_clip = ActClip(d, spec.block_size, init=clip_init, granularity=method.clip or "block",
+                           enabled=clip_on)
         for j, name in enumerate(names):
             lin = getattr(container, name)
-            wclip = WeightClip(lin.out_features, d, spec.block_size,
-                               granularity=method.clip or "block", enabled=method.clip is not None)
+            wclip = WeightClip(lin.out_features, d, spec.block_size, init=clip_init,
+                               granularity=method.clip or "block",
+                               enabled=method.clip is not None and method.weight_clip)
             bias = None if lin.bias is None else lin.bias[...]
             q = QuantLinear(lin.weight[...], bias, transform, act_clip, wclip, spec,
                             record_hessian=record_hessian and j == 0)

