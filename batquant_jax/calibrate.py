@@ -244,15 +244,16 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
     """
     t_session = time.perf_counter()
     calib_cfg = cfg.validate()
-    mesh = _mesh(cfg)
     kind, record = inspect_output_dir(cfg)
-    checkpoint._sync("inspect_output_dir")  # every process has read it before anyone writes
+    if (cfg.num_processes or 1) > 1:
+        checkpoint._sync("inspect_output_dir")  # every process has read it before anyone writes
     out_dir = pathlib.Path(cfg.output_dir).expanduser()
     if kind == "done":
         checkpoint.remove(out_dir / checkpoint.RESUME_DIR)  # a run killed after its last commit
         log(f"{out_dir} already holds the finished checkpoint of these flags; nothing to do "
             "(pass --overwrite to redo it)")
         return record
+    mesh = _mesh(cfg)
     log(f"reading {cfg.calib_data}")
     text = data.load_corpus(cfg.calib_data)
     eval_text = data.load_corpus(cfg.eval_data) if cfg.eval_data else None

@@ -120,7 +120,7 @@ class LayerReport:
     loss_final: float     # after the final weight quantization (GPTQ or RTN)
     steps: int
     seconds: float
-    fell_back: bool = False
+    fell_back: bool = False  # training diverged or did not improve: earlier parameters kept
 
     def line(self, n: int) -> str:
         return (f"layer {self.index + 1}/{n}: mse rtn {self.loss_rtn:.4g} | init {self.loss_init:.4g}"
@@ -299,9 +299,15 @@ class LayerCalibrator:
         loss_init = self.mse(layer, xb, yb)
         steps, fell_back, loss_trained = 0, False, loss_init
         if method.train and cfg.epochs > 0:
+            start = jax.tree.map(jnp.copy, nnx.state(layer, nnx.Param))
             steps, fell_back, _ = self._train(layer, xs[: xb.shape[0] * cfg.batch_size],
                                               ys[: yb.shape[0] * cfg.batch_size], index, n_layers)
             loss_trained = self.mse(layer, xb, yb)
+            if not loss_trained <= loss_init:  # training may only improve on its start (or NaN)
+                self.log(f"layer {index + 1}: trained loss {loss_trained:.4g} is not below the "
+                         f"initial {loss_init:.4g}; keeping the initial transform")
+                nnx.update(layer, start)
+                loss_trained, fell_back = loss_init, True
 
         qweights = self.deploy(layer, xb)
         loss_final = self.mse(layer, xb, yb)

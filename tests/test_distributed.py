@@ -106,8 +106,8 @@ def _calibrate(mesh, epochs, out_dir=None) -> dict:
 
 
 def _all(mesh, out_dir=None) -> dict:
-    """One training step; batquant trained (2 epochs); batquant untrained: at its block
-    Hadamard init it is BRQ, so only the Hessians' reduction order separates the runs."""
+    """One training step; batquant trained (2 epochs); batquant untrained ("brq": block
+    Hadamard init, fixed clipping), where only the Hessians' reduction order separates runs."""
     res = {f"grads/{k}": v for k, v in _grads(mesh).items()}
     for name, epochs in (("batquant", HPARAMS["epochs"]), ("brq", 0)):
         res.update({f"{name}/{k}": v for k, v in _calibrate(mesh, epochs, out_dir and
@@ -236,6 +236,14 @@ def test_parse_mesh():
     for bad in ("data:3", "rows:2", "data:x", "data:0", "data:2,data:1"):
         with pytest.raises(ValueError, match="mesh"):
             distributed.parse_mesh(bad, 2)
+
+
+def test_calibrate_mesh_flag_is_checked():
+    from batquant_jax import calibrate
+    cfg = calibrate.CalibrateConfig(output_dir="/tmp/unused", mesh="data:2")
+    with pytest.raises(calibrate.ConfigError, match="needs 2 devices, 1 available"):
+        calibrate._mesh(cfg)
+    assert calibrate._mesh(calibrate.CalibrateConfig(output_dir="/tmp/unused")) is None
 
 
 def test_memory_estimate_of_qwen3_8b():
