@@ -297,6 +297,14 @@ class LayerCalibrator:
         layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
                                                    record_hessian=True))
         loss_init = self.mse(layer, xb, yb)
+        if cfg.init == "auto" and method.train:
+            alt = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
+                                                     record_hessian=True, init="identity"))
+            loss_alt = self.mse(alt, xb, yb)
+            if loss_alt < loss_init:
+                self.log(f"layer {index + 1}: identity init ({loss_alt:.4g}) beats hadamard "
+                         f"({loss_init:.4g})")
+                layer, loss_init = alt, loss_alt
         steps, fell_back, loss_trained = 0, False, loss_init
         if method.train and cfg.epochs > 0:
             start = jax.tree.map(jnp.copy, nnx.state(layer, nnx.Param))

@@ -170,3 +170,13 @@ def test_method_table_matches_the_paper_table():
     assert METHODS["mr-gptq"].hadamard_size == 128 and METHODS["quarot"].transform == "random_hadamard"
     assert METHODS["batquant"].clip == "block" and METHODS["flatquant"].clip == "tensor"
     assert [m for m, s in METHODS.items() if s.weights == "rtn"] == ["rtn"]
+
+
+def test_auto_init_starts_from_the_better_of_hadamard_and_identity():
+    toks = _tokens()
+    init_losses = {}
+    for init in ("hadamard", "identity", "auto"):
+        _, res = quantize_model(_model(), toks, "batquant", epochs=0, init=init, log=lambda s: None)
+        init_losses[init] = [r.loss_init for r in res.layers]
+    expected = np.minimum(init_losses["hadamard"], init_losses["identity"])
+    np.testing.assert_allclose(init_losses["auto"], expected, rtol=1e-6)
