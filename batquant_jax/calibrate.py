@@ -27,7 +27,7 @@ from typing import Callable
 
 from absl import app, flags
 
-from batquant_jax import checkpoint, data, perplexity
+from batquant_jax import checkpoint, cli, data, perplexity
 from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORMS,
                                       WEIGHT_QUANTIZERS, CalibConfig)
 from batquant_jax.qlayers import METHODS, SETTINGS
@@ -418,22 +418,11 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
         num_processes=f.num_processes, process_id=f.process_id)
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return []
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+        cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     from batquant_jax.models import ModelLoadError
     checkpoint.quiet_orbax_logs()
     cfg = config_from_flags()
@@ -441,15 +430,15 @@ def main(argv: list[str]) -> None:
         from batquant_jax import distributed
         distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     except ValueError as e:
-        _fail(str(e).splitlines()[0])
+        cli.fail(str(e).splitlines()[0])
     try:
         run_calibration(cfg)
     except (ConfigError, data.DataError, ModelLoadError, checkpoint.CheckpointError) as e:
-        _fail(str(e).splitlines()[0])
+        cli.fail(str(e).splitlines()[0])
     except SaveError as e:
-        _fail(str(e), 1)
+        cli.fail(str(e), 1)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 
-from batquant_jax import data, perplexity
+from batquant_jax import cli, data, perplexity
 
 
 class ConfigError(ValueError):
@@ -172,32 +172,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors + (ModelLoadError, CheckpointError)
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return []
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+        cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     if FLAGS.checkpoint:
         from batquant_jax.checkpoint import quiet_orbax_logs
         quiet_orbax_logs()
     try:
         result = run_evaluation(config_from_flags())
     except _user_errors() as e:
-        _fail(str(e).splitlines()[0])
+        cli.fail(str(e).splitlines()[0])
     print(f"perplexity: {result['perplexity']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
