@@ -86,12 +86,9 @@ class CalibrateConfig:
         return {k: getattr(self, k) for k in self.RUN_FIELDS}
 
     def calib_config(self) -> CalibConfig:
-        return CalibConfig(method=self.method, setting=self.setting, epochs=self.epochs,
-                           batch_size=self.batch_size, lr=self.lr, clip_lr=self.clip_lr,
-                           g1=self.g1, g2=self.g2, init=self.init, clip_init=self.clip_init,
-                           clip=self.clip, transform=self.transform,
-                           weight_quantizer=self.weight_quantizer, propagate=self.propagate,
-                           scale_mode=self.scale_mode, seed=self.seed)
+        """The library's CalibConfig: every field this command shares with it, by name."""
+        shared = {f.name for f in dataclasses.fields(CalibConfig)} & set(self.RUN_FIELDS)
+        return CalibConfig(**{name: getattr(self, name) for name in shared})
 
     def validate(self) -> CalibConfig:
         """Checks that need no model or data; returns the CalibConfig."""
