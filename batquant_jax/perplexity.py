@@ -33,7 +33,9 @@ NllFn = Callable[[jax.Array], jax.Array]
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
     """perplexity = exp(nll_mean); tokens = windows * seqlen tokens read (each window gives
-    seqlen - 1 predictions); seconds = wall time of the evaluation, compilation included."""
+    seqlen - 1 predictions); seconds = wall time of the evaluation, compilation included;
+    window_nll = the mean NLL of each window, in window order (paired comparisons of two models
+    on the same windows: experiments/report.py)."""
 
     perplexity: float
     nll_mean: float
@@ -41,6 +43,7 @@ class PerplexityResult:
     windows: int
     seqlen: int
     seconds: float
+    window_nll: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,7 @@ def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 5
 
     start = time.perf_counter()
     total, done = 0.0, 0
+    per_window: list[float] = []
 
     def consume(out: jax.Array, valid: int) -> None:
         nonlocal total, done
@@ -153,6 +157,7 @@ def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 5
             raise ValueError(f"nll_fn returned shape {nll.shape}, expected "
                              f"{(batch_size, seqlen - 1)} for tokens {(batch_size, seqlen)}")
         total += float(nll[:valid].sum())
+        per_window.extend(float(v) for v in nll[:valid].mean(axis=1))
         done += valid
         if progress is not None:
             elapsed = time.perf_counter() - start
@@ -170,4 +175,5 @@ def evaluate_perplexity(nll_fn: NllFn, token_ids: np.ndarray, *, seqlen: int = 5
 
     nll_mean = total / (n * (seqlen - 1))
     return PerplexityResult(perplexity=_exp(nll_mean), nll_mean=nll_mean, tokens=n * seqlen,
-                            windows=n, seqlen=int(seqlen), seconds=time.perf_counter() - start)
+                            windows=n, seqlen=int(seqlen), seconds=time.perf_counter() - start,
+                            window_nll=tuple(per_window))

@@ -35,15 +35,12 @@ def _ppl(model, eval_ids, seqlen, max_tokens):
 
 
 def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *, epochs: int,
-            seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int,
-            method_spec=None) -> dict:
+            seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int) -> dict:
     """Calibrates one (method, setting) on ``windows`` (int32 [N, T]) and evaluates it on every
     text of ``evals`` ({name: int32 token ids}); method "fp" skips calibration.
 
-    method_spec: an optional qlayers.MethodSpec override, passed to quantize_model as
-    ``method_spec=`` (only when given; quantize_model must accept it).
     Returns {"calib_seconds", "layers": [LayerReport dicts], "trainable_params",
-    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds"}}}.
+    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds", "window_nll"}}}.
     """
     from batquant_jax.qlayers import num_trainable
 
@@ -51,9 +48,8 @@ def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *,
     t0 = time.time()
     layers, params = [], 0
     if method != "fp":
-        extra = {} if method_spec is None else {"method_spec": method_spec}
         model, res = quantize_model(model, windows, method, setting, epochs=epochs, seed=seed,
-                                    **extra, **hparams)
+                                    **hparams)
         layers = [vars(r) for r in res.layers]
         params = sum(num_trainable(layer) for layer in model.layers)
     calib_s = time.time() - t0
@@ -61,7 +57,8 @@ def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *,
     for name, ids in evals.items():
         ppl = _ppl(model, ids, eval_seqlen, eval_max_tokens)
         out["eval"][name] = {"perplexity": ppl.perplexity, "nll_mean": ppl.nll_mean,
-                             "tokens": ppl.tokens, "windows": ppl.windows, "seconds": ppl.seconds}
+                             "tokens": ppl.tokens, "windows": ppl.windows, "seconds": ppl.seconds,
+                             "window_nll": list(ppl.window_nll)}
     return out
 
 

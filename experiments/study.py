@@ -1,12 +1,15 @@
 """The headline table and the ablations of BATQuant on SmolLM2-135M, as one resumable command.
 
-    .venv/bin/python experiments/study.py --suite=headline        # 15 rows, ~50-60 min (2 cores)
-    .venv/bin/python experiments/study.py --suite=ablations       # 11 runnable rows, ~2 h
+    .venv/bin/python experiments/study.py --suite=headline        # 15 rows, then plots + report
+    .venv/bin/python experiments/study.py --suite=ablations       # 15 more rows
     .venv/bin/python experiments/study.py --suite=all --dry_run   # rows, budgets, estimates, status
-    .venv/bin/python experiments/study.py --suite=headline --only=fp,rtn,batquant
+    .venv/bin/python experiments/study.py --suite=ablations --only=clip,init   # some groups
     .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
         --seqlen=64 --epochs=1 --eval_windows=2 --results_dir=/tmp/study_smoke   # end-to-end check
-    .venv/bin/python experiments/plots.py && .venv/bin/python experiments/report.py
+    .venv/bin/python experiments/study.py --report_only           # redraw plots, rewrite RESULTS.md
+
+After the rows it draws the figures (experiments/plots.py) and writes experiments/RESULTS.md
+(experiments/report.py) from every JSON in the results folder; --no_report skips that.
 
 Every row is one calibration of one (method, setting, hyper-parameters) on the same `wiki-calib`
 windows, evaluated on `wiki-eval` and on a second text (five Shakespeare plays from the
@@ -17,8 +20,8 @@ setting, hyper-parameters, budget) is skipped, so an interrupted run resumes whe
 row whose JSON holds another budget is rerun (the old file is kept as `<row id>.json.prev`). Two
 rows with the same key (e.g. the default variant of several ablations) share one calibration.
 
-Ablation rows that the library cannot express yet (a CalibConfig field or MethodSpec override
-that does not exist) are listed as pending with the reason; they are never approximated.
+Ablation rows are CalibConfig hyper-parameters of batquant; a row the library cannot express
+(a field or value CalibConfig rejects) is listed as pending with the reason, never approximated.
 `--only` takes a comma list of methods, labels, groups or row ids (rtn,gptq / W4A8KV16 / g1).
 """
 
@@ -28,7 +31,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.metadata
-import inspect
 import json
 import os
 import pathlib
@@ -75,9 +77,11 @@ class Budget:
 
 
 # Default budgets on 2 CPU cores (EVALUATION.md: every result states its budget).
+# One budget for both suites, so every ablation group's default variant is the headline
+# batquant W4A4KV16 row itself (computed once).
 SUITE_BUDGETS = {
-    "headline": Budget(nsamples=16, seqlen=128, epochs=2),
-    "ablations": Budget(nsamples=32, seqlen=256, epochs=2),
+    "headline": Budget(nsamples=32, seqlen=256, epochs=2, eval_windows=16),
+    "ablations": Budget(nsamples=32, seqlen=256, epochs=2, eval_windows=16),
 }
 
 
@@ -85,8 +89,7 @@ SUITE_BUDGETS = {
 class Row:
     """One table row: a method at a setting with CalibConfig hyper-parameters.
 
-    hparams: sorted (field, value) pairs passed to quantize_model; method_spec: a
-    qlayers.MethodSpec field dict overriding the method's row of METHODS (None: METHODS[method]);
+    hparams: sorted (field, value) pairs passed to quantize_model (any CalibConfig field);
     nsamples: overrides the suite budget's calibration size.
     """
 
@@ -96,7 +99,6 @@ class Row:
     method: str
     setting: str
     hparams: tuple = ()
-    method_spec: tuple | None = None
     nsamples: int | None = None
 
     @property
@@ -117,38 +119,34 @@ def headline_rows() -> list[Row]:
     return rows
 
 
-_BLOCK_AFFINE = _hp(transform="block_affine", channel_scale=True, clip="block", train=True)
+# transform block -> (g1, g2) with g1 * g2 == block; 32 (the MX block) is the default (8, 4)
+BLOCK_FACTORS = {16: (4, 4), 32: (8, 4), 64: (8, 8), 128: (16, 8)}
 
 
 def ablation_rows() -> list[Row]:
-    """batquant at W4A4KV16, one group per question of METHOD.md (default variant included).
-
-    Field names assumed for knobs CalibConfig may not have yet: ``block`` (transform block size,
-    g1 * g2 == block) and ``clip`` ("none" | "weights" | "activations"; default both).
-    """
+    """batquant at W4A4KV16, one group per question of METHOD.md. Each group's default variant
+    has no hyper-parameters, so it shares its calibration with the headline batquant row when
+    the two suites run on one budget (SUITE_BUDGETS)."""
     def row(group, label, hparams=(), **kw):
         return Row("ablations", group, label, "batquant", "W4A4KV16", hparams, **kw)
 
-    rows = []
-    for block, g1, g2 in ((16, 4, 4), (32, 8, 4), (64, 8, 8), (128, 16, 8)):
-        rows.append(row("block", f"block={block}",
-                        () if block == 32 else _hp(block=block, g1=g1, g2=g2)))
-    for g1 in (2, 4, 8, 16):
-        rows.append(row("g1", f"g1={g1}", () if g1 == 8 else _hp(g1=g1, g2=32 // g1)))
-    rows.append(row("transform", "gpk"))
-    rows.append(row("transform", "block_affine", method_spec=_BLOCK_AFFINE))
+    rows = [row("transform", "gpk"), row("transform", "block_affine", _hp(transform="block_affine"))]
     for clip in ("none", "weights", "activations", "both"):
         rows.append(row("clip", f"clip={clip}", () if clip == "both" else _hp(clip=clip)))
     for init in ("hadamard", "identity", "auto"):  # auto: per layer, the better of the two
         rows.append(row("init", f"init={init}", () if init == "hadamard" else _hp(init=init)))
-    for prop in ("fp", "quant"):
-        rows.append(row("propagate", f"propagate={prop}",
-                        () if prop == "fp" else _hp(propagate=prop)))
+    for block, (g1, g2) in BLOCK_FACTORS.items():
+        rows.append(row("block", f"block={block}", () if block == 32 else _hp(g1=g1, g2=g2)))
+    for g1 in (2, 4, 8, 16):
+        rows.append(row("g1", f"g1={g1}", () if g1 == 8 else _hp(g1=g1, g2=32 // g1)))
     for wq in ("gptq", "rtn"):
         rows.append(row("weights", f"weights={wq}",
                         () if wq == "gptq" else _hp(weight_quantizer=wq)))
+    for prop in ("fp", "quant"):
+        rows.append(row("propagate", f"propagate={prop}",
+                        () if prop == "fp" else _hp(propagate=prop)))
     for n in (16, 32, 64, 128):
-        rows.append(row("nsamples", f"nsamples={n}", nsamples=n))
+        rows.append(row("nsamples", f"nsamples={n}", nsamples=None if n == 32 else n))
     return rows
 
 
@@ -174,10 +172,9 @@ def row_key(row: Row, budget: Budget) -> dict:
     """What makes two results the same measurement (JSON-comparable)."""
     if row.method == "fp":  # no calibration: only the evaluation budget matters
         b = {k: getattr(budget, k) for k in ("eval_windows", "eval_seqlen", "model")}
-        return {"method": "fp", "setting": "fp32", "hparams": {}, "method_spec": None,
-                "budget": b, "eval_texts": list(EVAL_TEXTS)}
+        return {"method": "fp", "setting": "fp32", "hparams": {}, "budget": b,
+                "eval_texts": list(EVAL_TEXTS)}
     return {"method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
-            "method_spec": None if row.method_spec is None else dict(row.method_spec),
             "budget": dataclasses.asdict(row.budget(budget)), "eval_texts": list(EVAL_TEXTS)}
 
 
@@ -187,29 +184,6 @@ def _canon(obj) -> str:
 
 # ----------------------------------------------------------------------------- what is supported
 
-def resolve_method(row: Row) -> tuple[str, dict]:
-    """(method name, extra quantize_model kwargs) that run ``row``; raises ValueError if none.
-
-    A method_spec override runs as the METHODS entry with an equal spec if there is one, else
-    through a ``method_spec`` argument of quantize_model if it has one.
-    """
-    if row.method_spec is None or row.method == "fp":
-        return row.method, {}
-    from batquant_jax.calibration import CalibConfig, quantize_model
-    from batquant_jax.qlayers import METHODS, MethodSpec
-
-    spec = dataclasses.replace(MethodSpec(), **dict(row.method_spec))
-    for name, m in METHODS.items():
-        if m == spec:
-            return name, {}
-    accepts = ("method_spec" in inspect.signature(quantize_model).parameters
-               or "method_spec" in {f.name for f in dataclasses.fields(CalibConfig)})
-    if accepts:
-        return row.method, {"method_spec": spec}
-    raise ValueError(f"METHODS has no row with transform={spec.transform!r} and quantize_model "
-                     "takes no MethodSpec override")
-
-
 def pending_reason(row: Row) -> str | None:
     """None when the library can run ``row`` as defined, else why not (one line)."""
     if row.method == "fp":
@@ -217,12 +191,11 @@ def pending_reason(row: Row) -> str | None:
     from batquant_jax.calibration import CalibConfig
 
     try:
-        method, extra = resolve_method(row)
         fields = {f.name for f in dataclasses.fields(CalibConfig)}
         missing = [k for k, _ in row.hparams if k not in fields]
         if missing:
             raise ValueError(f"CalibConfig has no field {', '.join(missing)}")
-        CalibConfig(method=method, setting=row.setting, **dict(row.hparams)).validate()
+        CalibConfig(method=row.method, setting=row.setting, **dict(row.hparams)).validate()
     except (ValueError, TypeError) as e:
         return str(e).splitlines()[0]
     return None
@@ -233,7 +206,7 @@ def pending_reason(row: Row) -> str | None:
 # Seconds per 1,000 tokens of one full-model forward pass on 2 busy CPU cores (32 x 512-token
 # evaluations took 30-70 s); replaced by the median measured in results_dir when there is one.
 PASS_S_PER_KTOK = 2.6
-GPTQ_FIXED_S = 150.0   # MX-aware GPTQ sweeps over the 30 x 7 linears, independent of tokens
+GPTQ_FIXED_S = 15.0    # MX-aware GPTQ sweeps over the 30 x 7 linears, independent of tokens
 TRAIN_FIXED_S = 50.0   # per-layer compilation of the training step and transform health checks
 TRAIN_PASSES = 4.5     # one training step ~ forward + backward through transforms and quantizers
 LOAD_S = 8.0           # model load and first compilations per row
@@ -272,7 +245,7 @@ def estimate_seconds(row: Row, budget: Budget, pass_rate: float = PASS_S_PER_KTO
     spec = METHODS.get(row.method)
     hp = dict(row.hparams)
     weights = hp.get("weight_quantizer") or (spec.weights if spec else "gptq")
-    train = bool(spec and spec.train) or bool(row.method_spec and dict(row.method_spec)["train"])
+    train = bool(spec and spec.train)
     passes = 4.0 + (1.0 if weights == "gptq" else 0.0)
     if train:
         passes += 1.0 + b.epochs * TRAIN_PASSES
@@ -373,16 +346,14 @@ def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
     from compare import run_row
 
     b = row.budget(budget)
-    method, extra = resolve_method(row)
     t0 = time.time()
     windows = None if row.method == "fp" else texts.windows(b)
-    res = run_row(b.model, windows, method, row.setting, {n: texts.ids(n) for n in EVAL_TEXTS},
+    res = run_row(b.model, windows, row.method, row.setting, {n: texts.ids(n) for n in EVAL_TEXTS},
                   epochs=b.epochs, seed=b.seed, hparams=dict(row.hparams),
-                  eval_seqlen=b.eval_seqlen, eval_max_tokens=b.eval_max_tokens, **extra)
+                  eval_seqlen=b.eval_seqlen, eval_max_tokens=b.eval_max_tokens)
     return {
         "row": row.id, "suite": row.suite, "group": row.group, "label": row.label,
         "method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
-        "method_spec": None if row.method_spec is None else dict(row.method_spec),
         "key": row_key(row, budget), "budget": dataclasses.asdict(b),
         "budget_text": b.text(calibrated=row.method != "fp"),
         "calib_seconds": res["calib_seconds"], "trainable_params": res["trainable_params"],
@@ -422,12 +393,17 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma list of methods, labels, groups or row ids")
     ap.add_argument("--results_dir", default=str(RESULTS_DIR))
     ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--no_report", action="store_true", help="skip the plots and RESULTS.md")
+    ap.add_argument("--report_only", action="store_true",
+                    help="run no row; redraw the plots and rewrite RESULTS.md")
     for name in ("nsamples", "seqlen", "epochs", "eval_windows", "eval_seqlen", "seed"):
         ap.add_argument(f"--{name}", type=int, default=None,
                         help="overrides the suite's default budget")
     args = ap.parse_args(argv)
     results_dir = pathlib.Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return write_report(results_dir)
     overrides = {k: getattr(args, k) for k in ("nsamples", "seqlen", "epochs", "eval_windows",
                                                 "eval_seqlen", "seed") if getattr(args, k) is not None}
 
@@ -484,9 +460,21 @@ def main(argv=None) -> int:
         print(f"RESULT {row.id}: {ppl}  calib {rec['calib_seconds']:.1f} s, row "
               f"{rec['wall_seconds']:.1f} s (estimate {_fmt_s(est)}); elapsed {_fmt_s(done_s)}",
               flush=True)
-    print(f"study: finished in {_fmt_s(time.time() - t_start)}; regenerate the report with "
-          f".venv/bin/python experiments/report.py --results_dir={results_dir}", flush=True)
-    return 0
+    print(f"study: rows finished in {_fmt_s(time.time() - t_start)}", flush=True)
+    return 0 if args.no_report else write_report(results_dir)
+
+
+def write_report(results_dir: pathlib.Path) -> int:
+    """Figures into <results_dir>/../plots, then RESULTS.md (next to this file for the default
+    results folder, else inside results_dir)."""
+    import plots
+    import report
+
+    plots_dir = results_dir.resolve().parent / "plots"
+    out = report.OUT if results_dir.resolve() == RESULTS_DIR.resolve() else results_dir / "RESULTS.md"
+    rc = plots.main([f"--results_dir={results_dir}", f"--plots_dir={plots_dir}"])
+    return rc or report.main([f"--results_dir={results_dir}", f"--plots_dir={plots_dir}",
+                              f"--out={out}"])
 
 
 if __name__ == "__main__":

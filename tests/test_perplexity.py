@@ -40,6 +40,9 @@ def test_matches_reference_and_drops_remainder():
     assert (res.windows, res.tokens, res.seqlen) == (5, 80, 16)
     assert res.perplexity == pytest.approx(reference_ppl(IDS, 16, 5), rel=1e-6)
     assert res.nll_mean == pytest.approx(math.log(res.perplexity), rel=1e-12)
+    logp = TABLE.astype(np.float64) - np.log(np.exp(TABLE.astype(np.float64)).sum(-1, keepdims=True))
+    w = IDS[:80].reshape(5, 16)
+    np.testing.assert_allclose(res.window_nll, -logp[w[:, :-1], w[:, 1:]].mean(axis=1), rtol=1e-6)
 
 
 def test_uniform_model_has_perplexity_vocab_size():
@@ -61,6 +64,8 @@ def test_padding_batches_compile_once_and_match():
     assert traces == [(3, 16)]  # 5 windows -> batches of 3 + 2 padded to 3: one shape
     res1 = perplexity.evaluate_perplexity(bigram_nll, IDS, seqlen=16, batch_size=1)
     assert res3.windows == 5 and res3.perplexity == pytest.approx(res1.perplexity, rel=1e-6)
+    assert len(res3.window_nll) == 5  # the padded row is dropped
+    np.testing.assert_allclose(res3.window_nll, res1.window_nll, rtol=1e-6)
     assert [p.windows_done for p in seen] == [3, 5] and seen[-1].windows_total == 5
     assert seen[-1].perplexity == res3.perplexity and seen[-1].eta_s == 0.0
     assert seen[0].line().startswith("perplexity: windows 3/5, running ppl ")
