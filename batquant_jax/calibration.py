@@ -296,7 +296,8 @@ class LayerCalibrator:
         del rtn
         layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
                                                    record_hessian=True))
-        loss_init = self.mse(layer, xb, yb)
+        plain_rtn = method == METHODS["rtn"]  # the layer is the RTN one: no loss to recompute
+        loss_init = loss_rtn if plain_rtn else self.mse(layer, xb, yb)
         if cfg.init == "auto" and method.train:
             alt = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
                                                      record_hessian=True, init="identity"))
@@ -318,7 +319,7 @@ class LayerCalibrator:
                 loss_trained, fell_back = loss_init, True
 
         qweights = self.deploy(layer, xb)
-        loss_final = self.mse(layer, xb, yb)
+        loss_final = loss_rtn if plain_rtn else self.mse(layer, xb, yb)
         report = LayerReport(index, loss_rtn, loss_init, loss_trained, loss_final, steps,
                              time.time() - t0, fell_back)
         next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)

@@ -9,8 +9,9 @@
 perplexity.png     perplexity by method and setting on both texts (from the study's JSON files);
 layer_losses.png   per-layer reconstruction MSE after weight quantization (loss_final) by method;
 activation_hist.png + activation_hist.json
-                   one outlier-heavy linear input (default: layer 0's down_proj input) seen per
-                   MX block of 32 before any transform, after a global RandomHadamard, after
+                   one outlier-heavy linear input (default: the down_proj input with the
+                   largest max|x| / RMS on wiki-calib windows) seen per MX block of 32 before
+                   any transform, after a global RandomHadamard, after
                    BlockHadamard(32) and after a learned GPK transform. The GPK transform comes
                    from --checkpoint (batquant_jax.checkpoint.load_quantized) when given, else
                    one layer is calibrated briefly (--train_nsamples x --train_seqlen tokens,
@@ -105,20 +106,40 @@ def plot_layer_losses(results: dict, out: pathlib.Path) -> pathlib.Path | None:
 
 # ----------------------------------------------------------------------------- activations
 
-def layer_input(model, tokens, index: int, which: str):
-    """Full-precision input of layer ``index``'s down_proj ("down", [B, T, ffn]) or of its
-    q/k/v projections ("qkv", [B, T, d]) for int32 tokens [B, T]."""
+def _linear_input(layer, h, which: str):
     import jax
 
-    h = model.embed(tokens)
-    for i in range(index):
-        h = model.layers[i](h)
-    layer = model.layers[index]
     if which == "qkv":
         return layer.input_layernorm(h)
     h = h + layer.self_attn(layer.input_layernorm(h))
     x = layer.post_attention_layernorm(h)
     return jax.nn.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+
+
+def layer_input(model, tokens, index: int, which: str):
+    """Full-precision input of layer ``index``'s down_proj ("down", [B, T, ffn]) or of its
+    q/k/v projections ("qkv", [B, T, d]) for int32 tokens [B, T]."""
+    h = model.embed(tokens)
+    for i in range(index):
+        h = model.layers[i](h)
+    return _linear_input(model.layers[index], h, which)
+
+
+def outlier_ratio(x) -> float:
+    """max |x| / RMS(x) over all tokens and channels: how far the largest activation sits
+    above the typical one (about 4-5 for Gaussian data of this size)."""
+    x = np.asarray(x, np.float64)
+    return float(np.abs(x).max() / np.sqrt(np.mean(x * x)))
+
+
+def outlier_ratios(model, tokens, which: str) -> list[float]:
+    """outlier_ratio of the chosen linear input of every layer (one pass over the model)."""
+    h = model.embed(tokens)
+    out = []
+    for layer in model.layers:
+        out.append(outlier_ratio(_linear_input(layer, h, which)))
+        h = layer(h)
+    return out
 
 
 def block_stats(y, block: int = 32, fmt: str = "mxfp4") -> dict:
@@ -180,6 +201,10 @@ def plot_activation_hist(args, out: pathlib.Path) -> pathlib.Path:
     ids = data.tokenize_corpus(data.load_corpus("wiki-calib"), loaded.tokenizer)
     train = data.sample_windows(ids, args.train_nsamples, args.train_seqlen, seed=0)
     probe = data.sample_windows(ids, args.hist_windows, args.train_seqlen, seed=1)
+    ratios = None
+    if args.hist_layer < 0:  # the layer whose input has the largest max / RMS on wiki-calib
+        ratios = outlier_ratios(model, probe, args.hist_input)
+        args.hist_layer = int(np.argmax(ratios))
     x = np.asarray(layer_input(model, probe, args.hist_layer, args.hist_input))
     d = x.shape[-1]
     gpk, prov = _learned_transform(args, model, train, args.hist_input)
@@ -206,7 +231,8 @@ def plot_activation_hist(args, out: pathlib.Path) -> pathlib.Path:
     fig.savefig(out)
     plt.close(fig)
     meta = {"layer": args.hist_layer, "input": what, "d": d, "tokens": int(x.shape[0] * x.shape[1]),
-            "gpk": prov, "transforms": stats}
+            "outlier_ratio": outlier_ratio(x), "outlier_ratios": ratios, "gpk": prov,
+            "transforms": stats}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
@@ -218,7 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plots_dir", default=str(PLOTS_DIR))
     ap.add_argument("--skip_hist", action="store_true")
     ap.add_argument("--checkpoint", default=None, help="calibrate.py output DIR (batquant)")
-    ap.add_argument("--hist_layer", type=int, default=0)
+    ap.add_argument("--hist_layer", type=int, default=-1,
+                    help="layer index; -1: the one whose input has the largest max/RMS")
     ap.add_argument("--hist_input", default="down", choices=("down", "qkv"))
     ap.add_argument("--hist_windows", type=int, default=4)
     ap.add_argument("--train_nsamples", type=int, default=16)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -85,6 +86,18 @@ def _status(row: study.Row, results: dict) -> str | None:
     return f"pending: {why}" if why else "not run"
 
 
+def _table(head: list[str], rows, results: dict, cells) -> list[str]:
+    """Markdown table: one line per study Row; ``cells(row, rec)`` gives all but the label;
+    rows without a result read 'not run' or 'pending: reason'."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        status = _status(row, results)
+        body = ([status] + [""] * (len(head) - 2) if status is not None
+                else cells(row, results[row.id]))
+        lines.append("| " + " | ".join([row.label] + body) + " |")
+    return lines
+
+
 def headline_table(results: dict, setting: str) -> list[str]:
     fp = results.get("headline.fp32.fp")
     rtn = results.get(f"headline.{setting}.rtn")
@@ -92,25 +105,20 @@ def headline_table(results: dict, setting: str) -> list[str]:
     for t in study.EVAL_TEXTS:
         head += [f"{t} ppl", "gap to FP", "RTN gap recovered"]
     head += ["calib time (s)", "budget"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [r for r in study.headline_rows() if r.setting in (setting, "fp32")]
-    for row in rows:
-        rec = results.get(row.id)
-        status = _status(row, results)
-        if status is not None:
-            lines.append(f"| {row.label} | " + " | ".join([status] + [""] * (len(head) - 2)) + " |")
-            continue
-        cells = [row.label]
+
+    def cells(row, rec):
+        out = []
         for t in study.EVAL_TEXTS:
             g, g_rtn = _gap_of(rec, fp, t), _gap_of(rtn, fp, t)
             share = None
             if g is not None and g_rtn is not None and g_rtn > 0 and row.method != "fp":
                 share = recovered(g, g_rtn)
-            cells += [_num(_ppl(rec, t)), _pct(g), _share(share)]
+            out += [_num(_ppl(rec, t)), _pct(g), _share(share)]
         calib = None if row.method == "fp" else rec["calib_seconds"]
-        cells += [_num(calib, "{:.0f}"), rec["budget_text"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        return out + [_num(calib, "{:.0f}"), rec["budget_text"]]
+
+    rows = [r for r in study.headline_rows() if r.setting in (setting, "fp32")]
+    return _table(head, rows, results, cells)
 
 
 def _mean_final_loss(rec: dict) -> float | None:
@@ -124,20 +132,76 @@ def ablation_table(results: dict, group: str) -> list[str]:
     for t in study.EVAL_TEXTS:
         head += [f"{t} ppl", "gap to FP"]
     head += ["mean layer MSE", "trainable params", "calib time (s)", "budget"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in (r for r in study.ablation_rows() if r.group == group):
-        rec = results.get(row.id)
-        status = _status(row, results)
-        if status is not None:
-            lines.append(f"| {row.label} | " + " | ".join([status] + [""] * (len(head) - 2)) + " |")
-            continue
-        cells = [row.label]
+
+    def cells(row, rec):
+        out = []
         for t in study.EVAL_TEXTS:
-            cells += [_num(_ppl(rec, t)), _pct(_gap_of(rec, fp, t))]
-        cells += [_num(_mean_final_loss(rec), "{:.4g}"), f"{rec.get('trainable_params', 0):,}",
-                  _num(rec["calib_seconds"], "{:.0f}"), rec["budget_text"]]
+            out += [_num(_ppl(rec, t)), _pct(_gap_of(rec, fp, t))]
+        return out + [_num(_mean_final_loss(rec), "{:.4g}"), f"{rec.get('trainable_params', 0):,}",
+                      _num(rec["calib_seconds"], "{:.0f}"), rec["budget_text"]]
+
+    return _table(head, [r for r in study.ablation_rows() if r.group == group], results, cells)
+
+
+# The paper's claim, baseline by baseline: what kind of transform each one stands for.
+CLAIM_BASELINES = (("quarot", "global rotation"), ("brq", "block rotation (32)"),
+                   ("mr-gptq", "block rotation (128)"), ("flatquant", "global affine"),
+                   ("gptq", "no transform"))
+
+
+def paired(a: dict, b: dict, text: str) -> tuple[float, float, int] | None:
+    """Paired comparison of two rows on the same windows of ``text``: (mean, standard error,
+    windows) of the per-window NLL difference a - b (negative: a is better). exp(mean) is the
+    perplexity ratio a / b. None when either lacks per-window NLLs or the windows differ."""
+    ea, eb = a.get("eval", {}).get(text, {}), b.get("eval", {}).get(text, {})
+    wa, wb = ea.get("window_nll") or [], eb.get("window_nll") or []
+    if len(wa) < 2 or len(wa) != len(wb) or not _same_eval(a, b, text):
+        return None
+    d = [x - y for x, y in zip(wa, wb)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n), n
+
+
+def verdict(mean: float, se: float) -> str:
+    """'better' / 'worse' when the ratio's 2-SE interval excludes 1, else 'tie (within 2 SE)'."""
+    if mean + 2 * se < 0:
+        return "better"
+    if mean - 2 * se > 0:
+        return "worse"
+    return "tie (within 2 SE)"
+
+
+def claim_table(results: dict, setting: str, method: str = "batquant") -> list[str]:
+    """``method`` against each baseline at ``setting``: perplexity ratio with a 2-SE interval
+    from the paired per-window NLL differences, per text."""
+    mine = results.get(f"headline.{setting}.{method}")
+    if mine is None:
+        return [f"{method} at {setting}: not run.", ""]
+    head = ["baseline", "stands for"]
+    for t in study.EVAL_TEXTS:
+        head += [f"{t}: ppl ratio {method} / baseline (±2 SE)", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for base, kind in CLAIM_BASELINES:
+        rec = results.get(f"headline.{setting}.{base}")
+        cells = [base, kind]
+        for t in study.EVAL_TEXTS:
+            pr = None if rec is None else paired(mine, rec, t)
+            if pr is None:
+                cells += ["not run" if rec is None else "no per-window NLL", ""]
+                continue
+            m, se, n = pr
+            cells += [f"{math.exp(m):.4f} [{math.exp(m - 2 * se):.4f}, {math.exp(m + 2 * se):.4f}]"
+                      f" (n={n})", verdict(m, se)]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + [""]
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
 
 
 def activation_table(path: pathlib.Path) -> list[str]:
@@ -149,8 +213,12 @@ def activation_table(path: pathlib.Path) -> list[str]:
     src = g["source"] if g["source"] != "trained here" else (
         f"this layer calibrated alone ({g['budget']}, {g['steps']} steps; layer MSE rtn "
         f"{g['loss_rtn']:.4g}, init {g['loss_init']:.4g}, trained {g['loss_trained']:.4g})")
+    pick = ""
+    if h.get("outlier_ratios"):
+        pick = (f"; max |x| / RMS = {h['outlier_ratio']:.1f}, the largest of the "
+                f"{len(h['outlier_ratios'])} layers (median {_median(h['outlier_ratios']):.1f})")
     lines = [f"## One outlier-heavy input: layer {h['layer']} {h['input']} ({h['tokens']} tokens, "
-             f"d = {h['d']})", "",
+             f"d = {h['d']}{pick})", "",
              f"MXFP4 fake quantization of the transformed activation alone; the learned GPK "
              f"transform comes from {src}.", "",
              "| transform | relative MXFP4 error | nonzero values flushed to 0 | mean abs / block max |",
@@ -189,6 +257,13 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
            "Calibration time is wall time on the machine below.", ""]
     for setting in study.SETTINGS:
         out += [f"## Headline: {setting}", ""] + headline_table(results, setting) + [""]
+    out += ["## The paper's claim, baseline by baseline", "",
+            "BATQuant against each baseline on the same evaluation windows. The ratio is "
+            "exp(mean per-window NLL difference); the interval is ±2 standard errors of that "
+            "mean over windows (windows treated as independent). A ratio below 1 favours "
+            "BATQuant; 'tie' means the interval contains 1.", ""]
+    for setting in study.SETTINGS:
+        out += [f"### {setting}", ""] + claim_table(results, setting)
     out += ["## Ablations (batquant, W4A4KV16)", "",
             "Gap to FP is against the headline FP row when both used the same evaluation windows. "
             "Mean layer MSE is the mean over layers of the final reconstruction loss.", ""]

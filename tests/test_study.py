@@ -161,6 +161,10 @@ def test_block_stats_numbers():
     assert s["flushed"] == 0.25
     assert s["log2_amax"].tolist() == [np.log2(np.float32(6.0)), 0.0]
     assert s["rel_err"] == pytest.approx(0.1 / np.sqrt(36 + 0.01 + 1 + 0.25))
+    x = np.zeros((4, 25))
+    x[2, 3] = -10.0  # RMS = sqrt(100 / 100) = 1
+    assert plots.outlier_ratio(x) == 10.0
+    assert report._median([3.0, 1.0, 2.0]) == 2.0 and report._median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
 def test_clean_play_text_exact():
@@ -182,3 +186,40 @@ def test_shakespeare_loader(tmp_path, monkeypatch):
     assert "\r" not in text and "\n\n\n" not in text
     assert list(tmp_path.iterdir()) == [tmp_path / "shakespeare.v1.txt"]
     assert data.load_shakespeare() == text  # the cached copy
+
+
+def _with_windows(rec, text, nll):
+    rec["eval"][text] = dict(rec["eval"][text], window_nll=nll, windows=len(nll),
+                             tokens=512 * len(nll))
+    return rec
+
+
+def test_paired_comparison_and_claim_table(tmp_path):
+    import math
+    import statistics
+
+    rows = _rows()
+    mine = _with_windows(_record(rows["headline.W4A4KV16.batquant"], 30.0, 50.0), "wiki-eval",
+                         [2.0, 2.2, 2.4])
+    brq = _with_windows(_record(rows["headline.W4A4KV16.brq"], 31.0, 50.0), "wiki-eval",
+                        [2.1, 2.25, 2.6])
+    quarot = _with_windows(_record(rows["headline.W4A4KV16.quarot"], 29.0, 50.0), "wiki-eval",
+                           [2.0, 2.3, 2.3])
+    d = [-0.1, -0.05, -0.2]
+    mean, se, n = report.paired(mine, brq, "wiki-eval")
+    assert n == 3 and mean == pytest.approx(statistics.mean(d), abs=1e-12)
+    assert se == pytest.approx(statistics.stdev(d) / math.sqrt(3), abs=1e-12)
+    assert report.verdict(mean, se) == "better"          # -0.1167 + 2 * 0.0441 < 0
+    assert report.verdict(0.01, 0.01) == "tie (within 2 SE)"
+    assert report.verdict(0.05, 0.01) == "worse"
+    assert report.paired(mine, brq, "shakespeare") is None  # no per-window NLLs there
+    for rec in (mine, brq, quarot):
+        _write(tmp_path, rec)
+    lines = report.claim_table(study.load_results(tmp_path), "W4A4KV16")
+    lo, hi = math.exp(mean - 2 * se), math.exp(mean + 2 * se)
+    assert (f"| brq | block rotation (32) | {math.exp(mean):.4f} [{lo:.4f}, {hi:.4f}] (n=3) | "
+            f"better | no per-window NLL |  |") in lines
+    # quarot: d = [0, -0.1, 0.1] -> mean 0, a tie
+    assert any(l.startswith("| quarot | global rotation | 1.0000 [") and "| tie (within 2 SE) |" in l
+               for l in lines)
+    assert "| flatquant | global affine | not run |  | not run |  |" in lines
