@@ -212,7 +212,9 @@ def activation_table(path: pathlib.Path) -> list[str]:
     g = h["gpk"]
     src = g["source"] if g["source"] != "trained here" else (
         f"this layer calibrated alone ({g['budget']}, {g['steps']} steps; layer MSE rtn "
-        f"{g['loss_rtn']:.4g}, init {g['loss_init']:.4g}, trained {g['loss_trained']:.4g})")
+        f"{g['loss_rtn']:.4g}, init {g['loss_init']:.4g}, trained {g['loss_trained']:.4g}"
+        + ("; training did not lower the loss, so the layer kept its initial transform"
+           if g.get("fell_back") else "") + ")")
     pick = ""
     if h.get("outlier_ratios"):
         pick = (f"; max |x| / RMS = {h['outlier_ratio']:.1f}, the largest of the "
