@@ -23,6 +23,8 @@ rows with the same key (e.g. the default variant of several ablations) share one
 Ablation rows are CalibConfig hyper-parameters of batquant; a row the library cannot express
 (a field or value CalibConfig rejects) is listed as pending with the reason, never approximated.
 `--only` takes a comma list of methods, labels, groups or row ids (rtn,gptq / W4A8KV16 / g1).
+Several study processes may share one results folder on one machine (e.g. one per core group):
+each row is locked while it runs (`claim`), and a row another process is computing is skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -316,6 +319,45 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- several workers
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(results_dir, key: str) -> pathlib.Path | None:
+    """Takes the lock of one measurement (a canonical row key) for this process, so that several
+    study processes on one machine can share a results folder: ``.<key hash>.lock`` holds the
+    owner's pid and is created atomically (hard link). Returns the lock path, or None while a
+    live process holds it; a lock left by a dead process is taken over."""
+    results_dir = pathlib.Path(results_dir)
+    lock = results_dir / f".{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
+    tmp = results_dir / f".lock-{os.getpid()}.tmp"
+    tmp.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)
+                return lock
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text())
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    return None
+                lock.unlink(missing_ok=True)  # its process died
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- running
 
 class Texts:
@@ -430,38 +472,56 @@ def main(argv=None) -> int:
         return 0
 
     texts = Texts(SUITE_BUDGETS[rows[0].suite].model)
-    t_start, done_s = time.time(), 0.0
+    t_start = time.time()
     remaining = sum(s[3] for s in todo)
+    skipped = []
     for row, b, _, est in steps:
-        results = load_results(results_dir)  # re-read: another row may have produced this key
-        status = row_status(row, b, results)
-        path = result_path(results_dir, row)
-        if status in ("done", "pending"):
+        key = _canon(row_key(row, b))
+        lock = claim(results_dir, key)
+        if lock is None:
+            print(f"ROW {row.id}: another study process is computing this; skipped", flush=True)
+            skipped.append(row.id)
             continue
-        if status == "reuse":
-            key = _canon(row_key(row, b))
-            src = next(r for r in results.values() if _canon(r.get("key")) == key)
-            rec = dict(src, row=row.id, suite=row.suite, group=row.group, label=row.label,
-                       reused_from=src.get("reused_from", src["row"]))
-            _write_json(path, rec)
-            print(f"ROW {row.id}: same key as {rec['reused_from']}, reused", flush=True)
-            continue
-        if status == "stale":
-            os.replace(path, path.with_name(path.name + ".prev"))
-            print(f"ROW {row.id}: the file on disk has another budget; kept as "
-                  f"{path.name}.prev and rerunning", flush=True)
-        print(f"ROW {row.id}: running ({row.budget(b).text(row.method != 'fp')}), estimate {_fmt_s(est)}, "
-              f"about {_fmt_s(remaining)} left for the rows to run", flush=True)
-        rec = run_one(row, b, texts, est)
-        _write_json(path, rec)
-        remaining = max(0.0, remaining - est)
-        done_s = time.time() - t_start
-        ppl = "  ".join(f"{n} {e['perplexity']:.3f}" for n, e in rec["eval"].items())
-        print(f"RESULT {row.id}: {ppl}  calib {rec['calib_seconds']:.1f} s, row "
-              f"{rec['wall_seconds']:.1f} s (estimate {_fmt_s(est)}); elapsed {_fmt_s(done_s)}",
-              flush=True)
+        try:
+            remaining = _run_step(row, b, est, key, results_dir, texts, remaining, t_start)
+        finally:
+            lock.unlink(missing_ok=True)
     print(f"study: rows finished in {_fmt_s(time.time() - t_start)}", flush=True)
+    if skipped:
+        print(f"study: {len(skipped)} rows were being computed by other processes "
+              f"({', '.join(skipped)}); run the same command again once they finish",
+              flush=True)
     return 0 if args.no_report else write_report(results_dir)
+
+
+def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Path,
+              texts: Texts, remaining: float, t_start: float) -> float:
+    """Runs, reuses or skips one row (this process holds its lock); returns the estimate left."""
+    results = load_results(results_dir)  # re-read: another process may have produced this key
+    status = row_status(row, b, results)
+    path = result_path(results_dir, row)
+    if status in ("done", "pending"):
+        return remaining
+    if status == "reuse":
+        src = next(r for r in results.values() if _canon(r.get("key")) == key)
+        rec = dict(src, row=row.id, suite=row.suite, group=row.group, label=row.label,
+                   reused_from=src.get("reused_from", src["row"]))
+        _write_json(path, rec)
+        print(f"ROW {row.id}: same key as {rec['reused_from']}, reused", flush=True)
+        return remaining
+    if status == "stale":
+        os.replace(path, path.with_name(path.name + ".prev"))
+        print(f"ROW {row.id}: the file on disk has another budget; kept as "
+              f"{path.name}.prev and rerunning", flush=True)
+    print(f"ROW {row.id}: running ({row.budget(b).text(row.method != 'fp')}), estimate "
+          f"{_fmt_s(est)}, about {_fmt_s(remaining)} left for the rows to run", flush=True)
+    rec = run_one(row, b, texts, est)
+    _write_json(path, rec)
+    ppl = "  ".join(f"{n} {e['perplexity']:.3f}" for n, e in rec["eval"].items())
+    print(f"RESULT {row.id}: {ppl}  calib {rec['calib_seconds']:.1f} s, row "
+          f"{rec['wall_seconds']:.1f} s (estimate {_fmt_s(est)}); elapsed "
+          f"{_fmt_s(time.time() - t_start)}", flush=True)
+    return max(0.0, remaining - est)
 
 
 def write_report(results_dir: pathlib.Path) -> int:

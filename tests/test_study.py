@@ -4,6 +4,7 @@ results, and for the Shakespeare loader of batquant_jax.data."""
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import sys
 
@@ -223,3 +224,43 @@ def test_paired_comparison_and_claim_table(tmp_path):
     assert any(l.startswith("| quarot | global rotation | 1.0000 [") and "| tie (within 2 SE) |" in l
                for l in lines)
     assert "| flatquant | global affine | not run |  | not run |  |" in lines
+
+
+def test_claim_locks_a_key_per_live_process(tmp_path):
+    import subprocess
+
+    lock = study.claim(tmp_path, '{"k": 1}')
+    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert study.claim(tmp_path, '{"k": 1}') is None        # held by a live process (this one)
+    other = study.claim(tmp_path, '{"k": 2}')                # another key: its own lock
+    assert other is not None and other != lock
+    lock.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    other.write_text(dead)                                   # left by a process that exited
+    assert study.claim(tmp_path, '{"k": 2}') == other and other.read_text() == str(os.getpid())
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]  # no temporary file left
+
+
+def test_main_runs_reuses_and_skips_rows_locked_elsewhere(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run_one(row, budget, texts, estimate):
+        calls.append(row.id)
+        return dict(_record(row, 30.0, 50.0, budget=budget), wall_seconds=12.5)
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    held = _rows()["headline.W4A8KV16.batquant"]
+    lock = study.claim(tmp_path, study._canon(study.row_key(held, study.SUITE_BUDGETS["headline"])))
+    only = "headline.W4A4KV16.batquant,headline.W4A8KV16.batquant,transform"
+    assert study.main(["--suite=all", f"--only={only}", f"--results_dir={tmp_path}",
+                       "--no_report"]) == 0
+    assert calls == ["headline.W4A4KV16.batquant", "ablations.transform.block_affine"]
+    got = study.load_results(tmp_path)
+    assert sorted(got) == ["ablations.transform.block_affine", "ablations.transform.gpk",
+                           "headline.W4A4KV16.batquant"]
+    assert got["ablations.transform.gpk"]["reused_from"] == "headline.W4A4KV16.batquant"
+    out = capsys.readouterr().out
+    assert "ROW headline.W4A8KV16.batquant: another study process is computing this; skipped" in out
+    assert "study: 1 rows were being computed by other processes (headline.W4A8KV16.batquant)" in out
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [lock.name]  # only the held lock left
