@@ -281,6 +281,12 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
     out += ["## Budget, seed, environment", ""]
     budgets = sorted({(r.get("suite", "?"), r["budget_text"]) for r in results.values()})
     out += [f"- {suite}: {text}" for suite, text in budgets] or ["- no results yet"]
+    for suite in ("headline", "ablations"):
+        own = [r for r in results.values() if r.get("suite") == suite and "reused_from" not in r]
+        if own:
+            total = sum(r.get("wall_seconds", 0.0) for r in own)
+            out.append(f"- {suite}: {len(own)} rows computed, {total / 60:.1f} min of row wall "
+                       f"time in all (model load, calibration and both evaluations)")
     envs = sorted({_env_line(r.get("env", {})) for r in results.values()})
     out += [f"- {line}" for line in envs]
     out += ["- Texts: wiki-calib / wiki-eval are disjoint article splits of the English Wikipedia "

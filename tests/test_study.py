@@ -29,7 +29,7 @@ def _record(row, ppl_wiki, ppl_shk, calib_s=10.0, budget=BUDGET, layers=None, pa
             "method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
             "key": study.row_key(row, budget), "budget": dataclasses.asdict(b),
             "budget_text": b.text(row.method != "fp"), "calib_seconds": calib_s,
-            "trainable_params": params, "eval": {"wiki-eval": ev(ppl_wiki), "shakespeare": ev(ppl_shk)},
+            "trainable_params": params, "wall_seconds": 60.0, "eval": {"wiki-eval": ev(ppl_wiki), "shakespeare": ev(ppl_shk)},
             "layers": layers or [], "env": {"versions": {"jax": "0.10.2"}, "python": "3.11.7",
                                             "machine": "x86_64, 2 CPU threads",
                                             "jax_backend": "cpu", "commit": "abc1234", "dirty": False}}
@@ -75,6 +75,8 @@ def test_headline_table_from_json(results_dir):
     assert "| gptq | not run |  |  |  |  |  |  |  |" in lines
     assert sum(line.startswith("| quarot | not run") for line in lines) == 2  # both settings
     assert "- headline: calib 4x64 tok, 1 ep; eval 2x512 tok/text; seed 0" in lines
+    assert ("- headline: 3 rows computed, 3.0 min of row wall time in all (model load, "
+            "calibration and both evaluations)") in lines
     assert ("- python 3.11.7, jax 0.10.2; backend cpu, x86_64, 2 CPU threads; code abc1234"
             in lines)
 
@@ -247,7 +249,7 @@ def test_main_runs_reuses_and_skips_rows_locked_elsewhere(tmp_path, monkeypatch,
 
     def fake_run_one(row, budget, texts, estimate):
         calls.append(row.id)
-        return dict(_record(row, 30.0, 50.0, budget=budget), wall_seconds=12.5)
+        return _record(row, 30.0, 50.0, budget=budget)
 
     monkeypatch.setattr(study, "run_one", fake_run_one)
     held = _rows()["headline.W4A8KV16.batquant"]
