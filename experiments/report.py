@@ -121,6 +121,16 @@ def headline_table(results: dict, setting: str) -> list[str]:
     return _table(head, rows, results, cells)
 
 
+def ranking(results: dict, setting: str, text: str) -> str | None:
+    """'a 35.12 < b 35.40 < ...': the quantized methods at ``setting`` by perplexity on ``text``."""
+    got = [(r["eval"][text]["perplexity"], r["method"]) for r in results.values()
+           if r.get("suite") == "headline" and r.get("setting") == setting
+           and text in r.get("eval", {})]
+    if not got:
+        return None
+    return " < ".join(f"{m} {p:.2f}" for p, m in sorted(got))
+
+
 def _mean_final_loss(rec: dict) -> float | None:
     layers = rec.get("layers") or []
     return sum(l["loss_final"] for l in layers) / len(layers) if layers else None
@@ -259,6 +269,10 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
            "Calibration time is wall time on the machine below.", ""]
     for setting in study.SETTINGS:
         out += [f"## Headline: {setting}", ""] + headline_table(results, setting) + [""]
+        for t in study.EVAL_TEXTS:
+            order = ranking(results, setting, t)
+            if order:
+                out += [f"Order on {t}: {order}.", ""]
     out += ["## The paper's claim, baseline by baseline", "",
             "BATQuant against each baseline on the same evaluation windows. The ratio is "
             "exp(mean per-window NLL difference); the interval is ±2 standard errors of that "

@@ -73,6 +73,8 @@ def test_headline_table_from_json(results_dir):
     # wiki: gap 0.5 of RTN's 3.0 -> 83.3% recovered; shakespeare: gap 1.0 of 4.0 -> 75.0%
     assert f"| batquant | 30.00 | +50.0% | 83.3% | 50.00 | +100.0% | 75.0% | 123 | {b} |" in lines
     assert "| gptq | not run |  |  |  |  |  |  |  |" in lines
+    assert "Order on wiki-eval: batquant 30.00 < rtn 80.00." in lines
+    assert "Order on shakespeare: batquant 50.00 < rtn 125.00." in lines
     assert sum(line.startswith("| quarot | not run") for line in lines) == 2  # both settings
     assert "- headline: calib 4x64 tok, 1 ep; eval 2x512 tok/text; seed 0" in lines
     assert ("- headline: 3 rows computed, 3.0 min of row wall time in all (model load, "
