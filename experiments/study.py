@@ -1,7 +1,7 @@
 """The headline table and the ablations of BATQuant on SmolLM2-135M, as one resumable command.
 
     .venv/bin/python experiments/study.py --suite=headline        # 15 rows, then plots + report
-    .venv/bin/python experiments/study.py --suite=ablations       # 15 more rows
+    .venv/bin/python experiments/study.py --suite=ablations       # 25 rows, 17 computed
     .venv/bin/python experiments/study.py --suite=all --dry_run   # rows, budgets, estimates, status
     .venv/bin/python experiments/study.py --suite=ablations --only=clip,init   # some groups
     .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
