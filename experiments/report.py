@@ -141,13 +141,17 @@ def ablation_table(results: dict, group: str) -> list[str]:
     head = ["variant"]
     for t in study.EVAL_TEXTS:
         head += [f"{t} ppl", "gap to FP"]
-    head += ["mean layer MSE", "trainable params", "calib time (s)", "budget"]
+    head += ["mean layer MSE", "layers kept init", "trainable params", "calib time (s)",
+             "budget"]
 
     def cells(row, rec):
         out = []
         for t in study.EVAL_TEXTS:
             out += [_num(_ppl(rec, t)), _pct(_gap_of(rec, fp, t))]
-        return out + [_num(_mean_final_loss(rec), "{:.4g}"), f"{rec.get('trainable_params', 0):,}",
+        layers = rec.get("layers") or []
+        kept = f"{sum(bool(l.get('fell_back')) for l in layers)}/{len(layers)}" if layers else "–"
+        return out + [_num(_mean_final_loss(rec), "{:.4g}"), kept,
+                      f"{rec.get('trainable_params', 0):,}",
                       _num(rec["calib_seconds"], "{:.0f}"), rec["budget_text"]]
 
     return _table(head, [r for r in study.ablation_rows() if r.group == group], results, cells)
@@ -282,7 +286,9 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
         out += [f"### {setting}", ""] + claim_table(results, setting)
     out += ["## Ablations (batquant, W4A4KV16)", "",
             "Gap to FP is against the headline FP row when both used the same evaluation windows. "
-            "Mean layer MSE is the mean over layers of the final reconstruction loss.", ""]
+            "Mean layer MSE is the mean over layers of the final reconstruction loss; layers "
+            "kept init counts the layers where training did not lower the loss, so the initial "
+            "transform was kept.", ""]
     for group, title in ABLATION_TITLES.items():
         out += [f"### {title}", ""] + ablation_table(results, group) + [""]
     out += activation_table(plots_dir / "activation_hist.json")

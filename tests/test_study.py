@@ -49,7 +49,7 @@ def results_dir(tmp_path):
     _write(tmp_path, _record(rows["headline.fp32.fp"], 20.0, 25.0, calib_s=0.0))
     _write(tmp_path, _record(rows["headline.W4A4KV16.rtn"], 80.0, 125.0, calib_s=12.0))
     layers = [{"index": i, "loss_rtn": 1.0, "loss_init": 0.5, "loss_trained": 0.4,
-               "loss_final": f, "steps": 1, "seconds": 1.0, "fell_back": False}
+               "loss_final": f, "steps": 1, "seconds": 1.0, "fell_back": i == 1}
               for i, f in enumerate((0.25, 0.75))]
     _write(tmp_path, _record(rows["headline.W4A4KV16.batquant"], 30.0, 50.0, calib_s=123.4,
                              layers=layers, params=3456))
@@ -87,7 +87,8 @@ def test_ablation_table_and_pending_rows(results_dir):
     lines = report.render(results_dir, plots_dir=results_dir / "none",
                           out_path=results_dir / "R.md").splitlines()
     b = "calib 4x64 tok, 1 ep; eval 2x512 tok/text; seed 0"
-    assert f"| init=identity | 40.00 | +100.0% | 75.00 | +200.0% | 0.5 | 1,234,567 | 99 | {b} |" in lines
+    assert (f"| init=identity | 40.00 | +100.0% | 75.00 | +200.0% | 0.5 | 1/2 | 1,234,567 | 99 | "
+            f"{b} |") in lines
     for row in study.ablation_rows():
         if row.id == "ablations.init.init=identity":
             continue
