@@ -1,7 +1,7 @@
 """The headline table and the ablations of BATQuant on SmolLM2-135M, as one resumable command.
 
     .venv/bin/python experiments/study.py --suite=headline        # 15 rows, then plots + report
-    .venv/bin/python experiments/study.py --suite=ablations       # 25 rows, 17 computed
+    .venv/bin/python experiments/study.py --suite=ablations       # 31 rows, 21 computed
     .venv/bin/python experiments/study.py --suite=all --dry_run   # rows, budgets, estimates, status
     .venv/bin/python experiments/study.py --suite=ablations --only=clip,init   # some groups
     .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
@@ -93,7 +93,8 @@ class Row:
     """One table row: a method at a setting with CalibConfig hyper-parameters.
 
     hparams: sorted (field, value) pairs passed to quantize_model (any CalibConfig field);
-    nsamples: overrides the suite budget's calibration size.
+    nsamples, seed: override the suite budget's calibration size and seed (the seed picks the
+    calibration windows and every random initialisation).
     """
 
     suite: str
@@ -103,13 +104,15 @@ class Row:
     setting: str
     hparams: tuple = ()
     nsamples: int | None = None
+    seed: int | None = None
 
     @property
     def id(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{self.suite}.{self.group}.{self.label}")
 
     def budget(self, base: Budget) -> Budget:
-        return base if self.nsamples is None else dataclasses.replace(base, nsamples=self.nsamples)
+        over = {k: v for k, v in (("nsamples", self.nsamples), ("seed", self.seed)) if v is not None}
+        return dataclasses.replace(base, **over) if over else base
 
 
 def _hp(**kw) -> tuple:
@@ -127,13 +130,20 @@ BLOCK_FACTORS = {16: (4, 4), 32: (8, 4), 64: (8, 8), 128: (16, 8)}
 
 
 def ablation_rows() -> list[Row]:
-    """batquant at W4A4KV16, one group per question of METHOD.md. Each group's default variant
+    """batquant at W4A4KV16, one group per question of METHOD.md (and brq in the seed group,
+    the noise of calibration itself). Each group's default variant
     has no hyper-parameters, so it shares its calibration with the headline batquant row when
     the two suites run on one budget (SUITE_BUDGETS)."""
     def row(group, label, hparams=(), **kw):
         return Row("ablations", group, label, "batquant", "W4A4KV16", hparams, **kw)
 
     rows = [row("transform", "gpk"), row("transform", "block_affine", _hp(transform="block_affine"))]
+    # calibration noise: the same comparison (batquant vs its block-rotation start, brq) with
+    # other calibration windows and initialisations; seed 0 is the headline pair
+    for method in ("batquant", "brq"):
+        for seed in (0, 1, 2):
+            rows.append(Row("ablations", "seed", f"{method} seed={seed}", method, "W4A4KV16",
+                            seed=None if seed == 0 else seed))
     for clip in ("none", "weights", "activations", "both"):
         rows.append(row("clip", f"clip={clip}", () if clip == "both" else _hp(clip=clip)))
     for init in ("hadamard", "identity", "auto"):  # auto: per layer, the better of the two

@@ -99,12 +99,19 @@ def test_ablation_table_and_pending_rows(results_dir):
 
 def test_rows_ids_unique_and_defaults_share_one_key():
     rows = study.headline_rows() + study.ablation_rows()
-    assert len({r.id for r in rows}) == len(rows) == 15 + 25
+    assert len({r.id for r in rows}) == len(rows) == 15 + 31
     keys = {study._canon(study.row_key(r, study.SUITE_BUDGETS[r.suite])) for r in rows
             if r.suite == "ablations"}
-    # 25 ablation rows; the default variant appears in 8 groups (block, g1, transform, clip,
-    # init, propagate, weights, nsamples) and counts once
-    assert len(keys) == 25 - 7
+    # 31 ablation rows; the batquant default appears in 9 groups (block, g1, transform, seed,
+    # clip, init, propagate, weights, nsamples) and counts once
+    assert len(keys) == 31 - 8
+    headline = {study._canon(study.row_key(r, study.SUITE_BUDGETS[r.suite])) for r in rows
+                if r.suite == "headline"}
+    assert len(keys & headline) == 2  # batquant and brq at W4A4KV16, seed 0
+    seeded = {r.label: r.budget(study.SUITE_BUDGETS["ablations"]).seed for r in rows
+              if r.group == "seed"}
+    assert seeded == {"batquant seed=0": 0, "batquant seed=1": 1, "batquant seed=2": 2,
+                      "brq seed=0": 0, "brq seed=1": 1, "brq seed=2": 2}
     assert [r.id for r in study.select(rows, "rtn,W4A8KV16")][:3] == [
         "headline.W4A4KV16.rtn", "headline.W4A8KV16.rtn", "headline.W4A8KV16.gptq"]
     assert len(study.select(rows, "g1")) == 4
@@ -269,3 +276,22 @@ def test_main_runs_reuses_and_skips_rows_locked_elsewhere(tmp_path, monkeypatch,
     assert "ROW headline.W4A8KV16.batquant: another study process is computing this; skipped" in out
     assert "study: 1 rows were being computed by other processes (headline.W4A8KV16.batquant)" in out
     assert sorted(p.name for p in tmp_path.glob(".*")) == [lock.name]  # only the held lock left
+
+
+def test_seed_table_pairs_each_seed(tmp_path):
+    import math
+
+    rows = _rows()
+    a = _with_windows(_record(rows["ablations.seed.batquant-seed=1"], 30.0, 50.0), "wiki-eval",
+                      [2.0, 2.2, 2.4])
+    b = _with_windows(_record(rows["ablations.seed.brq-seed=1"], 31.0, 52.0), "wiki-eval",
+                      [2.1, 2.25, 2.6])
+    for rec in (a, b):
+        _write(tmp_path, rec)
+    lines = report.seed_table(study.load_results(tmp_path))
+    mean, se, _ = report.paired(a, b, "wiki-eval")
+    ratio = (f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, "
+             f"{math.exp(mean + 2 * se):.4f}]")
+    assert f"| 1 | 30.00 | 31.00 | {ratio} | better | 50.00 | 52.00 | – | – |" in lines
+    assert "| 0 | – | – | – | not run | – | – | – | not run |" in lines
+    assert sum(l.startswith("| 2 |") for l in lines) == 1
