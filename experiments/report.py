@@ -178,6 +178,11 @@ def paired(a: dict, b: dict, text: str) -> tuple[float, float, int] | None:
     return mean, math.sqrt(var / n), n
 
 
+def _interval(mean: float, se: float) -> str:
+    """'ratio [low, high]': the perplexity ratio exp(mean) and its ±2 SE interval."""
+    return f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"
+
+
 def verdict(mean: float, se: float) -> str:
     """'better' / 'worse' when the ratio's 2-SE interval excludes 1, else 'tie (within 2 SE)'."""
     if mean + 2 * se < 0:
@@ -206,8 +211,7 @@ def claim_table(results: dict, setting: str, method: str = "batquant") -> list[s
                 cells += ["not run" if rec is None else "no per-window NLL", ""]
                 continue
             m, se, n = pr
-            cells += [f"{math.exp(m):.4f} [{math.exp(m - 2 * se):.4f}, {math.exp(m + 2 * se):.4f}]"
-                      f" (n={n})", verdict(m, se)]
+            cells += [f"{_interval(m, se)} (n={n})", verdict(m, se)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -231,9 +235,7 @@ def seed_table(results: dict, method: str = "batquant", base: str = "brq") -> li
                 cells += [_num(_ppl(a, t)), _num(_ppl(b, t)), "–", "not run" if not (a and b) else "–"]
                 continue
             m, se, _ = pr
-            cells += [_num(_ppl(a, t)), _num(_ppl(b, t)),
-                      f"{math.exp(m):.4f} [{math.exp(m - 2 * se):.4f}, {math.exp(m + 2 * se):.4f}]",
-                      verdict(m, se)]
+            cells += [_num(_ppl(a, t)), _num(_ppl(b, t)), _interval(m, se), verdict(m, se)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

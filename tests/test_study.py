@@ -290,8 +290,8 @@ def test_seed_table_pairs_each_seed(tmp_path):
         _write(tmp_path, rec)
     lines = report.seed_table(study.load_results(tmp_path))
     mean, se, _ = report.paired(a, b, "wiki-eval")
-    ratio = (f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, "
-             f"{math.exp(mean + 2 * se):.4f}]")
+    ratio = report._interval(mean, se)
+    assert ratio == f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"
     assert f"| 1 | 30.00 | 31.00 | {ratio} | better | 50.00 | 52.00 | – | – |" in lines
     assert "| 0 | – | – | – | not run | – | – | – | not run |" in lines
     assert sum(l.startswith("| 2 |") for l in lines) == 1
