@@ -338,8 +338,11 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
         own = [r for r in results.values() if r.get("suite") == suite and "reused_from" not in r]
         if own:
             total = sum(r.get("wall_seconds", 0.0) for r in own)
+            cpu = [r["cpu_seconds"] for r in own if "cpu_seconds" in r]
+            cpu_text = (f"; {sum(cpu) / 60:.1f} min of process CPU time over the {len(cpu)} rows "
+                        f"that recorded it") if cpu else ""
             out.append(f"- {suite}: {len(own)} rows computed, {total / 60:.1f} min of row wall "
-                       f"time in all (model load, calibration and both evaluations)")
+                       f"time in all (model load, calibration and both evaluations){cpu_text}")
     envs = sorted({_env_line(r.get("env", {})) for r in results.values()})
     out += [f"- {line}" for line in envs]
     out += ["- Texts: wiki-calib / wiki-eval are disjoint article splits of the English Wikipedia "

@@ -398,7 +398,7 @@ def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
     from compare import run_row
 
     b = row.budget(budget)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     windows = None if row.method == "fp" else texts.windows(b)
     res = run_row(b.model, windows, row.method, row.setting, {n: texts.ids(n) for n in EVAL_TEXTS},
                   epochs=b.epochs, seed=b.seed, hparams=dict(row.hparams),
@@ -410,7 +410,8 @@ def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
         "budget_text": b.text(calibrated=row.method != "fp"),
         "calib_seconds": res["calib_seconds"], "trainable_params": res["trainable_params"],
         "eval": res["eval"], "layers": res["layers"], "estimate_seconds": estimate,
-        "wall_seconds": time.time() - t0, "env": environment(),
+        "wall_seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
+        "env": environment(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

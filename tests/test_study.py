@@ -53,8 +53,8 @@ def results_dir(tmp_path):
               for i, f in enumerate((0.25, 0.75))]
     _write(tmp_path, _record(rows["headline.W4A4KV16.batquant"], 30.0, 50.0, calib_s=123.4,
                              layers=layers, params=3456))
-    _write(tmp_path, _record(rows["ablations.init.init=identity"], 40.0, 75.0, calib_s=99.0,
-                             layers=layers, params=1234567))
+    _write(tmp_path, dict(_record(rows["ablations.init.init=identity"], 40.0, 75.0, calib_s=99.0,
+                                  layers=layers, params=1234567), cpu_seconds=90.0))
     return tmp_path
 
 
@@ -79,6 +79,9 @@ def test_headline_table_from_json(results_dir):
     assert "- headline: calib 4x64 tok, 1 ep; eval 2x512 tok/text; seed 0" in lines
     assert ("- headline: 3 rows computed, 3.0 min of row wall time in all (model load, "
             "calibration and both evaluations)") in lines
+    assert ("- ablations: 1 rows computed, 1.0 min of row wall time in all (model load, "
+            "calibration and both evaluations); 1.5 min of process CPU time over the 1 rows "
+            "that recorded it") in lines
     assert ("- python 3.11.7, jax 0.10.2; backend cpu, x86_64, 2 CPU threads; code abc1234"
             in lines)
 
