@@ -94,9 +94,28 @@ GROUPS = (
 LINEAR_NAMES = tuple(n for _, names, _ in GROUPS for n in names)
 
 
+def fit_block(d: int, g1: int, g2: int) -> tuple[int, int]:
+    """(g1, g2) of the GPK / block-affine transform block used on an input of size d: the
+    requested g1 * g2 when it divides d, else the largest block that does, found by halving the
+    private factor g2 first, then g1 (the rule METHOD.md gives for block Hadamard 128, which
+    becomes 64 on SmolLM2's d = 576)."""
+    a, b = g1, g2
+    while d % (a * b):
+        if b > 1:
+            b //= 2
+        elif a > 1:
+            a //= 2
+        else:
+            raise ValueError(f"no transform block divides d={d}")
+    return a, b
+
+
 def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init: str = "hadamard",
                    seed: int = 0) -> Transform:
-    """The input transform of one group for ``method``. d: the linear's in_features."""
+    """The input transform of one group for ``method``. d: the linear's in_features. A GPK or
+    block-affine block g1 * g2 that does not divide d shrinks to one that does (fit_block)."""
+    if method.transform in ("gpk", "block_affine"):
+        g1, g2 = fit_block(d, g1, g2)
     kind = method.transform
     if kind == "identity":
         return IdentityTransform(d)

@@ -42,6 +42,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # compare.run_row
@@ -485,7 +486,7 @@ def main(argv=None) -> int:
     texts = Texts(SUITE_BUDGETS[rows[0].suite].model)
     t_start = time.time()
     remaining = sum(s[3] for s in todo)
-    skipped = []
+    skipped, failed = [], []
     for row, b, _, est in steps:
         key = _canon(row_key(row, b))
         lock = claim(results_dir, key)
@@ -495,6 +496,11 @@ def main(argv=None) -> int:
             continue
         try:
             remaining = _run_step(row, b, est, key, results_dir, texts, remaining, t_start)
+        except Exception as e:  # one broken row must not cost the others
+            failed.append(row.id)
+            print(f"ROW {row.id}: FAILED: {type(e).__name__}: {str(e).splitlines()[0]}",
+                  flush=True)
+            traceback.print_exc()
         finally:
             lock.unlink(missing_ok=True)
     print(f"study: rows finished in {_fmt_s(time.time() - t_start)}", flush=True)
@@ -502,7 +508,11 @@ def main(argv=None) -> int:
         print(f"study: {len(skipped)} rows were being computed by other processes "
               f"({', '.join(skipped)}); run the same command again once they finish",
               flush=True)
-    return 0 if args.no_report else write_report(results_dir)
+    if failed:
+        print(f"study: {len(failed)} rows failed ({', '.join(failed)}); see the tracebacks above",
+              flush=True)
+    rc = 0 if args.no_report else write_report(results_dir)
+    return 1 if failed else rc
 
 
 def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Path,

@@ -180,3 +180,19 @@ def test_auto_init_starts_from_the_better_of_hadamard_and_identity():
         init_losses[init] = [r.loss_init for r in res.layers]
     expected = np.minimum(init_losses["hadamard"], init_losses["identity"])
     np.testing.assert_allclose(init_losses["auto"], expected, rtol=1e-6)
+
+
+def test_transform_block_that_does_not_divide_d_shrinks_its_private_factor():
+    from batquant_jax.qlayers import fit_block
+
+    assert fit_block(576, 16, 8) == (16, 4)       # SmolLM2 hidden: 128 -> 64, like MR-GPTQ
+    assert fit_block(1536, 16, 8) == (16, 8)      # intermediate: 128 divides
+    assert fit_block(576, 8, 4) == (8, 4)
+    assert fit_block(48, 16, 8) == (16, 1)        # g2 first, down to 1
+    assert fit_block(24, 16, 8) == (8, 1)         # then g1
+    layer = quantize_layer(_model().layers[0], METHODS["batquant"], SETTINGS["W4A4KV16"],
+                           g1=16, g2=8)
+    got = {n: (q.transform.g1, q.transform.g2, q.transform.block)
+           for n, q in quant_linears(layer).items()}
+    assert got["q_proj"] == got["up_proj"] == (16, 4, 64)   # hidden 64
+    assert got["down_proj"] == (16, 8, 128)                 # intermediate 128

@@ -298,3 +298,25 @@ def test_seed_table_pairs_each_seed(tmp_path):
     assert f"| 1 | 30.00 | 31.00 | {ratio} | better | 50.00 | 52.00 | – | – |" in lines
     assert "| 0 | – | – | – | not run | – | – | – | not run |" in lines
     assert sum(l.startswith("| 2 |") for l in lines) == 1
+
+
+def test_a_failing_row_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run_one(row, budget, texts, estimate):
+        calls.append(row.id)
+        if row.label == "block=16":
+            raise ValueError("d=576 must be a positive multiple of the block size 16\nmore")
+        return _record(row, 30.0, 50.0, budget=budget)
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    rc = study.main(["--suite=ablations", "--only=block=16,block=64", f"--results_dir={tmp_path}",
+                     "--no_report"])
+    assert rc == 1
+    assert calls == ["ablations.block.block=16", "ablations.block.block=64"]
+    assert sorted(study.load_results(tmp_path)) == ["ablations.block.block=64"]
+    out = capsys.readouterr().out
+    assert ("ROW ablations.block.block=16: FAILED: ValueError: d=576 must be a positive multiple "
+            "of the block size 16") in out
+    assert "study: 1 rows failed (ablations.block.block=16); see the tracebacks above" in out
+    assert not list(tmp_path.glob(".*.lock"))
