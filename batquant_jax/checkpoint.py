@@ -36,6 +36,7 @@ from flax import nnx
 
 from batquant_jax import mx
 from batquant_jax.calibration import CalibConfig, build_quantized_layer
+from batquant_jax.distributed import host_value
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from batquant_jax.qlayers import QuantLinear, quant_linears
 
@@ -63,14 +64,6 @@ def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
-
-
-def _host(x) -> np.ndarray:
-    """The full value of an array on this host (all-gathered when other processes hold parts)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def write_json(path, obj: Any) -> None:
@@ -199,7 +192,7 @@ def _state_vars(module) -> dict[tuple[str, ...], tuple[tuple, Any]]:
 
 def state_arrays(module) -> dict:
     """Nested dict of the state arrays of ``module`` except QuantLinear weights (float as is)."""
-    return _nest({k: _host(v[...]) for k, (_, v) in _state_vars(module).items()})
+    return _nest({k: host_value(v[...]) for k, (_, v) in _state_vars(module).items()})
 
 
 def set_state_arrays(module, tree: dict, where: str) -> None:
@@ -405,7 +398,7 @@ class ResumeStore:
         layers_done = i + 1. On an OSError the previous commit stays valid."""
         save_tree(self._layer(i), {"params": state_arrays(layer),
                                    "qweights": qweight_arrays(qweights)})
-        x = _host(next_inputs)
+        x = host_value(next_inputs)
         save_tree(self._inputs(i), {"inputs": {"x": x}})
         progress = dict(progress, layers_done=i + 1, inputs=[list(x.shape), str(x.dtype)],
                         qweights=dict(progress.get("qweights", {}),

@@ -124,6 +124,15 @@ def _reshard(a, sharding):
     return jax.lax.with_sharding_constraint(a, sharding)
 
 
+def host_value(x) -> np.ndarray:
+    """The full value of an array on this host: all-gathered when other processes hold parts of
+    it (every process must call this together then), else read as it is."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """Placement helpers for one mesh with axes ("data", "model")."""
@@ -202,9 +211,7 @@ class DataParallel:
 
     def fetch(self, x) -> np.ndarray:
         """Any global array -> the full numpy value on every process (all-gather when needed)."""
-        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-            x = _reshard(x, self.replicated)
-        return np.asarray(x)
+        return host_value(x)
 
     def to_local(self, module):
         """Moves every state array of ``module`` to this process's first device (in place)."""

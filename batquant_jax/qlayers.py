@@ -114,9 +114,9 @@ def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init
                    seed: int = 0) -> Transform:
     """The input transform of one group for ``method``. d: the linear's in_features. A GPK or
     block-affine block g1 * g2 that does not divide d shrinks to one that does (fit_block)."""
-    if method.transform in ("gpk", "block_affine"):
-        g1, g2 = fit_block(d, g1, g2)
     kind = method.transform
+    if kind in ("gpk", "block_affine"):
+        g1, g2 = fit_block(d, g1, g2)
     if kind == "identity":
         return IdentityTransform(d)
     if kind == "random_hadamard":
