@@ -204,9 +204,11 @@ def test_shakespeare_loader(tmp_path, monkeypatch):
     assert data.load_shakespeare() == text  # the cached copy
 
 
-def _with_windows(rec, text, nll):
-    rec["eval"][text] = dict(rec["eval"][text], window_nll=nll, windows=len(nll),
-                             tokens=512 * len(nll))
+def _with_windows(row_id, ppl_wiki, ppl_shk, nll):
+    """A record of row ``row_id`` whose wiki-eval result holds the per-window NLLs ``nll``."""
+    rec = _record(_rows()[row_id], ppl_wiki, ppl_shk)
+    rec["eval"]["wiki-eval"] = dict(rec["eval"]["wiki-eval"], window_nll=nll, windows=len(nll),
+                                    tokens=512 * len(nll))
     return rec
 
 
@@ -214,13 +216,9 @@ def test_paired_comparison_and_claim_table(tmp_path):
     import math
     import statistics
 
-    rows = _rows()
-    mine = _with_windows(_record(rows["headline.W4A4KV16.batquant"], 30.0, 50.0), "wiki-eval",
-                         [2.0, 2.2, 2.4])
-    brq = _with_windows(_record(rows["headline.W4A4KV16.brq"], 31.0, 50.0), "wiki-eval",
-                        [2.1, 2.25, 2.6])
-    quarot = _with_windows(_record(rows["headline.W4A4KV16.quarot"], 29.0, 50.0), "wiki-eval",
-                           [2.0, 2.3, 2.3])
+    mine = _with_windows("headline.W4A4KV16.batquant", 30.0, 50.0, [2.0, 2.2, 2.4])
+    brq = _with_windows("headline.W4A4KV16.brq", 31.0, 50.0, [2.1, 2.25, 2.6])
+    quarot = _with_windows("headline.W4A4KV16.quarot", 29.0, 50.0, [2.0, 2.3, 2.3])
     d = [-0.1, -0.05, -0.2]
     mean, se, n = report.paired(mine, brq, "wiki-eval")
     assert n == 3 and mean == pytest.approx(statistics.mean(d), abs=1e-12)
@@ -284,11 +282,8 @@ def test_main_runs_reuses_and_skips_rows_locked_elsewhere(tmp_path, monkeypatch,
 def test_seed_table_pairs_each_seed(tmp_path):
     import math
 
-    rows = _rows()
-    a = _with_windows(_record(rows["ablations.seed.batquant-seed=1"], 30.0, 50.0), "wiki-eval",
-                      [2.0, 2.2, 2.4])
-    b = _with_windows(_record(rows["ablations.seed.brq-seed=1"], 31.0, 52.0), "wiki-eval",
-                      [2.1, 2.25, 2.6])
+    a = _with_windows("ablations.seed.batquant-seed=1", 30.0, 50.0, [2.0, 2.2, 2.4])
+    b = _with_windows("ablations.seed.brq-seed=1", 31.0, 52.0, [2.1, 2.25, 2.6])
     for rec in (a, b):
         _write(tmp_path, rec)
     lines = report.seed_table(study.load_results(tmp_path))
