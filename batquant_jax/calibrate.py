@@ -29,7 +29,8 @@ from absl import app, flags
 
 from batquant_jax import checkpoint, cli, data, perplexity
 from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORMS,
-                                      WEIGHT_QUANTIZERS, CalibConfig)
+                                      WEIGHT_QUANTIZERS, CalibConfig, LOSSES,
+                                      LOSS_WEIGHTS, SCALE_INITS)
 from batquant_jax.qlayers import METHODS, SETTINGS
 
 
@@ -70,6 +71,10 @@ class CalibrateConfig:
     propagate: str = _LIB.propagate
     scale_mode: str = _LIB.scale_mode
     seed: int = _LIB.seed
+    loss: str = _LIB.loss
+    loss_weight: str = _LIB.loss_weight
+    scale_init: str = _LIB.scale_init
+    smooth_alpha: float | None = _LIB.smooth_alpha  # None: the method's own
     eval_data: str | None = None
     eval_seqlen: int = 512
     eval_max_tokens: int | None = 65536  # None: the whole corpus
@@ -84,7 +89,8 @@ class CalibrateConfig:
     RUN_FIELDS = ("model", "method", "setting", "calib_data", "nsamples", "seqlen", "epochs",
                   "batch_size", "lr", "clip_lr", "g1", "g2", "init", "clip_init", "clip",
                   "transform", "weight_quantizer",
-                  "propagate", "scale_mode", "seed")
+                  "propagate", "scale_mode", "seed", "loss", "loss_weight", "scale_init",
+                  "smooth_alpha")
 
     def run_flags(self) -> dict:
         return {k: getattr(self, k) for k in self.RUN_FIELDS}
@@ -106,6 +112,11 @@ class CalibrateConfig:
         one_of("init", INITS)
         one_of("scale_mode", ("floor", "ceil", "even", "rceil"))
         one_of("clip", CLIPS)
+        one_of("loss", tuple(LOSSES))
+        one_of("loss_weight", LOSS_WEIGHTS)
+        one_of("scale_init", SCALE_INITS)
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"--smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
         if self.weight_quantizer is not None:
             one_of("weight_quantizer", WEIGHT_QUANTIZERS)
         if self.transform is not None:
@@ -392,6 +403,15 @@ def define_flags() -> None:
     flags.DEFINE_string("weight_quantizer", None, "gptq or rtn (default: the method's own)")
     flags.DEFINE_string("propagate", _D.propagate, "inputs of the next layer: fp or quant outputs")
     flags.DEFINE_string("scale_mode", _D.scale_mode, "MX shared-scale rule: floor, ceil, even, rceil")
+    flags.DEFINE_string("loss", _D.loss, f"layer objective: {', '.join(LOSSES)} (token_mse: "
+                        "per-token relative error, every token weighs the same)")
+    flags.DEFINE_string("loss_weight", _D.loss_weight, f"channel weights of the objective: "
+                        f"{', '.join(LOSS_WEIGHTS)} (next_norm: the gain of the RMSNorm that "
+                        "reads the layer's output)")
+    flags.DEFINE_string("scale_init", _D.scale_init, f"channel scale start: {', '.join(SCALE_INITS)}"
+                        " (smooth: SmoothQuant-style from the calibration activation maxima)")
+    flags.DEFINE_float("smooth_alpha", None, "SmoothQuant alpha of --scale_init=smooth "
+                       "(default: the method's own, 0.5; flatquant 0.3)")
     flags.DEFINE_integer("seed", _D.seed, "seed of the calibration windows and the training order")
     flags.DEFINE_string("eval_data", None, "if set, report FP and quantized perplexity on this text")
     flags.DEFINE_integer("eval_seqlen", _D.eval_seqlen, "tokens per evaluation window")
@@ -412,7 +432,8 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
         batch_size=f.batch_size, lr=f.lr, clip_lr=f.clip_lr, g1=f.g1, g2=f.g2, init=f.init,
         clip_init=f.clip_init, clip=f.clip, transform=f.transform or None,
         weight_quantizer=f.weight_quantizer or None, propagate=f.propagate,
-        scale_mode=f.scale_mode, seed=f.seed, eval_data=f.eval_data or None,
+        scale_mode=f.scale_mode, seed=f.seed, loss=f.loss,
+        loss_weight=f.loss_weight, scale_init=f.scale_init, smooth_alpha=f.smooth_alpha, eval_data=f.eval_data or None,
         eval_seqlen=f.eval_seqlen,
         eval_max_tokens=f.eval_max_tokens if f.eval_max_tokens > 0 else None,
         overwrite=f.overwrite, mesh=f.mesh or None, coordinator_address=f.coordinator_address,

@@ -32,7 +32,7 @@ from batquant_jax.distributed import DataParallel
 from batquant_jax.models.llama import LlamaForCausalLM
 from batquant_jax.qlayers import (GROUPS, METHODS, SETTINGS, MethodSpec, QuantSpec, group_heads,
                                   quant_linears, quantize_layer, set_recording)
-from batquant_jax.transforms import transform_is_healthy
+from batquant_jax.transforms import smooth_init, transform_is_healthy
 
 WEIGHT_QUANTIZERS = ("gptq", "rtn")
 PROPAGATIONS = ("fp", "quant")
@@ -40,7 +40,41 @@ PROPAGATIONS = ("fp", "quant")
 INITS = ("hadamard", "identity", "auto")
 TRANSFORMS = ("identity", "random_hadamard", "block_hadamard", "kronecker", "gpk", "block_affine")
 CLIPS = ("method", "none", "weights", "activations", "both")
+SCALE_INITS = ("method", "ones", "smooth")  # channel scale start (methods with channel_scale)
 TRANSFORM_BLOCKS = (16, 32, 64, 128)
+
+
+def mse_loss(out: jax.Array, target: jax.Array) -> jax.Array:
+    """Plain mean squared error over every element of out, target: [..., T, d]."""
+    return jnp.mean(jnp.square(out - target))
+
+
+def token_mse_loss(out: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Per-token relative error, averaged over tokens: mean_t ||out_t - y_t||^2 / ||y_t||^2.
+
+    out, target: [..., T, d]. Every token weighs the same, however large its hidden state: the
+    attention-sink token (position 0) and other massive-activation tokens, whose residual stream
+    is orders of magnitude above the rest, no longer own the loss. It is also the error the next
+    layer sees, since that layer RMS-normalises each token before its linears.
+    """
+    err = jnp.sum(jnp.square(out - target), axis=-1)
+    energy = jnp.sum(jnp.square(target), axis=-1)
+    return jnp.mean(err / (energy + eps * target.shape[-1]))
+
+
+# The layer objectives by name (CalibConfig.loss); any loss_fn(out, target) -> scalar also works.
+LOSSES = {"mse": mse_loss, "token_mse": token_mse_loss}
+# What the objective sees of a layer's output: the raw residual stream ("none"), or the residual
+# stream times the gain of the RMSNorm that reads it next ("next_norm": the next layer's input
+# norm, the final norm after the last layer). Channels that the next norm shrinks (SmolLM2's
+# massive-activation channels carry small gains) then weigh what they weigh downstream.
+LOSS_WEIGHTS = ("none", "next_norm")
+
+
+def next_norm_gain(model: LlamaForCausalLM, index: int) -> jax.Array:
+    """The gain [d] of the RMSNorm that reads decoder layer ``index``'s output."""
+    norm = model.layers[index + 1].input_layernorm if index + 1 < len(model.layers) else model.norm
+    return jnp.asarray(norm.weight[...], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +101,10 @@ class CalibConfig:
     damp: float = 0.01
     seed: int = 0
     max_cond: float = 1e4
+    loss: str = "mse"  # the layer objective, a name of LOSSES
+    scale_init: str = "method"  # "method" (the method's own) | ones | smooth (SmoothQuant-style)
+    smooth_alpha: float | None = None  # None: the method's own (0.5; flatquant 0.3)
+    loss_weight: str = "none"  # a name of LOSS_WEIGHTS
 
     def validate(self) -> "CalibConfig":
         def one_of(value, valid, what):
@@ -79,6 +117,11 @@ class CalibConfig:
         if self.weight_quantizer is not None:
             one_of(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
         one_of(self.clip, CLIPS, "clip")
+        one_of(self.loss, tuple(LOSSES), "loss")
+        one_of(self.scale_init, SCALE_INITS, "scale_init")
+        one_of(self.loss_weight, LOSS_WEIGHTS, "loss_weight")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
         if self.transform is not None:
             one_of(self.transform, TRANSFORMS, "transform")
         if self.g1 * self.g2 not in TRANSFORM_BLOCKS:
@@ -102,6 +145,10 @@ class CalibConfig:
             m = dataclasses.replace(m, weights=self.weight_quantizer)
         if self.transform is not None:
             m = dataclasses.replace(m, transform=self.transform)
+        if self.scale_init != "method":
+            m = dataclasses.replace(m, scale_init=self.scale_init)
+        if self.smooth_alpha is not None:
+            m = dataclasses.replace(m, smooth_alpha=self.smooth_alpha)
         if self.clip == "none":
             m = dataclasses.replace(m, clip=None)
         elif self.clip != "method":
@@ -149,10 +196,10 @@ def _apply(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sq_err(graphdef, state, x, y):
-    """Mean squared error of the layer output on one batch."""
-    return jnp.mean(jnp.square(nnx.merge(graphdef, state)(x) - y))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sq_err(loss_fn, graphdef, state, x, y, gain):
+    """The layer objective ``loss_fn(output * gain, target * gain)`` on one batch; gain: [d]."""
+    return loss_fn(nnx.merge(graphdef, state)(x) * gain, y * gain)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -163,13 +210,14 @@ def _record(graphdef, state, x):
     return nnx.state(layer)
 
 
-def _make_step(tx_t, tx_c):
+def _make_step(tx_t, tx_c, objective=mse_loss):
     @functools.partial(jax.jit, static_argnums=0)
-    def step(graphdef, tparams, cparams, opt_t, opt_c, rest, x, y):
-        """One optimizer step on a batch x, y: [bs, T, d]; returns the new state and the loss."""
+    def step(graphdef, tparams, cparams, opt_t, opt_c, rest, x, y, gain):
+        """One optimizer step on a batch x, y: [bs, T, d] (gain: [d], the objective's channel
+        weights); returns the new state and the loss."""
         def loss_fn(tp, cp):
             out = nnx.merge(graphdef, tp, cp, rest)(x)
-            return jnp.mean(jnp.square(out - y))
+            return objective(out * gain, y * gain)
 
         loss, (gt, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1))(tparams, cparams)
         ut, opt_t = tx_t.update(gt, opt_t, tparams)
@@ -221,7 +269,8 @@ class LayerCalibrator:
         total = max(1, cfg.epochs * self.steps_per_epoch)
         self.tx_t = optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay)
         self.tx_c = optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0)
-        self.step_fn = _make_step(self.tx_t, self.tx_c)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.step_fn = _make_step(self.tx_t, self.tx_c, self.loss_fn)
 
     def _batches(self, a):
         """[N, T, d] -> [N // bs, bs, T, d] (drops a remainder smaller than one batch)."""
@@ -232,8 +281,11 @@ class LayerCalibrator:
         return a[: nb * bs].reshape(nb, bs, *a.shape[1:])
 
     def mse(self, layer, xb, yb) -> float:
+        """The objective (CalibConfig.loss, weighted by loss_weight) averaged over the batches."""
         graphdef, state = nnx.split(layer)
-        total = sum(_sq_err(graphdef, state, xb[i], yb[i]) for i in range(len(xb)))
+        gain = self.gain
+        total = sum(_sq_err(self.loss_fn, graphdef, state, xb[i], yb[i], gain)
+                    for i in range(len(xb)))
         return float(total) / len(xb)
 
     def outputs(self, layer, xb):
@@ -260,7 +312,7 @@ class LayerCalibrator:
                     idx = jnp.asarray(idx)
                     x, y = xs[idx], ys[idx]
                 tparams, cparams, opt_t, opt_c, loss = self.step_fn(
-                    graphdef, tparams, cparams, opt_t, opt_c, rest, x, y)
+                    graphdef, tparams, cparams, opt_t, opt_c, rest, x, y, self.gain)
                 losses.append(loss)
             steps += self.steps_per_epoch
             loss = float(jnp.mean(jnp.stack(losses)))
@@ -280,12 +332,23 @@ class LayerCalibrator:
         nnx.update(layer, best[1], best[2])
         return steps, fell_back, best[0]
 
-    def calibrate(self, fp_layer, xs, index: int, n_layers: int):
+    def calibrate(self, fp_layer, xs, index: int, n_layers: int, next_gain=None):
         """Quantizes ``fp_layer`` given its inputs xs: [N, T, d].
 
+        next_gain: [d], the gain of the RMSNorm that reads this layer's output
+        (``next_norm_gain``); used by ``loss_weight="next_norm"``, required then.
         Returns (quantized layer, its outputs on xs for the next layer, LayerReport, qweights).
         """
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
+        d = xs.shape[-1]
+        if cfg.loss_weight == "next_norm":
+            if next_gain is None:
+                raise ValueError('loss_weight="next_norm" needs next_gain (next_norm_gain)')
+            self.gain = jnp.asarray(next_gain, jnp.float32).reshape(d)
+        else:
+            self.gain = jnp.ones((d,), jnp.float32)
+        if self.dp is not None:
+            self.gain = self.dp.put(self.gain)
         t0 = time.time()
         xb = self._batches(xs)
         ys = self.outputs(fp_layer, xb)
@@ -296,11 +359,15 @@ class LayerCalibrator:
         del rtn
         layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
                                                    record_hessian=True))
+        if method.channel_scale and method.scale_init == "smooth":
+            self.smooth_scales(layer, xb, method.smooth_alpha)
         plain_rtn = method == METHODS["rtn"]  # the layer is the RTN one: no loss to recompute
         loss_init = loss_rtn if plain_rtn else self.mse(layer, xb, yb)
         if cfg.init == "auto" and method.train:
             alt = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
                                                      record_hessian=True, init="identity"))
+            if method.channel_scale and method.scale_init == "smooth":
+                self.smooth_scales(alt, xb, method.smooth_alpha)
             loss_alt = self.mse(alt, xb, yb)
             if loss_alt < loss_init:
                 self.log(f"layer {index + 1}: identity init ({loss_alt:.4g}) beats hadamard "
@@ -325,6 +392,30 @@ class LayerCalibrator:
         next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)
         return layer, next_x, report, qweights
 
+    def _record_pass(self, layer, xb) -> None:
+        """Runs ``layer`` over every batch with recording on: fills the group heads' Hessian
+        sums and input abs-maxima."""
+        set_recording(layer, True)
+        graphdef, state = nnx.split(layer)
+        for x in (xb[i] for i in range(len(xb))):  # indexing works across hosts
+            state = _record(graphdef, state, x)
+        nnx.update(layer, state)
+        set_recording(layer, False)
+
+    def smooth_scales(self, layer, xb, alpha: float) -> None:
+        """SmoothQuant-style start of every group's channel scale: ``s = max|x|^alpha /
+        max|W|^(1 - alpha)`` per input channel, x over the calibration batches, W over the
+        group's linears (the transforms' scales must still be ones)."""
+        self._record_pass(layer, xb)
+        group_of = {n: g for _, names, g in GROUPS for n in names}
+        w_max = {}
+        for name, q in quant_linears(layer).items():
+            m = jnp.max(jnp.abs(q.weight[...]), axis=0)
+            g = group_of[name]
+            w_max[g] = m if g not in w_max else jnp.maximum(w_max[g], m)
+        for g, q in group_heads(layer).items():
+            q.transform.set_scale(np.asarray(smooth_init(q.absmax[...], w_max[g], alpha)))
+
     def _placed(self, layer):
         return layer if self.dp is None else self.dp.put_module(layer)
 
@@ -333,12 +424,7 @@ class LayerCalibrator:
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
         hessians = {}
         if method.weights == "gptq":
-            set_recording(layer, True)
-            graphdef, state = nnx.split(layer)
-            for x in (xb[i] for i in range(len(xb))):  # indexing works across hosts
-                state = _record(graphdef, state, x)
-            nnx.update(layer, state)
-            set_recording(layer, False)
+            self._record_pass(layer, xb)
             hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
         if self.dp is not None:  # fold and GPTQ on one local device, the same in every process
             self.dp.to_local(layer)
@@ -357,7 +443,7 @@ class LayerCalibrator:
             q.deploy(res.weight)
             qweights[name] = res.to_mxarray()
         for q in group_heads(layer).values():  # the sums are no longer needed
-            q.hessian = None
+            q.hessian = q.absmax = None
         self._placed(layer)
         return qweights
 
@@ -400,7 +486,8 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquan
         xs = dp.put(xs, dp.rows())
     reports, qweights = [], {}
     for i in range(start_layer, n_layers):
-        layer, xs, rep, qw = cal.calibrate(model.layers[i], xs, i, n_layers)
+        layer, xs, rep, qw = cal.calibrate(model.layers[i], xs, i, n_layers,
+                                           next_norm_gain(model, i))
         model.layers[i] = layer
         reports.append(rep)
         qweights.update({f"layers.{i}.{k}": v for k, v in qw.items()})

@@ -38,6 +38,10 @@ class HessianSum(nnx.Variable):
     """Running sum X^T X of a linear's transformed inputs: [d, d] float32 (GPTQ statistics)."""
 
 
+class InputAbsMax(nnx.Variable):
+    """Running max |x| per input channel of a linear's raw inputs: [d] float32 (smooth init)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """What is quantized and how. a_fmt None = activations stay in full precision."""
@@ -72,6 +76,9 @@ class MethodSpec:
     weight_clip: bool = True   # ... and / or the weights
     train: bool = False
     weights: str = "gptq"
+    transform_init: str | None = None  # None: the run's init (CalibConfig.init)
+    scale_init: str = "ones"   # channel scale start: "ones" or "smooth" (SmoothQuant-style)
+    smooth_alpha: float = 0.5  # s = max|x|^alpha / max|W|^(1 - alpha) with scale_init="smooth"
 
 
 METHODS = {
@@ -80,7 +87,11 @@ METHODS = {
     "quarot": MethodSpec(transform="random_hadamard"),
     "brq": MethodSpec(transform="block_hadamard", hadamard_size=32),
     "mr-gptq": MethodSpec(transform="block_hadamard", hadamard_size=128),
-    "flatquant": MethodSpec(transform="kronecker", channel_scale=True, clip="tensor", train=True),
+    # FlatQuant as its authors run it: random orthogonal Kronecker factors, SmoothQuant-style
+    # channel scale (alpha 0.3 from the calibration activation maxima), per-tensor clipping
+    "flatquant": MethodSpec(transform="kronecker", channel_scale=True, clip="tensor", train=True,
+                            transform_init="random_orthogonal", scale_init="smooth",
+                            smooth_alpha=0.3),
     "batquant": MethodSpec(transform="gpk", channel_scale=True, clip="block", train=True),
 }
 
@@ -124,7 +135,8 @@ def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init
     if kind == "block_hadamard":
         return BlockHadamard(d, method.hadamard_size)
     if kind == "kronecker":
-        return KroneckerTransform(d, channel_scale=method.channel_scale, init="identity")
+        return KroneckerTransform(d, channel_scale=method.channel_scale,
+                                  init=method.transform_init or "identity", seed=seed)
     if kind == "gpk":
         return GPKTransform(d, g1, g2, block=g1 * g2, init=init, channel_scale=method.channel_scale)
     if kind == "block_affine":
@@ -150,6 +162,7 @@ class QuantLinear(nnx.Module):
         self.recording = False  # static: accumulate X^T X of the transformed inputs when True
         d = self.weight.shape[1]
         self.hessian = nnx.data(HessianSum(jnp.zeros((d, d), jnp.float32)) if record_hessian else None)
+        self.absmax = nnx.data(InputAbsMax(jnp.zeros((d,), jnp.float32)) if record_hessian else None)
 
     @property
     def in_features(self) -> int:
@@ -157,6 +170,9 @@ class QuantLinear(nnx.Module):
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
         """x: [..., d] -> Q_A(clip(x P)) (x P when activations stay in full precision)."""
+        if self.recording and self.absmax is not None:
+            flat_x = jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1])
+            self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(flat_x, axis=0))
         xt = self.transform(x.astype(jnp.float32))
         if self.recording and self.hessian is not None:
             flat = xt.reshape(-1, xt.shape[-1])
@@ -230,6 +246,7 @@ def set_recording(layer: DecoderLayer, on: bool) -> None:
             raise ValueError("the layer was quantized without record_hessian=True")
         if on:
             q.hessian[...] = jnp.zeros_like(q.hessian[...])
+            q.absmax[...] = jnp.zeros_like(q.absmax[...])
         q.recording = on
 
 

@@ -63,6 +63,12 @@ def _pow2_init(n: int) -> np.ndarray:
     return np.kron(sylvester_hadamard(p), np.eye(n // p))
 
 
+def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random orthogonal ``[n, n]`` matrix: Q of the QR of a Gaussian, signs fixed by R's diagonal."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))[None, :]
+
+
 def _check_d(d: int, block: int = 1) -> None:
     if d <= 0 or d % block:
         raise ValueError(f"d={d} must be a positive multiple of the block size {block}")
@@ -314,16 +320,20 @@ class KroneckerTransform(Transform):
     """FlatQuant's ``P = P1 (x) P2`` over all of d, P1: [n1, n1], P2: [n2, n2] (``kron_factors``).
 
     x is reshaped to [..., n1, n2] and mapped to ``P1^T X P2`` (two small matmuls).
-    init="identity" or "hadamard" (for ``n = 2^a m``, m odd: ``H_{2^a}/sqrt(2^a) (x) I_m``).
+    init="identity", "hadamard" (for ``n = 2^a m``, m odd: ``H_{2^a}/sqrt(2^a) (x) I_m``) or
+    "random_orthogonal" (FlatQuant's own: each factor the Q of a seeded Gaussian's QR).
     """
 
     def __init__(self, d: int, *, channel_scale: bool = True, init: str = "identity",
-                 init_noise: float = 0.0, rngs: nnx.Rngs | None = None):
+                 init_noise: float = 0.0, rngs: nnx.Rngs | None = None, seed: int = 0):
         _check_d(d)
-        _check_init(init)
+        if init not in _INITS + ("random_orthogonal",):
+            raise ValueError(f"init must be one of {_INITS + ('random_orthogonal',)}, got {init!r}")
         self.d = d
         self.n1, self.n2 = kron_factors(d)
-        make = _pow2_init if init == "hadamard" else np.eye
+        rng = np.random.default_rng(seed)
+        make = {"hadamard": _pow2_init, "identity": np.eye,
+                "random_orthogonal": lambda n: random_orthogonal(n, rng)}[init]
         self.P1 = nnx.Param(_noisy(make(self.n1), init_noise, rngs))
         self.P2 = nnx.Param(_noisy(make(self.n2), init_noise, rngs))
         self._init_scale(channel_scale)

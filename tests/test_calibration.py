@@ -196,3 +196,43 @@ def test_transform_block_that_does_not_divide_d_shrinks_its_private_factor():
            for n, q in quant_linears(layer).items()}
     assert got["q_proj"] == got["up_proj"] == (16, 4, 64)   # hidden 64
     assert got["down_proj"] == (16, 8, 128)                 # intermediate 128
+
+
+def test_token_mse_weighs_every_token_the_same():
+    from batquant_jax.calibration import mse_loss, token_mse_loss
+    y = jnp.ones((1, 4, 8)).at[0, 0].set(100.0)  # a massive first token
+    err = jnp.zeros_like(y).at[0, 0].set(1.0).at[0, 1].set(0.1)
+    # raw MSE: the first token's error (energy 8 on a token of energy 8e4) dominates
+    assert float(mse_loss(y + err, y)) == pytest.approx((8 * 1.0 + 8 * 0.01) / 32, rel=1e-6)
+    # per-token relative error: token 0 gives 8 / 8e4, token 1 0.08 / 8, tokens 2-3 nothing
+    want = (8 / (8e4 + 8e-6) + 0.08 / (8 + 8e-6)) / 4
+    assert float(token_mse_loss(y + err, y)) == pytest.approx(want, rel=1e-5)
+
+
+def test_smooth_scale_init_follows_smoothquant_formula():
+    from batquant_jax.calibration import LayerCalibrator, build_quantized_layer
+    from batquant_jax.qlayers import group_heads
+    model = _model()
+    cfg = CalibConfig(method="batquant", scale_init="smooth", smooth_alpha=0.5, batch_size=4)
+    cal = LayerCalibrator(cfg, 8)
+    xs = model.embed(jnp.asarray(_tokens()))
+    layer = build_quantized_layer(nnx.clone(model.layers[0]), cfg, 0, record_hessian=True)
+    cal.smooth_scales(layer, cal._batches(xs), 0.5)
+    q = group_heads(layer)["qkv"]
+    x = model.layers[0].input_layernorm(xs)
+    a = jnp.max(jnp.abs(x.reshape(-1, CFG.hidden_size)), axis=0)
+    w = jnp.max(jnp.abs(jnp.concatenate([layer.self_attn.q_proj.weight[...],
+                                         layer.self_attn.k_proj.weight[...],
+                                         layer.self_attn.v_proj.weight[...]])), axis=0)
+    np.testing.assert_allclose(np.asarray(q.transform.scale()), np.asarray(a**0.5 / w**0.5),
+                               rtol=1e-4)
+    # the outlier channels (25x) get the largest scales
+    assert set(np.argsort(np.asarray(q.transform.scale()))[-2:]) == {3, 40}
+
+
+def test_flatquant_starts_from_random_orthogonal_factors():
+    from batquant_jax.qlayers import make_transform
+    t = make_transform(METHODS["flatquant"], 96, seed=3)
+    for p in (t.P1[...], t.P2[...]):
+        np.testing.assert_allclose(np.asarray(p @ p.T), np.eye(p.shape[0]), atol=1e-5)
+        assert float(jnp.max(jnp.abs(p - jnp.eye(p.shape[0])))) > 0.1  # not the identity
