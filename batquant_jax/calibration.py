@@ -1,15 +1,17 @@
-"""Layer-wise calibration and ``quantize_model``.
+"""Layer-wise calibration and ``quantize_model`` (docs/METHOD.md, "Calibration").
 
-For each decoder layer l in turn (METHOD.md, "Calibration objective"):
+For each decoder layer l in turn:
   1. inputs x_l: the full-precision outputs of layer l-1 (teacher forcing), or the quantized
      outputs (``propagate="quant"``); targets y_l = layer_l(x_l) in full precision;
-  2. swap the layer's linears for QuantLinears of the method; if the method learns, train its
-     transforms and clipping logits with Adam(W) + cosine decay on MSE(y_l, quantized layer(x_l)),
-     straight-through gradients through the MX quantizers; one jitted ``lax.scan`` per epoch;
+  2. swap the layer's linears for QuantLinears of the method (channel scales optionally started
+     SmoothQuant-style from one pass over x_l); if the method learns, train its transforms and
+     clipping logits with AdamW + cosine decay on the layer objective (``LOSSES``: plain MSE or
+     the per-token relative error, optionally weighted by the next RMSNorm's gain),
+     straight-through gradients through the MX quantizers; one jitted step per batch;
   3. record the Hessians of the transformed inputs, fold transform and weight clipping into every
      weight and quantize it (GPTQ or RTN); the layer keeps only its online activation path.
-Every layer logs its loss before and after training, after weight quantization, and the loss of
-plain RTN on the same layer and data.
+Every layer logs its objective before and after training, after weight quantization, and that
+of plain RTN on the same layer and data.
 """
 
 from __future__ import annotations

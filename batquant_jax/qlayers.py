@@ -62,7 +62,7 @@ SETTINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """One row of METHOD.md's table: the transform on each linear input, clipping, training, weights.
+    """One row of docs/METHOD.md's baseline table: input transform, clipping, training, weights.
 
     transform: "identity" | "random_hadamard" | "block_hadamard" | "kronecker" | "gpk" | "block_affine"
     clip: None | "block" | "tensor" (granularity of the learnable clipping, activations and weights)
@@ -108,7 +108,7 @@ LINEAR_NAMES = tuple(n for _, names, _ in GROUPS for n in names)
 def fit_block(d: int, g1: int, g2: int) -> tuple[int, int]:
     """(g1, g2) of the GPK / block-affine transform block used on an input of size d: the
     requested g1 * g2 when it divides d, else the largest block that does, found by halving the
-    private factor g2 first, then g1 (the rule METHOD.md gives for block Hadamard 128, which
+    private factor g2 first, then g1 (the rule docs/METHOD.md gives for block Hadamard 128, which
     becomes 64 on SmolLM2's d = 576)."""
     a, b = g1, g2
     while d % (a * b):

@@ -1,14 +1,19 @@
 """Cost of one calibration step against the full-precision forward of the same layer and batch.
 
-    .venv/bin/python experiments/bench_calib_step.py [--method=batquant] [--batch=4] [--seqlen=512]
+    .venv/bin/python experiments/bench_calib_step.py [--batch=4] [--seqlen=256] \\
+        [--variants='[{}, {"clip": "none"}, {"transform": "block_affine"}]']
 
 Real SmolLM2-135M layer weights (layer 0), random hidden states of the residual stream's scale.
-Prints the median times (after warm-up) and the ratio step / forward, measured in one run.
+For each variant (CalibConfig fields over method=batquant) it prints, as ratios to the
+full-precision forward measured in the same run: the quantized forward in training mode, the
+weight side alone (fold, weight clip, fake quant of the seven weights), forward + objective,
+forward + gradients, and the whole optimizer step. Median of --reps after a warm-up call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -16,13 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from batquant_jax.calibration import CalibConfig, LayerCalibrator, _apply, _is_clip_param, _is_transform_param
+from batquant_jax.calibration import (CalibConfig, LayerCalibrator, _apply, _is_clip_param,
+                                      _is_transform_param, build_quantized_layer)
 from batquant_jax.models import load_model
-from batquant_jax.qlayers import quantize_layer
+from batquant_jax.qlayers import quant_linears
 
 
 def _median_time(fn, reps):
-    fn()
+    jax.block_until_ready(fn())
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -31,35 +37,51 @@ def _median_time(fn, reps):
     return statistics.median(times)
 
 
+def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[str, float]:
+    """Seconds of each part of one training step of ``fp_layer`` on x -> y: [batch, T, d]."""
+    cfg = CalibConfig(method="batquant", batch_size=batch, **hparams)
+    cal = LayerCalibrator(cfg, nsamples=batch, log=lambda s: None)
+    cal.gain = jnp.ones((x.shape[-1],), jnp.float32)
+    layer = build_quantized_layer(nnx.clone(fp_layer), cfg, 0)
+    graphdef, tp, cp, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
+    ot, oc = cal.tx_t.init(tp), cal.tx_c.init(cp)
+    merged = lambda tp, cp: nnx.merge(graphdef, tp, cp, rest)  # noqa: E731
+    loss = jax.jit(lambda tp, cp: cal.loss_fn(merged(tp, cp)(x), y))
+    grad = jax.jit(jax.value_and_grad(lambda tp, cp: cal.loss_fn(merged(tp, cp)(x), y),
+                                      argnums=(0, 1)))
+    wside = jax.jit(lambda tp, cp: [q.effective_weight() for q in quant_linears(merged(tp, cp)).values()])
+    qg, qs = nnx.split(layer)
+    return {
+        "quantized forward": _median_time(lambda: _apply(qg, qs, x), reps),
+        "  weight side alone": _median_time(lambda: wside(tp, cp), reps),
+        "forward + objective": _median_time(lambda: loss(tp, cp), reps),
+        "forward + gradients": _median_time(lambda: grad(tp, cp)[0], reps),
+        "optimizer step": _median_time(
+            lambda: cal.step_fn(graphdef, tp, cp, ot, oc, rest, x, y, cal.gain)[-1], reps),
+    }
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="batquant")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--variants", default="[{}]", help="JSON list of CalibConfig field dicts")
     args = ap.parse_args()
 
     model = load_model("smollm2-135m", with_tokenizer=False).model
     fp_layer = model.layers[0]
-    d = model.config.hidden_size
-    x = jax.random.normal(jax.random.key(0), (args.batch, args.seqlen, d))
+    x = jax.random.normal(jax.random.key(0), (args.batch, args.seqlen, model.config.hidden_size))
     gd, st = nnx.split(fp_layer)
     y = _apply(gd, st, x)
     t_fwd = _median_time(lambda: _apply(gd, st, x), args.reps)
-
-    cfg = CalibConfig(method=args.method, batch_size=args.batch)
-    cal = LayerCalibrator(cfg, nsamples=args.batch, log=lambda s: None)
-    layer = quantize_layer(nnx.clone(fp_layer), cfg.method_spec, cfg.spec, record_hessian=True)
-    graphdef, tp, cp, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
-    ot, oc = cal.tx_t.init(tp), cal.tx_c.init(cp)
-    t_step = _median_time(lambda: cal.step_fn(graphdef, tp, cp, ot, oc, rest, x, y)[-1], args.reps)
-    qg, qs = nnx.split(layer)
-    t_qfwd = _median_time(lambda: _apply(qg, qs, x), args.reps)
-
-    print(f"tokens per batch: {args.batch * args.seqlen}")
-    print(f"full-precision layer forward: {t_fwd * 1e3:8.1f} ms")
-    print(f"quantized layer forward     : {t_qfwd * 1e3:8.1f} ms  ({t_qfwd / t_fwd:.2f}x)")
-    print(f"{args.method} training step   : {t_step * 1e3:8.1f} ms  ({t_step / t_fwd:.2f}x the forward)")
+    print(f"tokens per batch: {args.batch * args.seqlen}; full-precision layer forward "
+          f"{t_fwd * 1e3:.1f} ms")
+    for hp in json.loads(args.variants):
+        print(f"batquant {json.dumps(hp)}:")
+        for name, t in bench_variant(fp_layer, x, y, hp, args.batch, args.reps).items():
+            print(f"  {name:22s} {t * 1e3:9.1f} ms  {t / t_fwd:6.2f}x the forward")
 
 
 if __name__ == "__main__":

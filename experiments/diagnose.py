@@ -127,11 +127,13 @@ def main(argv=None) -> int:
            "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "hparams": hparams,
            "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers,
            "dev": ppl(model, dev, args.eval_seqlen, args.eval_max_tokens)}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=1))
     if args.report_eval:
         for text in ("wiki-eval", "shakespeare"):
-            ids = data.tokenize_corpus(data.load_corpus(text), tok)
-            out[text] = ppl(model, ids, args.eval_seqlen, 16 * 512)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+            raw = data.load_shakespeare() if text == "shakespeare" else data.load_corpus(text)
+            out[text] = ppl(model, data.tokenize_corpus(raw, tok), args.eval_seqlen, 16 * 512)
+            path.write_text(json.dumps(out, indent=1))
     print(f"RESULT {name} dev ppl {out['dev']['perplexity']:.3f}"
           + "".join(f" {t} {out[t]['perplexity']:.3f}" for t in ("wiki-eval", "shakespeare")
                     if t in out) + f" calib {calib_s:.0f}s", flush=True)

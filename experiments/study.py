@@ -80,7 +80,7 @@ class Budget:
         return f"calib {self.nsamples}x{self.seqlen} tok, {self.epochs} ep; {ev}"
 
 
-# Default budgets on 2 CPU cores (EVALUATION.md: every result states its budget).
+# Default budgets on 2 CPU cores (every result states its budget).
 # One budget for both suites, so every ablation group's default variant is the headline
 # batquant W4A4KV16 row itself (computed once).
 SUITE_BUDGETS = {
@@ -131,9 +131,9 @@ BLOCK_FACTORS = {16: (4, 4), 32: (8, 4), 64: (8, 8), 128: (16, 8)}
 
 
 def ablation_rows() -> list[Row]:
-    """batquant at W4A4KV16, one group per question of METHOD.md (and brq in the seed group,
-    the noise of calibration itself). Each group's default variant
-    has no hyper-parameters, so it shares its calibration with the headline batquant row when
+    """batquant at W4A4KV16, one group per question of docs/METHOD.md (and brq, mr-gptq in the
+    seed group: the noise of calibration itself). Each group's default variant has no
+    hyper-parameters, so it shares its calibration with the headline batquant row when
     the two suites run on one budget (SUITE_BUDGETS)."""
     def row(group, label, hparams=(), **kw):
         return Row("ablations", group, label, "batquant", "W4A4KV16", hparams, **kw)
@@ -141,7 +141,7 @@ def ablation_rows() -> list[Row]:
     rows = [row("transform", "gpk"), row("transform", "block_affine", _hp(transform="block_affine"))]
     # calibration noise: the same comparison (batquant vs its block-rotation start, brq) with
     # other calibration windows and initialisations; seed 0 is the headline pair
-    for method in ("batquant", "brq"):
+    for method in ("batquant", "brq", "mr-gptq"):
         for seed in (0, 1, 2):
             rows.append(Row("ablations", "seed", f"{method} seed={seed}", method, "W4A4KV16",
                             seed=None if seed == 0 else seed))
@@ -188,8 +188,18 @@ def row_key(row: Row, budget: Budget) -> dict:
         b = {k: getattr(budget, k) for k in ("eval_windows", "eval_seqlen", "model")}
         return {"method": "fp", "setting": "fp32", "hparams": {}, "budget": b,
                 "eval_texts": list(EVAL_TEXTS)}
-    return {"method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
-            "budget": dataclasses.asdict(row.budget(budget)), "eval_texts": list(EVAL_TEXTS)}
+    key = {"method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
+           "budget": dataclasses.asdict(row.budget(budget)), "eval_texts": list(EVAL_TEXTS)}
+    from batquant_jax.calibration import CalibConfig
+    try:
+        cfg = CalibConfig(method=row.method, setting=row.setting, **dict(row.hparams))
+        trains = cfg.method_spec.train
+    except (ValueError, TypeError):  # a pending row (pending_reason says why)
+        return key
+    if trains:  # a learned method's result depends on the library defaults too: a changed
+        # default (objective, initialisation) makes the row stale instead of silently reused
+        key["config"] = {**dataclasses.asdict(cfg), "method_spec": dataclasses.asdict(cfg.method_spec)}
+    return key
 
 
 def _canon(obj) -> str:
