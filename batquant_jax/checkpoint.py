@@ -120,14 +120,22 @@ def dir_bytes(path) -> int:
 
 
 def quiet_orbax_logs() -> None:
-    """Keeps Orbax's per-save INFO lines out of the absl log (warnings and errors still show)."""
+    """Keeps Orbax's per-save INFO lines out of the absl log (warnings and errors still show).
+
+    Also drops Orbax's ERROR record, with traceback, of an exception in one of its worker
+    threads: the same exception is raised again to the caller (``save_tree``), which reports it.
+    """
     import logging
 
     from absl import logging as absl_logging
 
     class _Filter(logging.Filter):
         def filter(self, record):
-            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+            if "/orbax/" not in record.pathname:
+                return True
+            if record.pathname.endswith("future.py") and record.exc_info is not None:
+                return False
+            return record.levelno >= logging.WARNING
 
     absl_logging.get_absl_handler().addFilter(_Filter())
 
