@@ -393,3 +393,41 @@ def test_output_json_is_checked_before_the_work(env, tmp_path, target, message):
     res = run(env, "batquant_jax.evaluate", ["--checkpoint=/unused",
                                              f"--output_json={target.format(tmp=tmp_path)}"])
     assert (res.returncode, res.stderr) == (2, f"error: {message.format(tmp=tmp_path)}\n")
+
+
+def test_failed_result_write_keeps_the_result_in_the_error(env, ref, tmp_path, monkeypatch):
+    from batquant_jax import evaluate
+    cfg = evaluate.EvalConfig(checkpoint=str(ref[0]), eval_data=str(env["text"]), seqlen=32,
+                              max_tokens=512, output_json=str(tmp_path / "ppl.json"))
+    real_write = pathlib.Path.write_text
+
+    def full(self, *args, **kw):
+        if self.name == "ppl.json":
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(evaluate.ResultError) as e:
+        evaluate.run_evaluation(cfg)
+    head = f"cannot write {tmp_path}/ppl.json (No space left on device); the result was "
+    assert str(e.value).startswith(head) and "\n" not in str(e.value)
+    result = json.loads(str(e.value)[len(head):])
+    assert (result["tokens"], result["windows"], result["model"]) == (512, 16, str(ref[0]))
+
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path):
+    from batquant_jax import lockfile
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(lockfile.LockError) as e:
+        lockfile.FolderLock(tmp_path, "--output_dir").acquire()
+    assert re.fullmatch(rf"--output_dir {tmp_path} is in use by pid 1 on host elsewhere \(since "
+                        rf"[-0-9: ]+\); wait for that run to end \(if it is gone, remove "
+                        rf"{tmp_path}/.lock\)", str(e.value)) is not None
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+    (tmp_path / ".lock").write_text("garbage")
+    with pytest.raises(lockfile.LockError, match="is not a lock of this program"):
+        lockfile.FolderLock(tmp_path).acquire()
+    (tmp_path / ".lock").unlink()
+    with lockfile.FolderLock(tmp_path / "a" / "b") as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert sorted(os.listdir(tmp_path)) == []  # the folders it created are removed again
