@@ -97,11 +97,12 @@ class FolderLock:
             raise LockError(f"{self.what} {self.folder} exists and is not a folder")
 
     def acquire(self) -> "FolderLock":
-        self._make_folder()
+        """Takes the lock (creating the folder); LockError naming the holder if it is held."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "argv": sys.argv}
         tmp = self.folder / f"{LOCK_FILE}.{me['host']}.{me['pid']}.tmp"
         try:
+            self._make_folder()
             try:
                 tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
             except OSError as e:
@@ -129,7 +130,8 @@ class FolderLock:
             raise LockError(f"cannot lock {self.what} {self.folder}: the lock {self.path} keeps "
                             "changing; is another run starting there?")
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
             if not self._held:
                 self._remove_created()
 
@@ -154,6 +156,8 @@ class FolderLock:
                  "longer exists")
 
     def release(self) -> None:
+        """Removes the lock if this process holds it, then the folders ``acquire`` created if
+        they are empty."""
         if self._held and _read(self.path) is not None and \
                 _read(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
