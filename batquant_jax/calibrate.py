@@ -8,10 +8,15 @@ Progress goes to stderr (loading, tokenizing, one line per layer with elapsed ti
 results to stdout (per-layer loss table, weight storage, perplexities). The output directory
 ends up holding only the checkpoint (see ``checkpoint.py``). After every layer the run commits
 its state there, so the same command, rerun after a crash or kill, continues from the last
-finished layer and writes the same checkpoint as an uninterrupted run. Bad flags or inputs print
-one line and exit with 2 before any work; a failed write (disk full, permissions) exits with 1
-and keeps the last committed state. The flags only fill a ``CalibrateConfig``;
-``run_calibration(cfg)`` does the work.
+finished layer and writes the same checkpoint as an uninterrupted run; a rerun whose sampled
+calibration tokens differ from the ones the kept layers saw is refused. Every stored array is
+checksummed (see ``checkpoint.py``). While it runs, the command holds an exclusive lock on the
+output directory (``lockfile.py``): a second run there fails at once, naming the holder.
+
+Bad flags or inputs print one line and exit with 2 before any work; a failed write (disk full,
+permissions) exits with 1 and keeps the last committed state; Ctrl-C exits with 130 and says
+which layers are kept. The flags only fill a ``CalibrateConfig``; ``run_calibration(cfg)`` does
+the work.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import pathlib
 import platform
 import sys
 import time
 from typing import Callable
 
+import numpy as np
 from absl import app, flags
 
-from batquant_jax import checkpoint, cli, data, perplexity
+from batquant_jax import checkpoint, cli, data, lockfile, perplexity
 from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORMS,
                                       WEIGHT_QUANTIZERS, CalibConfig, LOSSES,
                                       LOSS_WEIGHTS, SCALE_INITS)
@@ -40,6 +47,14 @@ class ConfigError(ValueError):
 
 class SaveError(RuntimeError):
     """Writing the checkpoint failed; the last committed state is intact. One-line message."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C (KeyboardInterrupt); the message says which layers are kept. One line."""
+
+
+MAX_LR = 1.0  # a learning rate above this only diverges (AdamW steps of that size per element)
+MAX_CLIP_LOGIT = 16.0  # beyond, sigmoid(logit) rounds to 1 in float32 and the logits cannot learn
 
 
 _LIB = CalibConfig()  # the library's defaults, shared by name
@@ -95,10 +110,22 @@ class CalibrateConfig:
     def run_flags(self) -> dict:
         return {k: getattr(self, k) for k in self.RUN_FIELDS}
 
+    def trains(self) -> bool:
+        """True if the method trains (a learned transform or clipping, and --epochs > 0)."""
+        method = METHODS.get(self.method)
+        return bool(method is not None and method.train and self.epochs > 0)
+
     def calib_config(self) -> CalibConfig:
-        """The library's CalibConfig: every field this command shares with it, by name."""
+        """The library's CalibConfig: every field this command shares with it, by name.
+
+        A method that does not train only batches its forward passes: there the batch is cut
+        to --nsamples, so any --batch_size works.
+        """
         shared = {f.name for f in dataclasses.fields(CalibConfig)} & set(self.RUN_FIELDS)
-        return CalibConfig(**{name: getattr(self, name) for name in shared})
+        fields = {name: getattr(self, name) for name in shared}
+        if not self.trains():
+            fields["batch_size"] = max(1, min(self.batch_size, self.nsamples))
+        return CalibConfig(**fields)
 
     def validate(self) -> CalibConfig:
         """Checks that need no model or data; returns the CalibConfig."""
@@ -129,16 +156,21 @@ class CalibrateConfig:
         for name in ("nsamples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.nsamples < self.batch_size:
+        if self.nsamples < self.batch_size and self.trains():
             raise ConfigError(f"--nsamples ({self.nsamples}) must be >= --batch_size "
-                              f"({self.batch_size})")
+                              f"({self.batch_size}) for a method that trains")
         if self.seqlen < 2 or self.eval_seqlen < 2:
             raise ConfigError(f"--seqlen and --eval_seqlen must be >= 2, got {self.seqlen} and "
                               f"{self.eval_seqlen}")
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be >= 0, got {self.epochs}")
-        if not (self.lr > 0 and self.clip_lr > 0):
-            raise ConfigError(f"--lr and --clip_lr must be positive, got {self.lr} and {self.clip_lr}")
+        for name in ("lr", "clip_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_LR):
+                raise ConfigError(f"--{name} must be a finite number in (0, {MAX_LR:g}], got {value}")
+        if not (math.isfinite(self.clip_init) and abs(self.clip_init) <= MAX_CLIP_LOGIT):
+            raise ConfigError(f"--clip_init must be a finite logit in [-{MAX_CLIP_LOGIT:g}, "
+                              f"{MAX_CLIP_LOGIT:g}], got {self.clip_init}")
         if self.eval_max_tokens is not None and self.eval_max_tokens < self.eval_seqlen:
             raise ConfigError(f"--eval_max_tokens {self.eval_max_tokens} is less than one window of"
                               f" --eval_seqlen {self.eval_seqlen}")
@@ -167,7 +199,8 @@ def _versions() -> dict:
 
 def _owned(name: str) -> bool:
     stem = name.lstrip(".").split(".")[0]
-    return stem in checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, "metadata")
+    return stem in checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, "metadata",
+                                          lockfile.LOCK_FILE.lstrip("."))
 
 
 def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:
@@ -184,12 +217,17 @@ def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:
     if foreign:
         raise ConfigError(f"--output_dir {out} holds files this command did not write "
                           f"({', '.join(foreign[:3])}); pass an empty or new folder")
-    if (out / checkpoint.METADATA_FILE).is_file():
-        kind, record = "done", checkpoint.read_json(out / checkpoint.METADATA_FILE)
-    else:
-        record = checkpoint.ResumeStore(out).progress()
-        kind = "resume"
-    if record is None or cfg.overwrite:
+    if cfg.overwrite:  # whatever is there, readable or not, is discarded
+        return "new", None
+    try:
+        if (out / checkpoint.METADATA_FILE).is_file():
+            kind, record = "done", checkpoint.read_json(out / checkpoint.METADATA_FILE)
+        else:
+            record = checkpoint.ResumeStore(out).progress()
+            kind = "resume"
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"{e}; pass --overwrite to start over") from None
+    if record is None:
         return "new", None
     before, now = record.get("flags", {}), cfg.run_flags()
     diff = [f"--{k}={before.get(k)} (now {now[k]})" for k in now if before.get(k) != now[k]]
@@ -240,7 +278,7 @@ def _mesh(cfg: CalibrateConfig):
     try:
         mesh = distributed.make_mesh(cfg.mesh)
         if mesh.size > 1:
-            distributed.DataParallel(mesh).check_batch(cfg.batch_size)
+            distributed.DataParallel(mesh).check_batch(cfg.calib_config().batch_size)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     return None if mesh.size == 1 and jax.process_count() == 1 else mesh
@@ -250,16 +288,52 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
                     out: Callable[[str], None] = print) -> dict:
     """Calibrates ``cfg.model`` and writes the checkpoint to ``cfg.output_dir``; returns its metadata.
 
-    Resumes an unfinished run of the same flags in that folder. Raises ConfigError,
-    data.DataError or ModelLoadError (one-line messages) before any work on bad input, and
-    SaveError when a write fails.
+    Resumes an unfinished run of the same flags in that folder, holding its lock throughout.
+    Raises ConfigError, data.DataError, ModelLoadError, lockfile.LockError or CheckpointError
+    (one-line messages) before any work on bad input, SaveError when a write fails, and
+    Interrupted on Ctrl-C (the committed layers are kept).
     """
     t_session = time.perf_counter()
     calib_cfg = cfg.validate()
+    out_dir = pathlib.Path(cfg.output_dir).expanduser()
+    primary = (cfg.num_processes or 1) == 1 or checkpoint._primary()
+    lock = lockfile.FolderLock(out_dir, "--output_dir", log) if primary else None
+    n_layers: list[int] = []  # filled once the model is loaded
+    try:
+        if lock is not None:
+            lock.acquire()
+        return _calibrate(cfg, calib_cfg, out_dir, t_session, n_layers, log, out)
+    except KeyboardInterrupt:
+        raise Interrupted(_kept(out_dir, n_layers)) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _kept(out_dir: pathlib.Path, n_layers: list[int]) -> str:
+    """What an interrupted run leaves behind, in one line."""
+    if (out_dir / checkpoint.METADATA_FILE).is_file():
+        return f"interrupted; {out_dir} holds the finished checkpoint"
+    store = checkpoint.ResumeStore(out_dir)
+    try:
+        progress = store.progress()
+    except checkpoint.CheckpointError:
+        progress = None
+    done = int(progress.get("layers_done", 0)) if progress else 0
+    total = f" of {n_layers[0]}" if n_layers else ""
+    if done:
+        return (f"interrupted; layers 1-{done}{total} are kept in {store.root}: rerun the same "
+                "command to resume from layer " + str(done + 1))
+    return "interrupted before any layer was finished; nothing is kept"
+
+
+def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Path,
+               t_session: float, n_layers_out: list[int], log: Callable[[str], None],
+               out: Callable[[str], None]) -> dict:
+    """``run_calibration`` once the output folder is locked."""
     kind, record = inspect_output_dir(cfg)
     if (cfg.num_processes or 1) > 1:
         checkpoint._sync("inspect_output_dir")  # every process has read it before anyone writes
-    out_dir = pathlib.Path(cfg.output_dir).expanduser()
     if kind == "done":
         checkpoint.remove(out_dir / checkpoint.RESUME_DIR)  # a run killed after its last commit
         log(f"{out_dir} already holds the finished checkpoint of these flags; nothing to do "
@@ -284,6 +358,18 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
     log(f"tokenizing {len(text):,} characters")
     ids = data.tokenize_corpus(text, loaded.tokenizer)
     windows = data.sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    tokens_sha = checkpoint.array_digest(np.asarray(windows, np.int32))
+    if kind == "resume" and int(record.get("layers_done", 0)) > 0:
+        before, done = record.get("calib_tokens_sha256"), int(record["layers_done"])
+        if before is None:
+            log(f"the calibration tokens of layers 1-{done} were not recorded (an older run); "
+                "resuming unchecked")
+        elif before != tokens_sha:
+            raise ConfigError(
+                f"--calib_data {cfg.calib_data} changed since layers 1-{done} in {out_dir} were "
+                f"calibrated: the sampled calibration tokens differ (sha256 {before[:12]} then, "
+                f"{tokens_sha[:12]} now); restore that text to resume, or pass --overwrite to "
+                "start over")
     eval_ids = None
     if eval_text is not None:
         eval_ids = data.tokenize_corpus(eval_text, loaded.tokenizer)
@@ -293,6 +379,7 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
     log(f"{ids.size:,} tokens; {cfg.nsamples} windows of {cfg.seqlen} tokens (seed {cfg.seed})")
 
     model, n_layers = loaded.model, loaded.config.num_layers
+    n_layers_out.append(n_layers)
     fp_model = None
     if eval_ids is not None:
         from flax import nnx
@@ -301,14 +388,19 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
     try:
         if kind == "new":
             for name in sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else ():
-                checkpoint.remove(out_dir / name)  # only our own leftovers are ever present
+                if not name.startswith(lockfile.LOCK_FILE):  # only our own leftovers are present
+                    checkpoint.remove(out_dir / name)
             record = {"flags": cfg.run_flags(), "layers_done": 0, "reports": [],
                       "elapsed_s": 0.0, "sessions": 0, "qweights": {}}
-        record = dict(record, sessions=int(record.get("sessions", 0)) + 1)
+        record = dict(record, sessions=int(record.get("sessions", 0)) + 1,
+                      calib_tokens_sha256=tokens_sha)
         store.start(record)
         start = int(record["layers_done"])
         store.clean(start)
-        qweights, start_inputs = store.restore(model, calib_cfg, record)
+        try:
+            qweights, start_inputs = store.restore(model, calib_cfg, record)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"{e}; pass --overwrite to start over") from None
         if start:
             log(f"resuming: layers 1-{start} of {n_layers} restored from {store.root}")
         progress = record
@@ -340,6 +432,7 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
                              "num_params": loaded.info.get("num_params")},
             "calib_data": {"name": cfg.calib_data, "chars": len(text), "tokens": int(ids.size),
                            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                           "tokens_sha256": tokens_sha,
                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
             "layers": progress["reports"], "sessions": progress["sessions"]}
         eval_result = None
@@ -455,10 +548,15 @@ def main(argv: list[str]) -> None:
         cli.fail(str(e).splitlines()[0])
     try:
         run_calibration(cfg)
-    except (ConfigError, data.DataError, ModelLoadError, checkpoint.CheckpointError) as e:
+    except (ConfigError, data.DataError, ModelLoadError, checkpoint.CheckpointError,
+            lockfile.LockError) as e:
         cli.fail(str(e).splitlines()[0])
     except SaveError as e:
         cli.fail(str(e), 1)
+    except Interrupted as e:
+        cli.fail(str(e), 130)
+    except KeyboardInterrupt:
+        cli.fail("interrupted", 130)
 
 
 if __name__ == "__main__":

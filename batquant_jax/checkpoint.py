@@ -8,13 +8,17 @@ A finished output directory DIR holds only the deployable model:
       params/           the rest of the model state by module path: embeddings, norms, lm_head,
                         and of each QuantLinear its online side (transform parameters and
                         constants, clipping logits) and bias -- never a float weight
-  DIR/metadata.json     how it was made and what ``load_quantized`` needs to rebuild the skeleton
+  DIR/metadata.json     how it was made, what ``load_quantized`` needs to rebuild the skeleton,
+                        and "checksums": the sha256 of every stored array ("qweights/layers/0/
+                        q_proj/codes": hex), verified on every load
   DIR/tokenizer/        ``tokenizer.save_pretrained``
 
 While a run is calibrating, DIR/resume/ holds progress.json (the commit point, replaced
 atomically), layer_{i:03d}/ (Orbax: layer i's params and qweights) and inputs_{i:03d}/ (the
-inputs of layer i + 1). Orbax writes every checkpoint into a temporary folder and renames it, so
-a run killed at any moment leaves the last committed state readable.
+inputs of layer i + 1); progress.json records the sha256 of their arrays, verified on resume.
+Orbax writes every checkpoint into a temporary folder and renames it, so a run killed at any
+moment leaves the last committed state readable. A stored array whose bytes changed after they
+were written fails to load with a one-line CheckpointError naming it.
 
     model, tokenizer, meta = load_quantized("/tmp/smollm2-batquant")
     nll = forward_nll(model, tokens)            # tokens: int32 [B, T] -> [B, T-1]
@@ -22,10 +26,14 @@ a run killed at any moment leaves the last committed state readable.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Any, Mapping
 
@@ -44,6 +52,7 @@ FORMAT = "batquant_jax.quantized/1"
 CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
 RESUME_DIR, PROGRESS_FILE = "resume", "progress.json"
 ARTIFACT = (CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR)
+CHECKSUMS = "checksums"  # metadata / progress key: {"item/path/to/array": sha256 hex}
 
 Flat = dict[tuple[str, ...], np.ndarray]
 
@@ -83,10 +92,15 @@ def write_json(path, obj: Any) -> None:
 
 
 def read_json(path) -> dict:
+    """The JSON object in ``path``; CheckpointError (one line) if unreadable or not an object."""
     try:
-        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {_one_line(e, 200)})"
+                              ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"cannot read {path} (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def remove(path) -> None:
@@ -106,46 +120,129 @@ def dir_bytes(path) -> int:
 
 
 def quiet_orbax_logs() -> None:
-    """Keeps Orbax's per-save INFO lines out of the absl log (warnings and errors still show)."""
+    """Keeps Orbax's per-save INFO lines out of the absl log (warnings and errors still show).
+
+    Also drops Orbax's ERROR record, with traceback, of an exception in one of its worker
+    threads: the same exception is raised again to the caller (``save_tree``), which reports it.
+    """
     import logging
 
     from absl import logging as absl_logging
 
     class _Filter(logging.Filter):
         def filter(self, record):
-            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+            if "/orbax/" not in record.pathname:
+                return True
+            if record.pathname.endswith("future.py") and record.exc_info is not None:
+                return False
+            return record.levelno >= logging.WARNING
 
     absl_logging.get_absl_handler().addFilter(_Filter())
 
 
 def _ocp():
     import orbax.checkpoint as ocp  # imported on use: the command line checks flags first
+    _drain_orbax_loops()
     return ocp
+
+
+def _drain_orbax_loops() -> None:
+    """Makes Orbax finish the tasks still running in its event loop before closing the loop.
+
+    When one array of a restore (or save) fails, Orbax closes its per-call event loop while the
+    reads of the other arrays are in flight; each then completes into the closed loop and
+    tensorstore prints a "RuntimeError: Event loop is closed" traceback from C++ (dozens after the
+    one real error). Waiting for the leftover tasks first, as ``asyncio.run`` does, removes them.
+    Applied once; a no-op if this Orbax version lacks the function.
+    """
+    from orbax.checkpoint._src import asyncio_utils
+    if getattr(asyncio_utils, "_drains_pending", False) or \
+            not hasattr(asyncio_utils, "_run_sync_via_new_loop"):
+        return
+
+    def run(coro):
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            return loop.run_until_complete(coro)
+        finally:
+            try:
+                pending = asyncio.all_tasks(loop)
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    asyncio_utils._run_sync_via_new_loop = run
+    asyncio_utils._drains_pending = True
+
+
+def array_digest(a) -> str:
+    """sha256 (hex) of an array's bytes in C order (shape and dtype are checked separately)."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).data).hexdigest()
+
+
+def tree_digests(items: Mapping[str, dict]) -> dict[str, str]:
+    """{"item/a/b": sha256} of every array of ``save_tree``'s items."""
+    return {"/".join((item,) + k): array_digest(v)
+            for item, tree in items.items() for k, v in _flatten(tree).items()}
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
 def save_tree(path, items: Mapping[str, dict]) -> None:
     """Saves nested dicts of arrays as one Orbax composite checkpoint (one item per key).
 
     Synchronous and atomic: Orbax writes a temporary folder and renames it to ``path``; an
-    existing ``path`` is replaced. Raises OSError (disk full, permissions) from the write.
+    existing ``path`` is replaced (``tree_digests(items)`` is what ``load_tree`` verifies).
+    Raises OSError (disk full, permissions; Orbax's own ValueError for a failed write is turned
+    into the OSError it reports) with a one-line message.
     """
     ocp = _ocp()
     args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
-        pathlib.Path(path).absolute(), args=args, force=True)
+    try:
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+            pathlib.Path(path).absolute(), args=args, force=True)
+    except OSError:
+        raise
+    except Exception as e:  # tensorstore write errors arrive as ValueError("... [os_error_code='28']")
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        raise OSError(errno.EIO, f"the write failed ({type(e).__name__}: {_one_line(e)})",
+                      str(path)) from None
 
 
-def load_tree(path, targets: Mapping[str, dict]) -> dict[str, dict]:
-    """Restores the items of ``save_tree`` as numpy arrays; targets: nested ShapeDtypeStructs."""
+def load_tree(path, targets: Mapping[str, dict], digests: Mapping[str, str] | None = None,
+              ) -> dict[str, dict]:
+    """Restores the items of ``save_tree`` as numpy arrays; targets: nested ShapeDtypeStructs.
+
+    digests: ``tree_digests`` of the saved items; every restored array is checked against it. Raises
+    CheckpointError (one line, naming the array) for a missing, unreadable or changed array.
+    """
     ocp = _ocp()
     args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
     try:
         out = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
             pathlib.Path(path).absolute(), args=args)
     except Exception as e:  # orbax raises several types for a missing or damaged checkpoint
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"cannot restore {path} ({type(e).__name__}: {msg})") from None
-    return {k: jax.tree.map(np.asarray, out[k]) for k in targets}
+        name = re.search(r'Error (?:reading|writing) "([^"]+)"', str(e))
+        what = f"array {name.group(1).rsplit('/', 1)[0]} is unreadable: " if name else ""
+        raise CheckpointError(f"cannot restore {path}: {what}{type(e).__name__}: "
+                              f"{_one_line(e, 200)}") from None
+    trees = {k: jax.tree.map(np.asarray, out[k]) for k in targets}
+    if digests is not None:
+        for key, digest in tree_digests(trees).items():
+            if digests.get(key) != digest:
+                why = "has no recorded checksum" if key not in digests else \
+                    "does not match the sha256 recorded when it was written"
+                raise CheckpointError(f"{path}: stored array {key} {why}: the file is damaged or "
+                                      "was changed after it was written")
+    return trees
 
 
 # ----------------------------------------------------------------------------- pytrees
@@ -295,8 +392,8 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
-    save_tree(out / CHECKPOINT_DIR, {"qweights": qweight_arrays(qweights),
-                                     "params": state_arrays(model)})
+    items = {"qweights": qweight_arrays(qweights), "params": state_arrays(model)}
+    save_tree(out / CHECKPOINT_DIR, items)
     tok_dir = out / TOKENIZER_DIR
     remove(tok_dir)
     if tokenizer is not None and _primary():
@@ -309,7 +406,7 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
     sizes["checkpoint_on_disk_bytes"] = dir_bytes(out / CHECKPOINT_DIR)
     meta = dict(metadata, format=FORMAT, model_config=dataclasses.asdict(model.config),
                 qweights={n: mx_meta(q) for n, q in qweights.items()}, sizes=sizes,
-                tokenizer=tokenizer is not None)
+                tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)})
     write_json(out / METADATA_FILE, meta)
     _sync("save_quantized")
     return meta
@@ -318,19 +415,33 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
 def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
     """(skeleton model, {"qweights", "params"} trees, metadata) of a finished checkpoint."""
     out = pathlib.Path(out_dir)
+    if not out.exists():
+        raise CheckpointError(f"checkpoint folder {out} does not exist")
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is not a folder (a checkpoint is the --output_dir folder "
+                              "of batquant_jax.calibrate)")
     if not (out / METADATA_FILE).is_file():
+        if (out / RESUME_DIR / PROGRESS_FILE).is_file():
+            raise CheckpointError(f"{out} holds an unfinished calibration run (no "
+                                  f"{METADATA_FILE} yet); rerun its calibrate command to finish it")
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
     meta = read_json(out / METADATA_FILE)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{out / METADATA_FILE}: format {meta.get('format')!r}, "
                               f"expected {FORMAT!r}")
-    config = llama_config_from(meta["model_config"])
-    cfg = calib_config_from(meta["calib_config"])
+    try:
+        config = llama_config_from(meta["model_config"])
+        cfg = calib_config_from(meta["calib_config"])
+        targets = {"qweights": _qweight_targets(meta["qweights"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{out / METADATA_FILE} is incomplete or damaged "
+                              f"({type(e).__name__}: {_one_line(e, 100)})") from None
     model = LlamaForCausalLM(config, None)
     for i in range(config.num_layers):
         model.layers[i] = quantized_layer(config, cfg, i)
-    trees = load_tree(out / CHECKPOINT_DIR, {"qweights": _qweight_targets(meta["qweights"]),
-                                             "params": _abstract(state_arrays(model))})
+    targets["params"] = _abstract(state_arrays(model))
+    # checkpoints written before checksums were recorded load unverified
+    trees = load_tree(out / CHECKPOINT_DIR, targets, meta.get(CHECKSUMS))
     return model, trees, meta
 
 
@@ -372,7 +483,8 @@ class ResumeStore:
     """Per-layer state of an unfinished run under ``out_dir/resume``.
 
     progress.json is the commit point: {"flags", "layers_done", "reports", "qweights" (MXArray
-    descriptions), "elapsed_s", ...}. A layer counts as done only once progress.json says so.
+    descriptions), "checksums" ({"layer_000": {array: sha256}, ..., "inputs_{n-1}": ...}),
+    "elapsed_s", ...}. A layer counts as done only once progress.json says so.
     """
 
     def __init__(self, out_dir):
@@ -396,13 +508,18 @@ class ResumeStore:
                    next_inputs, progress: dict) -> dict:
         """Saves layer i (done) and the next layer's inputs, then commits ``progress`` with
         layers_done = i + 1. On an OSError the previous commit stays valid."""
-        save_tree(self._layer(i), {"params": state_arrays(layer),
-                                   "qweights": qweight_arrays(qweights)})
+        layer_items = {"params": state_arrays(layer), "qweights": qweight_arrays(qweights)}
+        save_tree(self._layer(i), layer_items)
         x = host_value(next_inputs)
-        save_tree(self._inputs(i), {"inputs": {"x": x}})
+        input_items = {"inputs": {"x": x}}
+        save_tree(self._inputs(i), input_items)
+        sums = {k: v for k, v in progress.get(CHECKSUMS, {}).items() if k.startswith("layer_")}
+        sums.update({self._layer(i).name: tree_digests(layer_items),
+                     self._inputs(i).name: tree_digests(input_items)})
         progress = dict(progress, layers_done=i + 1, inputs=[list(x.shape), str(x.dtype)],
                         qweights=dict(progress.get("qweights", {}),
-                                      **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}))
+                                      **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}),
+                        **{CHECKSUMS: sums})
         write_json(self.root / PROGRESS_FILE, progress)
         self.clean(i + 1)
         _sync(f"layer_{i}")
@@ -419,21 +536,32 @@ class ResumeStore:
 
     def restore(self, model: LlamaForCausalLM, cfg: CalibConfig, progress: dict
                 ) -> tuple[dict[str, mx.MXArray], np.ndarray | None]:
-        """Puts the finished layers into ``model`` -> (their qweights, inputs of the next layer)."""
-        n = int(progress["layers_done"])
-        qmeta, qweights = progress.get("qweights", {}), {}
+        """Puts the finished layers into ``model`` -> (their qweights, inputs of the next layer).
+
+        Every array is checked against the sha256 in progress.json (unless the run predates them).
+        """
+        try:
+            n = int(progress["layers_done"])
+            qmeta, qweights = dict(progress.get("qweights", {})), {}
+            shape, dtype = progress["inputs"] if n else ((), "float32")
+            target_x = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.root / PROGRESS_FILE} is incomplete or damaged "
+                                  f"({type(e).__name__}: {_one_line(e, 100)})") from None
+        sums = progress.get(CHECKSUMS)
+        digests = (lambda p: None) if sums is None else (lambda p: sums.get(p.name, {}))
         for i in range(n):
             layer = quantized_layer(model.config, cfg, i)
             names = {k.split(".")[-1]: m for k, m in qmeta.items() if k.startswith(f"layers.{i}.")}
             tree = load_tree(self._layer(i), {"params": _abstract(state_arrays(layer)),
-                                              "qweights": _qweight_targets(names)})
+                                              "qweights": _qweight_targets(names)},
+                             digests(self._layer(i)))
             q = _mxarrays(tree["qweights"], names)
             restore_layer(layer, tree["params"], q, str(self._layer(i)))
             model.layers[i] = layer
             qweights.update({f"layers.{i}.{k}": v for k, v in q.items()})
         if n == 0:
             return qweights, None
-        shape, dtype = progress["inputs"]
-        x = load_tree(self._inputs(n - 1),
-                      {"inputs": {"x": jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))}})
+        x = load_tree(self._inputs(n - 1), {"inputs": {"x": target_x}},
+                      digests(self._inputs(n - 1)))
         return qweights, x["inputs"]["x"]

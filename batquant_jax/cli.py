@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import flags
@@ -13,8 +14,15 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def quiet_backend_probe() -> None:
+    """Drops JAX's INFO line "Unable to initialize backend 'tpu'" (printed by every command on a
+    machine without one); warnings and errors of that module still show."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports a bad flag in one line instead of a usage dump."""
+    quiet_backend_probe()
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

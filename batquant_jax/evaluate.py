@@ -5,7 +5,9 @@
     python -m batquant_jax.evaluate --checkpoint=/tmp/smollm2-batquant --eval_data=wiki-eval
 
 Progress goes to stderr; the last line on stdout is ``perplexity: <value>``. Bad input (an unknown
-model, a missing or unreadable corpus, a bad flag) prints one line to stderr and exits with 2.
+model, a missing or unreadable corpus, a damaged checkpoint, a bad flag or --output_json path)
+prints one line to stderr and exits with 2, before the evaluation. A non-finite perplexity, or a
+result that cannot be written, prints one line (holding the result) and exits with 1.
 The flags only fill an ``EvalConfig``; ``run_evaluation(cfg)`` does the work.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 import pathlib
 import sys
 import time
@@ -26,6 +30,24 @@ from batquant_jax import cli, data, perplexity
 
 class ConfigError(ValueError):
     """An evaluation setting that cannot work; the message is one line."""
+
+
+class ResultError(RuntimeError):
+    """The evaluation ran, but its result is not finite or cannot be written; one line."""
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """ConfigError unless ``path`` can become a file: not a folder, under a writable folder."""
+    out = pathlib.Path(path).expanduser().absolute()
+    if out.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; name a file")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be created: {parent} is not writable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +74,8 @@ class EvalConfig:
                               f"--seqlen {self.seqlen}; pass >= {self.seqlen}, or 0 for all")
         if self.checkpoint is None and not self.model.strip():
             raise ConfigError("--model must name a model (an alias or a path), got ''")
+        if self.output_json:
+            check_output_path("--output_json", self.output_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +122,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     Returns {"perplexity", "tokens", "windows", "seqlen", "model", "eval_data", "seconds"
     (model loading included), "eval_seconds"} and writes it to ``cfg.output_json`` when set.
     Raises ConfigError, data.DataError or the model loader's error (all ValueErrors with
-    one-line messages) on bad input.
+    one-line messages) on bad input, ResultError for a non-finite perplexity or a failed write.
     """
     cfg.validate()
     start = time.perf_counter()
@@ -124,10 +148,18 @@ def run_evaluation(cfg: EvalConfig) -> dict:
               "seqlen": res.seqlen, "model": cfg.checkpoint or cfg.model, "eval_data": cfg.eval_data,
               "seconds": round(time.perf_counter() - start, 3),
               "eval_seconds": round(res.seconds, 3)}
+    if not math.isfinite(res.perplexity):
+        raise ResultError(f"perplexity is {res.perplexity} over {res.tokens} tokens: the model's "
+                          "predictions are not finite (a damaged checkpoint or an overflow); "
+                          "no result is written")
     if cfg.output_json:
         out = pathlib.Path(cfg.output_json).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ResultError(f"cannot write {out} ({e.strerror or e}); the result was "
+                              f"{json.dumps(result)}") from None
         _log(f"wrote {out}")
     return result
 
@@ -184,6 +216,8 @@ def main(argv: list[str]) -> None:
         result = run_evaluation(config_from_flags())
     except _user_errors() as e:
         cli.fail(str(e).splitlines()[0])
+    except ResultError as e:
+        cli.fail(str(e), 1)
     print(f"perplexity: {result['perplexity']:.4f}", flush=True)
 
 

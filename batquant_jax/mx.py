@@ -20,6 +20,12 @@ Example:
   >>> q = quantize(x)         # codes 7 (6, saturated), 4 (2, tie to even), 0x8 (-0)
   >>> dequantize(q)[0, :3]    # [6.0, 2.0, -0.0]
 
+Saturation: the shared exponent never exceeds `emax(dtype) - emax_elem` (125 for MXFP4 on
+float32 / bfloat16 input, 13 on float16), the largest that the floor rule can give. ceil, even and
+rceil could otherwise pick a scale whose grid values overflow the input's float type near its
+maximum; capped, finite inputs always quantize to finite values (they saturate at the grid max).
+An empty input gives an empty result.
+
 Note: XLA on CPU flushes float32 subnormals (|x| < 2^-126) in arithmetic. Codes and scale bytes
 stay exact for subnormal inputs (they are read from the bits); dequantized values that are
 themselves subnormal become 0 there, identically in `fake_quant` and `dequantize`.
@@ -114,8 +120,18 @@ def mul_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
     return (x * _pow2(half)) * _pow2(e - half)
 
 
-def _exponent_from_bits(abits: jax.Array, f: MXFormat, scale_mode: str) -> jax.Array:
-    """Unbiased E8M0 exponent from the bits of |amax| (uint32); NAN_EXPONENT if non-finite."""
+def _dtype_emax(dtype) -> int:
+    """Unbiased exponent of the largest finite value of a float dtype (float32: 127)."""
+    return 15 if jnp.dtype(dtype) == jnp.dtype(jnp.float16) else 127
+
+
+def _exponent_from_bits(abits: jax.Array, f: MXFormat, scale_mode: str,
+                        dtype_emax: int = 127) -> jax.Array:
+    """Unbiased E8M0 exponent from the bits of |amax| (uint32); NAN_EXPONENT if non-finite.
+
+    Capped at dtype_emax - emax_elem (the floor rule's largest) so that grid values times the
+    scale stay finite in a float type whose largest exponent is dtype_emax.
+    """
     biased = (abits >> 23).astype(jnp.int32)
     mant = abits & _MANT
     e = biased - 127 - f.emax_elem  # floor(log2 amax) - emax_elem; zero/subnormal clamp below
@@ -126,23 +142,25 @@ def _exponent_from_bits(abits: jax.Array, f: MXFormat, scale_mode: str) -> jax.A
     elif scale_mode == "rceil":  # ceil(log2(amax / max_value)): up one iff significand > max's
         max_mant = np.float32(f.max_value).view(np.uint32) & _MANT
         e = e + (mant > max_mant)
-    e = jnp.clip(e, -127, 127)
+    e = jnp.clip(e, -127, min(127, dtype_emax - f.emax_elem))
     return jnp.where(abits >= _EXP_INF, NAN_EXPONENT, e)
 
 
 def shared_exponent(amax: jax.Array, fmt: str = "mxfp4", scale_mode: str = "floor") -> jax.Array:
     """Unbiased shared exponent e per block from the block absmax (read from the float's bits).
 
-    amax: float [...] (sign ignored). Returns int32 [...] in [-127, 127]; amax == 0 (or
-    subnormal) gives -127; NaN/Inf amax gives NAN_EXPONENT (128), which `scale_bytes` maps to
-    0xFF and every consumer in this module treats as a NaN block.
+    amax: float [...] (sign ignored). Returns int32 [...] in [-127, emax(amax.dtype) - emax_elem]
+    (125 for MXFP4 on float32: see "Saturation" above); amax == 0 (or subnormal) gives -127;
+    NaN/Inf amax gives NAN_EXPONENT (128), which `scale_bytes` maps to 0xFF and every consumer
+    in this module treats as a NaN block.
     """
     f = _format(fmt)
     _choice(scale_mode, SCALE_MODES, "scale_mode")
     a = jnp.asarray(amax)
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise ValueError(f"amax must be a float array, got {a.dtype}")
-    return _exponent_from_bits(_bits(a.astype(jnp.float32)) & _ABS, f, scale_mode)
+    return _exponent_from_bits(_bits(a.astype(jnp.float32)) & _ABS, f, scale_mode,
+                               _dtype_emax(a.dtype))
 
 
 def scale_bytes(e: jax.Array) -> jax.Array:
@@ -222,9 +240,11 @@ def _from_blocks(y: jax.Array, axis: int, n: int) -> jax.Array:
     return lax.slice_in_dim(y, 0, n, axis=axis) if y.shape[axis] != n else y
 
 
-def _block_exponents(xbits: jax.Array, f: MXFormat, scale_mode: str, axis: int) -> jax.Array:
+def _block_exponents(xbits: jax.Array, f: MXFormat, scale_mode: str, axis: int,
+                     dtype_emax: int) -> jax.Array:
     """Shared exponents of blocks: xbits uint32 [*pre, nb, bs, *post] -> int32 [*pre, nb, 1, *post]."""
-    return _exponent_from_bits(jnp.max(xbits & _ABS, axis=axis + 1, keepdims=True), f, scale_mode)
+    return _exponent_from_bits(jnp.max(xbits & _ABS, axis=axis + 1, keepdims=True), f, scale_mode,
+                               dtype_emax)
 
 
 def _scaled_magnitudes(xbits: jax.Array, e: jax.Array) -> jax.Array:
@@ -247,10 +267,11 @@ def _block_scale(e: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s1, s2
 
 
-def _fq_blocks(xb: jax.Array, f: MXFormat, scale_mode: str, rounding: str, axis: int) -> jax.Array:
+def _fq_blocks(xb: jax.Array, f: MXFormat, scale_mode: str, rounding: str, axis: int,
+               dtype_emax: int) -> jax.Array:
     """Fake-quantize float32 blocks [*pre, nb, bs, *post] (see `_to_blocks`); same shape out."""
     xbits = _bits(xb)
-    e = _block_exponents(xbits, f, scale_mode, axis)
+    e = _block_exponents(xbits, f, scale_mode, axis, dtype_emax)
     a = _scaled_magnitudes(xbits, jnp.minimum(e, 126))
     _, r, step = _round_parts(a, f, rounding)
     s1, s2 = _block_scale(e)
@@ -261,7 +282,7 @@ def _fq_blocks(xb: jax.Array, f: MXFormat, scale_mode: str, rounding: str, axis:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6, 7))
 def _fake_quant(x, fmt, axis, block_size, scale_mode, rounding, n, n_pad):
     xb = _to_blocks(x, axis, block_size, n_pad)
-    y = _fq_blocks(xb, FORMATS[fmt], scale_mode, rounding, axis)
+    y = _fq_blocks(xb, FORMATS[fmt], scale_mode, rounding, axis, _dtype_emax(x.dtype))
     return _from_blocks(y, axis, n).astype(x.dtype)
 
 
@@ -296,6 +317,8 @@ def fake_quant(
     """
     x = _float_input(x)
     _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    if x.size == 0:
+        return x
     return _fake_quant_jit(x, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
 
 
@@ -376,7 +399,7 @@ def _quantize_jit(x, e, fmt, axis, block_size, scale_mode, rounding, n, n_pad):
     xb = _to_blocks(x, axis, block_size, n_pad)
     from_amax = e is None
     if from_amax:
-        e = _block_exponents(_bits(xb), f, scale_mode, axis)
+        e = _block_exponents(_bits(xb), f, scale_mode, axis, _dtype_emax(x.dtype))
     else:  # block-last layout [*pre, *post, nb] -> [*pre, nb, 1, *post]
         e = jnp.expand_dims(jnp.moveaxis(e, -1, axis), axis + 1)
     codes = _encode_blocks(xb, e, f, rounding, from_amax)
@@ -403,6 +426,14 @@ def _code_bytes(codes: jax.Array, width: int) -> jax.Array:
     return lax.bitcast_convert_type(words, jnp.uint8).reshape(codes.shape[:-2] + (-1,))
 
 
+def _empty(shape, f: MXFormat, axis: int, n_pad: int, block_size: int) -> MXArray:
+    """The MXArray of an array with no elements (its leaves have the layout's zero-size shapes)."""
+    rest = tuple(s for i, s in enumerate(shape) if i != axis)
+    codes = jnp.zeros(rest + (n_pad // 2 if f.packed else n_pad,), jnp.uint8)
+    scales = jnp.zeros(rest + (n_pad // block_size,), jnp.uint8)
+    return MXArray(codes, scales, f.name, axis, tuple(shape), block_size)
+
+
 def quantize(
     x, fmt="mxfp4", *, axis=-1, block_size=32, scale_mode="floor", rounding="even", pad=False
 ) -> MXArray:
@@ -413,7 +444,9 @@ def quantize(
     the float8 bit patterns. A block holding NaN/Inf gets scale byte 0xFF and zero codes.
     """
     x = _float_input(x)
-    _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    f, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    if x.size == 0:
+        return _empty(x.shape, f, axis, n_pad, block_size)
     codes, scales = _quantize_jit(x, None, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
     return MXArray(codes, scales, fmt, axis, tuple(x.shape), block_size)
 
@@ -434,6 +467,8 @@ def quantize_with_exponents(
         raise ValueError(
             f"exponents must have shape {want} for x {tuple(x.shape)} on axis {axis}, got {tuple(e.shape)}"
         )
+    if x.size == 0:
+        return _empty(x.shape, FORMATS[fmt], axis, n_pad, block_size)
     e = e.astype(jnp.int32)
     codes, scales = _quantize_jit(x, e, fmt, axis, block_size, "floor", rounding, n, n_pad)
     return MXArray(codes, scales, fmt, axis, tuple(x.shape), block_size)
@@ -462,4 +497,6 @@ def dequantize(mx: MXArray, dtype=jnp.float32) -> jax.Array:
     """Values of an MXArray in its logical shape, as `dtype` (NaN blocks are all NaN)."""
     if not isinstance(mx, MXArray):
         raise ValueError(f"dequantize expects an MXArray, got {type(mx).__name__}")
+    if int(np.prod(mx.shape)) == 0:
+        return jnp.zeros(mx.shape, dtype)
     return _dequantize_jit(mx, jnp.dtype(dtype))

@@ -35,8 +35,12 @@ def ref_grid(fmt):
     return vals[np.isfinite(vals)]
 
 
-def ref_exponent(amax, fmt, mode):
-    """Shared exponent of one block from its absmax (Python float); 128 for NaN/Inf."""
+def ref_exponent(amax, fmt, mode, dtype_emax=127):
+    """Shared exponent of one block from its absmax (Python float); 128 for NaN/Inf.
+
+    Clamped to [-127, dtype_emax - emax]: no mode may pick a scale above the floor rule's
+    largest, where grid values would overflow the input's float type (dtype_emax 127: float32).
+    """
     _, emax, mbits = REF[fmt]
     if not math.isfinite(amax):
         return 128
@@ -56,7 +60,7 @@ def ref_exponent(amax, fmt, mode):
         e = fl - emax - 2
         while amax > math.ldexp(vmax, e):
             e += 1
-    return min(max(e, -127), 127)
+    return min(max(e, -127), dtype_emax - emax)
 
 
 def ref_nearest(v, grid, rounding):
@@ -170,6 +174,43 @@ def test_exponent_modes_reference_and_nonfinite():
             np.testing.assert_array_equal(np.asarray(mx.shared_exponent(amax, fmt, mode)), want)
     e = mx.shared_exponent(jnp.array([np.nan, np.inf, -np.inf]))
     np.testing.assert_array_equal(np.asarray(mx.scale_bytes(e)), [255, 255, 255])
+
+
+def test_scale_modes_saturate_near_the_float_maximum():
+    """ceil / even / rceil would pick e = 126 for amax near float32 max (and 14 on float16),
+    where 4 x 2^126 overflows; the capped scale keeps every finite value finite."""
+    f32max = float(np.finfo(np.float32).max)
+    x = np.full((1, 32), f32max, np.float32)
+    x[0, 1:4] = [-f32max, 2.9e38, 1.0]
+    for mode in mx.SCALE_MODES:
+        e = mx.shared_exponent(jnp.float32(f32max), "mxfp4", mode)
+        assert int(e) == 125
+        fq = np.asarray(mx.fake_quant(x, scale_mode=mode))
+        dq = np.asarray(mx.dequantize(mx.quantize(x, scale_mode=mode)))
+        np.testing.assert_array_equal(fq[0, :4], [6.0 * 2.0**125, -6.0 * 2.0**125, 6.0 * 2.0**125, 0.0])
+        np.testing.assert_array_equal(fq.view(np.uint32), dq.view(np.uint32))
+        e8 = int(mx.shared_exponent(jnp.float32(f32max), "mxfp8", mode))
+        assert e8 == 119 and np.isfinite(np.asarray(mx.fake_quant(x, "mxfp8", scale_mode=mode))).all()
+    h = np.full((1, 32), 65000.0, np.float16)
+    for mode in mx.SCALE_MODES:
+        assert int(mx.shared_exponent(jnp.float16(65000.0), "mxfp4", mode)) == 13
+        fq16 = np.asarray(mx.fake_quant(h, scale_mode=mode))
+        assert fq16.dtype == np.float16 and float(fq16.max()) == 6.0 * 2.0**13
+    assert int(mx.shared_exponent(jnp.float32(65000.0), "mxfp4", "ceil")) == 14  # float32: no cap
+
+
+def test_empty_arrays_give_empty_results():
+    for shape, axis in [((0, 64), -1), ((3, 0), -1), ((0, 32, 5), 1)]:
+        x = np.zeros(shape, np.float32)
+        fq = mx.fake_quant(x, axis=axis)
+        assert (fq.shape, fq.dtype) == (shape, jnp.float32)
+        q = mx.quantize(x, axis=axis)
+        assert q.codes.size == 0 and q.scales.size == 0 and q.shape == shape
+        assert mx.dequantize(q).shape == shape
+    q = mx.quantize(np.zeros((0, 64), np.float32))
+    assert (q.codes.shape, q.scales.shape) == ((0, 32), (0, 2))
+    q = mx.quantize_with_exponents(np.zeros((0, 64), np.float32), np.zeros((0, 2), np.int32))
+    assert (q.codes.shape, q.scales.shape) == ((0, 32), (0, 2))
 
 
 def test_fake_quant_equals_dequantize_quantize():

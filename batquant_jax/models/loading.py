@@ -131,9 +131,10 @@ def _resolve(spec: str) -> tuple[str, str]:
         cached = _hub_cache_folder(spec)
         if cached:
             return "hf", cached
-        raise ModelLoadError(f"{spec!r} is not a local path and looks like a hub id; no network is used and it "
-                             "is not in the local Hugging Face cache: pass a local model folder "
-                             "(config.json + *.safetensors) or a .gguf file")
+        if not os.path.isdir(spec.split("/")[0]):  # "models/tiny" in a folder with models/: a path
+            raise ModelLoadError(f"{spec!r} is not a local path ({path} does not exist) nor a hub "
+                                 "id in the local Hugging Face cache (no network is used): pass a "
+                                 "local model folder (config.json + *.safetensors) or a .gguf file")
     raise ModelLoadError(f"model path {path} does not exist (give a Hugging Face model folder, "
                          f"a .gguf file or {SMOLLM2_ALIAS!r})")
 

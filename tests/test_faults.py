@@ -1,0 +1,444 @@
+"""Fault injection on the command lines: damaged files, a full disk, Ctrl-C, two runs in one
+folder and bad inputs each end in one ``error:`` line with the documented exit code (2: bad
+input, 1: a failed write or an unusable result, 130: interrupted), print no traceback, and lose
+nothing that was committed.
+
+One tiny checkpoint (a random 6-layer Llama, rtn) is built in-process and reused; the faults are
+injected into copies. A small wrapper runs a command line with one fault armed: a file-size
+limit (RLIMIT_FSIZE, so a real write inside Orbax fails with EFBIG, as on a full disk) from the
+n-th checkpoint write on, or a real SIGINT sent after a given layer is committed.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from batquant_jax import calibrate, checkpoint
+from batquant_jax.models import LlamaForCausalLM
+from batquant_jax.qlayers import LINEAR_NAMES as LINEARS
+from test_calibrate_cli import N_LAYERS, make_tiny
+
+WRAPPER = r'''
+import os, resource, runpy, signal, sys, time
+from batquant_jax import checkpoint
+kind, *arg = os.environ["FAULT"].split(":", 2)
+if kind == "fsize":  # from the n-th save_tree call on, no file may exceed `limit` bytes
+    call, limit = int(arg[0]), int(arg[1])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    real_save, calls = checkpoint.save_tree, []
+    def save_tree(path, items):
+        calls.append(path)
+        if len(calls) == call:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        return real_save(path, items)
+    checkpoint.save_tree = save_tree
+elif kind == "sigint":  # after layer n is committed, wait for the file `go`, then Ctrl-C
+    layer, go = int(arg[0]), arg[1]
+    real_layer = checkpoint.ResumeStore.save_layer
+    def save_layer(self, i, *args):
+        progress = real_layer(self, i, *args)
+        if i + 1 == layer:
+            while not os.path.exists(go):
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
+        return progress
+    checkpoint.ResumeStore.save_layer = save_layer
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+'''
+
+TRACE_MARKS = ("Traceback", "Event loop is closed", "Unable to initialize backend")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Paths shared by the module: the tiny model, its text, the wrapper, the subprocess env."""
+    root = tmp_path_factory.mktemp("faults")
+    text = make_tiny(root / "model")
+    run_text = root / "run_text.txt"  # the interrupted run's own copy (one test edits it)
+    shutil.copy(text, run_text)
+    wrapper = root / "inject.py"
+    wrapper.write_text(WRAPPER, encoding="utf-8")
+    sub_env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
+    return {"root": root, "model": root / "model", "text": text, "run_text": run_text,
+            "wrapper": wrapper, "env": sub_env}
+
+
+def flags(env, out, text=None):
+    """rtn with --nsamples 2 < --batch_size 4: allowed, rtn does not train."""
+    return [f"--model={env['model']}", f"--calib_data={text or env['text']}",
+            f"--output_dir={out}", "--nsamples=2", "--seqlen=32", "--method=rtn"]
+
+
+def run(env, module, args, fault=None, cwd=None, timeout=240):
+    cmd = [sys.executable] + ([str(env["wrapper"])] if fault else ["-m"]) + [module, *args]
+    e = dict(env["env"], FAULT=fault) if fault else env["env"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+
+
+def start(env, module, args, fault):
+    return subprocess.Popen([sys.executable, str(env["wrapper"]), module, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env["env"], FAULT=fault))
+
+
+def last_error(stderr: str) -> str:
+    """The last stderr line, after checking it is the only ``error:`` line and no traceback."""
+    lines = stderr.strip().splitlines()
+    assert [m for m in TRACE_MARKS if m in stderr] == []
+    assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
+    return lines[-1]
+
+
+def arrays_equal(a, b) -> list[str]:
+    """Keys whose arrays differ between two finished checkpoints ([] when identical)."""
+    got, want = checkpoint.read_arrays(a), checkpoint.read_arrays(b)
+    assert sorted(got) == sorted(want)
+    return [k for k in want if not np.array_equal(got[k], want[k])]
+
+
+def tree_files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def largest_file(folder: pathlib.Path) -> pathlib.Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def ref(env):
+    """The reference checkpoint, made in-process with the flags of ``flags``."""
+    out = env["root"] / "ref"
+    cfg = calibrate.CalibrateConfig(model=str(env["model"]), calib_data=str(env["text"]),
+                                    output_dir=str(out), nsamples=2, seqlen=32, method="rtn")
+    meta = calibrate.run_calibration(cfg, log=lambda s: None, out=lambda s: None)
+    return out, meta
+
+
+@pytest.fixture(scope="module")
+def interrupted(env):
+    """A run Ctrl-C'd after layer 2, and a second run started into its folder meanwhile."""
+    out = env["root"] / "interrupted"
+    go = env["root"] / "go"
+    first = start(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]),
+                  f"sigint:2:{go}")
+    progress = out / "resume" / "progress.json"
+    deadline = time.time() + 200
+    while time.time() < deadline and first.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["layers_done"] == 2:
+            break
+        time.sleep(0.05)
+    lock = json.loads((out / ".lock").read_text())
+    second = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
+    go.touch()
+    _, err = first.communicate(timeout=200)
+    return {"out": out, "first": (first.returncode, err), "second": second, "lock": lock}
+
+
+def copy_of(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- silent wrong results
+
+def test_rtn_accepts_fewer_samples_than_the_batch_and_checksums_every_array(ref):
+    out, meta = ref
+    assert (meta["flags"]["batch_size"], meta["calib_config"]["batch_size"]) == (4, 2)
+    arrays = checkpoint.read_arrays(out)
+    assert meta["checksums"] == {k: checkpoint.array_digest(v) for k, v in arrays.items()}
+    assert len([k for k in arrays if k.startswith("qweights/")]) == 2 * 7 * N_LAYERS
+
+
+def test_changed_array_fails_load_naming_it(ref, tmp_path):
+    """An array rewritten behind the metadata's back (a silent change of one MXFP4 code)."""
+    ck = copy_of(ref[0], tmp_path / "ck")
+    arrays = checkpoint.read_arrays(ck)
+    arrays["qweights/layers/3/down_proj/codes"][5, 7] ^= 0x01
+    trees = checkpoint._nest({tuple(k.split("/")): v for k, v in arrays.items()})
+    checkpoint.save_tree(ck / "checkpoint", trees)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_quantized(ck)
+    assert str(e.value) == (f"{ck}/checkpoint: stored array qweights/layers/3/down_proj/codes "
+                            "does not match the sha256 recorded when it was written: the file is "
+                            "damaged or was changed after it was written")
+
+
+def test_flipped_byte_on_disk_fails_evaluate(env, ref, tmp_path):
+    ck = copy_of(ref[0], tmp_path / "ck")
+    data = largest_file(ck / "checkpoint" / "qweights")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x11
+    data.write_bytes(bytes(raw))
+    res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ck}", f"--eval_data={env['text']}",
+                                             "--seqlen=32", "--max_tokens=512"])
+    assert res.returncode == 2 and res.stdout == ""
+    assert re.fullmatch(rf"error: {ck}/checkpoint: stored array qweights/layers/\d/\w+/(codes|"
+                        r"scales) does not match the sha256 recorded when it was written: the "
+                        r"file is damaged or was changed after it was written",
+                        last_error(res.stderr)) is not None
+
+
+def test_nonfinite_perplexity_exits_1(env, ref, tmp_path):
+    ck = copy_of(ref[0], tmp_path / "ck")
+    arrays = checkpoint.read_arrays(ck)
+    arrays["params/lm_head/weight"][3] = np.nan
+    items = checkpoint._nest({tuple(k.split("/")): v for k, v in arrays.items()})
+    checkpoint.save_tree(ck / "checkpoint", items)
+    meta = json.loads((ck / "metadata.json").read_text())
+    checkpoint.write_json(ck / "metadata.json", dict(meta, checksums=checkpoint.tree_digests(items)))
+    out_json = tmp_path / "ppl.json"
+    res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ck}", f"--eval_data={env['text']}",
+                                             "--seqlen=32", "--max_tokens=512",
+                                             f"--output_json={out_json}"])
+    assert (res.returncode, res.stdout, out_json.exists()) == (1, "", False)
+    assert last_error(res.stderr) == ("error: perplexity is inf over 512 tokens: the model's "
+                                      "predictions are not finite (a damaged checkpoint or an "
+                                      "overflow); no result is written")
+
+
+def test_second_run_fails_at_once_naming_the_holder(env, interrupted):
+    res, lock = interrupted["second"], interrupted["lock"]
+    assert (lock["host"], res.returncode) == (socket.gethostname(), 2)
+    assert re.fullmatch(rf"error: --output_dir {interrupted['out']} is in use by pid {lock['pid']} "
+                        rf"on host {re.escape(lock['host'])} \(since [-0-9: ]+\); wait for that "
+                        rf"run to end \(if it is gone, remove {interrupted['out']}/.lock\)",
+                        last_error(res.stderr)) is not None
+    assert res.stderr.count("\n") == 1  # nothing loaded before the refusal
+
+
+def test_changed_calibration_text_is_refused_on_resume(env, interrupted, tmp_path):
+    out = copy_of(interrupted["out"], tmp_path / "run")
+    before = tree_files(out)
+    original = env["run_text"].read_text(encoding="utf-8")
+    try:
+        env["run_text"].write_text("dog eats fish. " + original, encoding="utf-8")
+        res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
+    finally:
+        env["run_text"].write_text(original, encoding="utf-8")
+    assert res.returncode == 2
+    assert re.fullmatch(rf"error: --calib_data {env['run_text']} changed since layers 1-2 in {out} "
+                        r"were calibrated: the sampled calibration tokens differ \(sha256 "
+                        r"[0-9a-f]{12} then, [0-9a-f]{12} now\); restore that text to resume, or "
+                        r"pass --overwrite to start over", last_error(res.stderr)) is not None
+    assert tree_files(out) == before
+
+
+# ----------------------------------------------------------------------------- faults
+
+def test_ctrl_c_keeps_the_committed_layers(interrupted):
+    code, err = interrupted["first"]
+    out = interrupted["out"]
+    assert code == 130
+    assert last_error(err) == (f"error: interrupted; layers 1-2 of {N_LAYERS} are kept in "
+                               f"{out}/resume: rerun the same command to resume from layer 3")
+    assert json.loads((out / "resume" / "progress.json").read_text())["layers_done"] == 2
+    assert sorted(os.listdir(out)) == ["resume"]  # the lock is released
+
+
+def test_rerun_after_ctrl_c_takes_over_a_stale_lock_and_resumes_exactly(env, ref, interrupted,
+                                                                         tmp_path):
+    out = copy_of(interrupted["out"], tmp_path / "run")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (out / ".lock").write_text(json.dumps({"pid": int(gone), "host": socket.gethostname(),
+                                           "started": time.time() - 60, "argv": []}))
+    res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m for m in TRACE_MARKS if m in res.stderr] == []
+    taking = [ln for ln in res.stderr.splitlines() if "taking over the lock" in ln]
+    assert len(taking) == 1 and re.fullmatch(
+        rf"calibrate: taking over the lock of pid {gone} on host {re.escape(socket.gethostname())}"
+        rf" \(since [-0-9: ]+\) on {out}: that process no longer exists", taking[0]) is not None
+    assert f"calibrate: resuming: layers 1-2 of {N_LAYERS} restored" in res.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint", "metadata.json", "tokenizer"]
+    assert arrays_equal(out, ref[0]) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_resume_state_is_refused(env, interrupted, tmp_path, damage):
+    out = copy_of(interrupted["out"], tmp_path / "run")
+    data = largest_file(out / "resume" / "layer_001" / "qweights")
+    raw = data.read_bytes()
+    if damage == "flip":
+        data.write_bytes(raw[: len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0x11])
+                         + raw[len(raw) // 2 + 1:])
+    else:
+        data.write_bytes(raw[: len(raw) // 3])
+    before = tree_files(out)
+    res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
+    assert res.returncode == 2
+    line = last_error(res.stderr)
+    pattern = (rf"error: {out}/resume/layer_001: stored array qweights/\w+/(codes|scales) does "
+               r"not match the sha256 recorded when it was written: the file is damaged or was "
+               r"changed after it was written; pass --overwrite to start over"
+               if damage == "flip" else
+               rf"error: cannot restore {out}/resume/layer_001: array \w+\.(codes|scales) is "
+               r"unreadable: ValueError: .*; pass --overwrite to start over")
+    assert re.fullmatch(pattern, line) is not None, line
+    assert {k: v for k, v in tree_files(out).items() if k != "resume/progress.json"} == \
+        {k: v for k, v in before.items() if k != "resume/progress.json"}
+    assert json.loads((out / "resume" / "progress.json").read_text())["layers_done"] == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_damaged_checkpoint_file_fails_evaluate_in_one_line(env, ref, tmp_path, damage):
+    ck = copy_of(ref[0], tmp_path / "ck")
+    data = largest_file(ck / "checkpoint" / ("qweights" if damage == "truncate" else "params"))
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:1000])
+    else:
+        data.unlink()
+    res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ck}", f"--eval_data={env['text']}",
+                                             "--seqlen=32", "--max_tokens=512"])
+    assert res.returncode == 2
+    assert re.fullmatch(rf"error: cannot restore {ck}/checkpoint: array [\w.]+ is unreadable: "
+                        r"ValueError: .{1,203}", last_error(res.stderr)) is not None
+
+
+@pytest.mark.parametrize("call,where", [(4, "resume/inputs_001"), (2 * N_LAYERS + 1, "checkpoint")])
+def test_full_disk_keeps_the_state_and_a_rerun_recovers(env, ref, tmp_path, call, where):
+    """Writes fail inside Orbax (a ValueError there) between layers or at the final save; the
+    committed layers restore (their checksums hold), and after the final save failed a rerun
+    writes the same checkpoint as an uninterrupted run."""
+    out = tmp_path / "run"
+    res = run(env, "batquant_jax.calibrate", flags(env, out), fault=f"fsize:{call}:8000")
+    assert res.returncode == 1
+    assert last_error(res.stderr) == (f"error: cannot write the checkpoint in {out}: File too "
+                                      f"large ({out}/{where}); the last committed layer is kept: "
+                                      "fix the cause and rerun the same command to resume")
+    done = json.loads((out / "resume" / "progress.json").read_text())["layers_done"]
+    assert (done, (out / "metadata.json").exists()) == ((call - 1) // 2, False)
+    if done < N_LAYERS:  # resuming from a partial run is checked after Ctrl-C; here its state
+        fresh = LlamaForCausalLM(checkpoint.llama_config_from(ref[1]["model_config"]), None)
+        cfg = checkpoint.calib_config_from(ref[1]["calib_config"])
+        qweights, _ = checkpoint.ResumeStore(out).restore(fresh, cfg, checkpoint.ResumeStore(
+            out).progress())
+        assert sorted(qweights) == sorted(f"layers.0.{n}" for n in LINEARS)
+        return
+    res = run(env, "batquant_jax.calibrate", flags(env, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"calibrate: resuming: layers 1-{done} of {N_LAYERS} restored" in res.stderr
+    assert arrays_equal(out, ref[0]) == []
+
+
+def test_overwrite_clears_a_corrupt_progress_file(env, ref, interrupted, tmp_path):
+    out = copy_of(interrupted["out"], tmp_path / "run")
+    (out / "resume" / "progress.json").write_text('{"layers_done": 2, "flags"')
+    res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
+    assert res.returncode == 2
+    assert re.fullmatch(rf"error: cannot read {out}/resume/progress.json \(JSONDecodeError: .+\); "
+                        r"pass --overwrite to start over", last_error(res.stderr)) is not None
+    res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]) + ["--overwrite"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert arrays_equal(out, ref[0]) == []
+
+
+def test_overwrite_clears_a_corrupt_metadata_file(env, ref, tmp_path):
+    out = copy_of(ref[0], tmp_path / "run")
+    (out / "metadata.json").write_text("[]")
+    res = run(env, "batquant_jax.calibrate", flags(env, out))
+    assert res.returncode == 2
+    assert last_error(res.stderr) == (f"error: cannot read {out}/metadata.json (a JSON list, not "
+                                      "an object); pass --overwrite to start over")
+    kind = calibrate.inspect_output_dir(calibrate.CalibrateConfig(
+        output_dir=str(out), overwrite=True))  # a fresh run follows, as in the progress case
+    assert kind == ("new", None)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("flag,message", [
+    ("--clip_init=nan", "--clip_init must be a finite logit in [-16, 16], got nan"),
+    ("--lr=inf", "--lr must be a finite number in (0, 1], got inf"),
+    ("--clip_lr=inf", "--clip_lr must be a finite number in (0, 1], got inf"),
+])
+def test_float_flags_are_checked_before_anything_loads(env, tmp_path, flag, message):
+    res = run(env, "batquant_jax.calibrate", flags(env, tmp_path / "run") + [flag])
+    assert (res.returncode, res.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_dir_fails_before_the_model_loads(env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = run(env, "batquant_jax.calibrate", flags(env, blocker / "run"))
+    assert (res.returncode, res.stderr) == (
+        2, f"error: cannot create --output_dir {blocker}/run: {blocker} is not a folder\n")
+
+
+def test_missing_relative_model_path_is_not_called_a_hub_id(env, tmp_path):
+    args = flags(env, tmp_path / "run")
+    res = run(env, "batquant_jax.calibrate", ["--model=models/tiny"] + args[1:], cwd=tmp_path)
+    assert res.returncode == 2 and not (tmp_path / "run").exists()
+    assert last_error(res.stderr) == (
+        f"error: 'models/tiny' is not a local path ({tmp_path}/models/tiny does not exist) nor a "
+        "hub id in the local Hugging Face cache (no network is used): pass a local model folder "
+        "(config.json + *.safetensors) or a .gguf file")
+
+
+def test_missing_checkpoint_folder(env, tmp_path):
+    res = run(env, "batquant_jax.evaluate", [f"--checkpoint={tmp_path}/none",
+                                             f"--eval_data={env['text']}"])
+    assert res.returncode == 2
+    assert last_error(res.stderr) == f"error: checkpoint folder {tmp_path}/none does not exist"
+
+
+@pytest.mark.parametrize("target,message", [
+    ("{tmp}", "--output_json {tmp} is a folder; name a file"),
+    ("{tmp}/file/ppl.json", "--output_json {tmp}/file/ppl.json cannot be created: {tmp}/file is "
+                            "not a folder"),
+])
+def test_output_json_is_checked_before_the_work(env, tmp_path, target, message):
+    (tmp_path / "file").write_text("")
+    res = run(env, "batquant_jax.evaluate", ["--checkpoint=/unused",
+                                             f"--output_json={target.format(tmp=tmp_path)}"])
+    assert (res.returncode, res.stderr) == (2, f"error: {message.format(tmp=tmp_path)}\n")
+
+
+def test_failed_result_write_keeps_the_result_in_the_error(env, ref, tmp_path, monkeypatch):
+    from batquant_jax import evaluate
+    cfg = evaluate.EvalConfig(checkpoint=str(ref[0]), eval_data=str(env["text"]), seqlen=32,
+                              max_tokens=512, output_json=str(tmp_path / "ppl.json"))
+    real_write = pathlib.Path.write_text
+
+    def full(self, *args, **kw):
+        if self.name == "ppl.json":
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(evaluate.ResultError) as e:
+        evaluate.run_evaluation(cfg)
+    head = f"cannot write {tmp_path}/ppl.json (No space left on device); the result was "
+    assert str(e.value).startswith(head) and "\n" not in str(e.value)
+    result = json.loads(str(e.value)[len(head):])
+    assert (result["tokens"], result["windows"], result["model"]) == (512, 16, str(ref[0]))
+
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path):
+    from batquant_jax import lockfile
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(lockfile.LockError) as e:
+        lockfile.FolderLock(tmp_path, "--output_dir").acquire()
+    assert re.fullmatch(rf"--output_dir {tmp_path} is in use by pid 1 on host elsewhere \(since "
+                        rf"[-0-9: ]+\); wait for that run to end \(if it is gone, remove "
+                        rf"{tmp_path}/.lock\)", str(e.value)) is not None
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+    (tmp_path / ".lock").write_text("garbage")
+    with pytest.raises(lockfile.LockError, match="is not a lock of this program"):
+        lockfile.FolderLock(tmp_path).acquire()
+    (tmp_path / ".lock").unlink()
+    with lockfile.FolderLock(tmp_path / "a" / "b") as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert sorted(os.listdir(tmp_path)) == []  # the folders it created are removed again
