@@ -107,6 +107,9 @@ class CalibConfig:
     scale_init: str = "method"  # "method" (the method's own) | ones | smooth (SmoothQuant-style)
     smooth_alpha: float | None = None  # None: the method's own (0.5; flatquant 0.3)
     loss_weight: str = "none"  # a name of LOSS_WEIGHTS
+    # the training objective sees RTN fake-quantized weights (True) or full-precision ones
+    # (False: only the activation error is trained; GPTQ handles the weights afterwards)
+    train_weight_quant: bool = True
 
     def validate(self) -> "CalibConfig":
         def one_of(value, valid, what):
@@ -249,9 +252,12 @@ def build_quantized_layer(layer, cfg: CalibConfig, index: int, *, record_hessian
     ``checkpoint.load_quantized`` build identical layers.
     """
     init = init or (cfg.init if cfg.init != "auto" else "hadamard")
-    return quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=init,
-                          seed=cfg.seed * 100003 + index, clip_init=cfg.clip_init,
-                          record_hessian=record_hessian)
+    layer = quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=init,
+                           seed=cfg.seed * 100003 + index, clip_init=cfg.clip_init,
+                           record_hessian=record_hessian)
+    for q in quant_linears(layer).values():
+        q.train_weight_quant = cfg.train_weight_quant
+    return layer
 
 
 class LayerCalibrator:

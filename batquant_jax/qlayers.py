@@ -159,6 +159,9 @@ class QuantLinear(nnx.Module):
         self.weight_clip = weight_clip
         self.spec = spec
         self.deployed = False  # static: True once the weight side is fixed (deploy)
+        # static: before deploy, fake-quantize the weight (RTN) in the forward; False trains
+        # against full-precision weights (the final GPTQ pass then handles the weight error)
+        self.train_weight_quant = True
         self.recording = False  # static: accumulate X^T X of the transformed inputs when True
         d = self.weight.shape[1]
         self.hessian = nnx.data(HessianSum(jnp.zeros((d, d), jnp.float32)) if record_hessian else None)
@@ -188,9 +191,12 @@ class QuantLinear(nnx.Module):
         return self.weight_clip(self.transform.fold(self.weight[...]))
 
     def effective_weight(self) -> jax.Array:
-        """The weight the layer multiplies by: fixed after deploy, else RTN fake quantized."""
+        """The weight the layer multiplies by: fixed after deploy, else RTN fake quantized (or
+        the folded full-precision weight with ``train_weight_quant=False``)."""
         if self.deployed:
             return self.weight[...]
+        if not self.train_weight_quant:
+            return self.folded_weight()
         s = self.spec
         return mx.fake_quant(self.folded_weight(), s.w_fmt, block_size=s.block_size,
                              scale_mode=s.scale_mode, rounding=s.rounding)

@@ -88,11 +88,16 @@ def main(argv=None) -> int:
     ap.add_argument("--report_eval", action="store_true",
                     help="also measure wiki-eval and shakespeare (reporting only)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--layers", default="", help="probe: calibrate only these layer indices "
+                    "(comma-separated; the others stay full precision, no perplexity)")
     args = ap.parse_args(argv)
     hparams = json.loads(args.hparams)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    probe = sorted(int(i) for i in args.layers.split(",") if i.strip())
     name = f"{args.method}_{args.setting}_{args.nsamples}x{args.seqlen}_ep{args.epochs}" \
-           f"_s{args.seed}{'_' + args.tag if args.tag else ''}"
+           f"_s{args.seed}{'_' + args.tag if args.tag else ''}" \
+           f"{'_layers' + '-'.join(map(str, probe)) if probe else ''}"
+    out_dir = RESULTS / "probes" if probe else RESULTS
 
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
@@ -110,6 +115,11 @@ def main(argv=None) -> int:
     for i in range(n):
         fp = model.layers[i]
         hy = hcal.outputs(fp, hcal._batches(hx))
+        if probe and i not in probe:  # teacher forcing: the next inputs are full precision
+            xs, hx = cal.outputs(fp, cal._batches(xs)), hy
+            if i > max(probe):
+                break
+            continue
         layer, ys, rep, _ = cal.calibrate(fp, xs, i, n, next_norm_gain(model, i))
         out_train = cal.outputs(layer, cal._batches(xs))
         out_held = hcal.outputs(layer, hcal._batches(hx))
@@ -125,9 +135,16 @@ def main(argv=None) -> int:
     calib_s = time.time() - t0
     out = {"method": args.method, "setting": args.setting, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "hparams": hparams,
-           "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers,
-           "dev": ppl(model, dev, args.eval_seqlen, args.eval_max_tokens)}
-    path = RESULTS / f"{name}.json"
+           "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    if probe:
+        out["probe_layers"] = probe
+        path.write_text(json.dumps(out, indent=1))
+        print(f"RESULT {name} mean held rel_err "
+              f"{np.mean([l['held']['rel_err'] for l in layers]):.5f}", flush=True)
+        return 0
+    out["dev"] = ppl(model, dev, args.eval_seqlen, args.eval_max_tokens)
     path.write_text(json.dumps(out, indent=1))
     if args.report_eval:
         for text in ("wiki-eval", "shakespeare"):
