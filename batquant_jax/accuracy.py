@@ -28,6 +28,10 @@ class AccuracyError(ValueError):
     """A setting or input that cannot work; the message is one line."""
 
 
+class WriteError(OSError):
+    """The results could not be written (the scores were computed)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AccuracyConfig:
     """What to score. ``limit`` None = every item; ``token_budget`` = tokens per forward pass."""
@@ -47,6 +51,8 @@ class AccuracyConfig:
         if self.token_budget < 1:
             raise AccuracyError(f"--token_budget must be >= 1, got {self.token_budget}")
         tasks_lib.check_task_specs(self.tasks)
+        if self.output_json and pathlib.Path(self.output_json).expanduser().is_dir():
+            raise AccuracyError(f"--output_json {self.output_json} is a folder; name a file")
 
 
 def load_for_scoring(cfg: AccuracyConfig) -> tuple[Any, Any, str, int]:
@@ -151,8 +157,11 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         out["recovery"] = recovery(out, baseline)
     if cfg.output_json:
         path = pathlib.Path(cfg.output_json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise WriteError(f"cannot write --output_json {path}: {e.strerror or e}") from None
         zeroshot.log(f"wrote {path}")
     return out
 

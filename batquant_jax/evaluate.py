@@ -221,6 +221,8 @@ def accuracy_main() -> None:
         result = accuracy.run_accuracy(cfg)
     except errors as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except accuracy.WriteError as e:
+        cli.fail(str(e), code=1)
     print(accuracy.format_table(result), flush=True)
 
 

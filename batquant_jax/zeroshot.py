@@ -137,6 +137,14 @@ def bucket_length(n: int, max_len: int, smallest: int = 32) -> int:
     return min(max_len, max(smallest, 1 << max(0, n - 1).bit_length()))
 
 
+def _pred_bucket(n: int) -> int:
+    """Prediction slots per row, padded to a power of 4 (>= 4): fewer shapes to compile."""
+    p = 4
+    while p < n:
+        p *= 4
+    return p
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def score_rows(model, tokens: jax.Array, positions: jax.Array, segments: jax.Array,
@@ -203,7 +211,7 @@ def score_requests(score_fn: ScoreFn, encoded: Sequence[tuple[Sequence[int], Seq
         chosen = [rows[k] for k in order[i:i + batch]
                   if bucket_length(len(rows[k].tokens), max_len) == length]
         i += len(chosen)
-        n_pred = bucket_length(max(len(r.slots) for r in chosen), 1 << 30, smallest=4)
+        n_pred = _pred_bucket(max(len(r.slots) for r in chosen))
         tok = np.zeros((batch, length), np.int32)
         pos = np.zeros((batch, length), np.int32)
         seg = np.full((batch, length), -1, np.int32)

@@ -251,6 +251,7 @@ def _cli(*args, cwd=None):
     (None, ["--tasks="], "error: no task given"),
     (None, ["--tasks=piqa", "--limit=-3", "--token_budget=0"], "error: --token_budget must be >= 1"),
     (None, ["--tasks={d}/missing.jsonl"], "error: task file {d}/missing.jsonl not found"),
+    (None, ["--tasks=piqa", "--output_json={d}"], "error: --output_json {d} is a folder"),
     ("", ["--tasks={d}/t.jsonl"], "error: task file {d}/t.jsonl is empty"),
     ('{"query": "q", "choices": ["a"], "gold": 0}\n{oops\n', ["--tasks={d}/t.jsonl"],
      "error: {d}/t.jsonl line 2: not valid JSON"),
