@@ -137,11 +137,14 @@ def bucket_length(n: int, max_len: int, smallest: int = 32) -> int:
     return min(max_len, max(smallest, 1 << max(0, n - 1).bit_length()))
 
 
-def _pred_bucket(n: int) -> int:
-    """Prediction slots per row, padded to a power of 4 (>= 4): fewer shapes to compile."""
+def _pred_bucket(n: int, length: int) -> int:
+    """Prediction slots per row: the next power of 4 (>= 4; fewer shapes to compile), or of 2
+    when the power of 4 would exceed the row length (the vocabulary projection is costly)."""
     p = 4
     while p < n:
         p *= 4
+    if p > length:
+        p = max(4, 1 << max(0, n - 1).bit_length())
     return p
 
 
@@ -211,7 +214,7 @@ def score_requests(score_fn: ScoreFn, encoded: Sequence[tuple[Sequence[int], Seq
         chosen = [rows[k] for k in order[i:i + batch]
                   if bucket_length(len(rows[k].tokens), max_len) == length]
         i += len(chosen)
-        n_pred = _pred_bucket(max(len(r.slots) for r in chosen))
+        n_pred = _pred_bucket(max(len(r.slots) for r in chosen), length)
         tok = np.zeros((batch, length), np.int32)
         pos = np.zeros((batch, length), np.int32)
         seg = np.full((batch, length), -1, np.int32)
