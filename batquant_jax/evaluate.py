@@ -212,6 +212,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.checkpoint:
         from batquant_jax.checkpoint import quiet_orbax_logs
         quiet_orbax_logs()
+    if FLAGS.tasks is not None:  # zero-shot accuracy instead of perplexity (block below)
+        return accuracy_main()
     try:
         result = run_evaluation(config_from_flags())
     except _user_errors() as e:
@@ -221,6 +223,44 @@ def main(argv: list[str]) -> None:
     print(f"perplexity: {result['perplexity']:.4f}", flush=True)
 
 
+# ----------------------------------------------------------------------------- zero-shot accuracy
+# ``--tasks`` switches the command to zero-shot accuracy (batquant_jax.accuracy):
+#     python -m batquant_jax.evaluate --model=smollm2-135m --tasks=piqa,arc_easy --limit=200
+#     python -m batquant_jax.evaluate --checkpoint=DIR --tasks=piqa --baseline_json=fp.json
+# --model, --checkpoint and --output_json mean the same as for perplexity.
+
+def define_accuracy_flags() -> None:
+    flags.DEFINE_string("tasks", None,
+                        "zero-shot accuracy on these comma-separated tasks (arc_easy, "
+                        "arc_challenge, hellaswag, piqa, winogrande, boolq, lambada, or a .jsonl "
+                        "file of {query, choices, gold} lines) instead of perplexity")
+    flags.DEFINE_integer("limit", 0, "with --tasks: the first N items of each task; 0 = all")
+    flags.DEFINE_string("baseline_json", None,
+                        "with --tasks: the --output_json of a full-precision run; adds recovery "
+                        "= average acc / baseline average acc on the same items")
+    flags.DEFINE_integer("token_budget", 2048, "with --tasks: tokens per forward pass")
+
+
+def accuracy_main() -> None:
+    """``--tasks`` given: score, print the table on stdout; bad input exits 2 in one line."""
+    from batquant_jax import accuracy, tasks
+
+    errors = _user_errors() + (accuracy.AccuracyError, tasks.TaskError)
+    try:
+        cfg = accuracy.AccuracyConfig(
+            model=FLAGS.model, checkpoint=FLAGS.checkpoint or None,
+            tasks=tuple(tasks.parse_task_list(FLAGS.tasks)),
+            limit=FLAGS.limit if FLAGS.limit > 0 else None, output_json=FLAGS.output_json,
+            baseline_json=FLAGS.baseline_json, token_budget=FLAGS.token_budget)
+        result = accuracy.run_accuracy(cfg)
+    except errors as e:
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except accuracy.WriteError as e:
+        cli.fail(str(e), code=1)
+    print(accuracy.format_table(result), flush=True)
+
+
 if __name__ == "__main__":
     define_flags()
+    define_accuracy_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -251,8 +251,14 @@ class Attention(nnx.Module):
             self.q_norm = nnx.data(None)
             self.k_norm = nnx.data(None)
 
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """x: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`."""
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """x: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`.
+
+        mask: bool `[B, T, T]` (query, key), True where the query may attend to the key; None is
+        the causal mask. Several sequences can share one row this way (a shared prefix with
+        branches, each branch attending to the prefix and to itself only).
+        """
         b, t, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(b, t, h, hd)
@@ -265,8 +271,11 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, kv, h // kv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * np.float32(hd ** -0.5)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        if mask is None:
+            allowed = jnp.tril(jnp.ones((t, t), dtype=bool))
+        else:
+            allowed = jnp.asarray(mask, dtype=bool)[:, None, None]  # [B, 1, 1, T, T]
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
         return self.o_proj(out)
@@ -294,11 +303,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, rngs, dtype=dtype)
 
-    def __call__(self, h: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """h: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`."""
+    def __call__(self, h: jax.Array, positions: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """h: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)), mask: bool
+        `[B, T, T]` or None (causal; see `Attention`) -> `[B, T, d]`."""
         if h.ndim != 3:
             raise ValueError(f"DecoderLayer expects hidden states [B, T, d], got shape {h.shape}")
-        h = h + self.self_attn(self.input_layernorm(h), positions)
+        h = h + self.self_attn(self.input_layernorm(h), positions, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -331,11 +342,16 @@ class LlamaForCausalLM(nnx.Module):
         logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens: `[B, T]` -> last decoder layer output `[B, T, d]` (before the final norm)."""
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+        """tokens: `[B, T]` -> last decoder layer output `[B, T, d]` (before the final norm).
+
+        positions: `[T]` or `[B, T]` (default arange(T)); mask: bool `[B, T, T]` (query, key)
+        or None for causal attention (see `Attention`).
+        """
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, positions)
+            h = layer(h, positions, mask)
         return h
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
