@@ -92,7 +92,9 @@ METHODS = {
     "flatquant": MethodSpec(transform="kronecker", channel_scale=True, clip="tensor", train=True,
                             transform_init="random_orthogonal", scale_init="smooth",
                             smooth_alpha=0.3),
-    "batquant": MethodSpec(transform="gpk", channel_scale=True, clip="block", train=True),
+    # channel scale started SmoothQuant-style (alpha 0.5): chosen on held-back calibration data
+    "batquant": MethodSpec(transform="gpk", channel_scale=True, clip="block", train=True,
+                           scale_init="smooth"),
 }
 
 # (container attribute, linear names, group name); the first linear of a group records the Hessian.

@@ -20,6 +20,7 @@ One JSON per run under experiments/results/diagnose/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -133,8 +134,10 @@ def main(argv=None) -> int:
               flush=True)
         xs, hx = ys, hy
     calib_s = time.time() - t0
+    config = {**dataclasses.asdict(cfg), "method_spec": dataclasses.asdict(cfg.method_spec)}
     out = {"method": args.method, "setting": args.setting, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "hparams": hparams,
+           "config": config,
            "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
