@@ -325,11 +325,19 @@ def _qweight_targets(meta: Mapping[str, dict]) -> dict:
                   for n, m in meta.items() for leaf in ("codes", "scales")})
 
 
+def _mxarray(codes, scales, m: Mapping[str, Any]) -> mx.MXArray:
+    """The MXArray of stored leaves and their ``mx_meta`` description."""
+    shape, axis = tuple(m["shape"]), int(m["axis"])
+    if axis >= 0:  # written when MXArray.axis counted from the start
+        axis -= len(shape)
+    return mx.MXArray(jnp.asarray(codes), jnp.asarray(scales), m["fmt"], axis, shape[axis],
+                      int(m["block_size"]))
+
+
 def _mxarrays(tree: dict, meta: Mapping[str, dict]) -> dict[str, mx.MXArray]:
     flat = _flatten(tree)
-    return {n: mx.MXArray(jnp.asarray(flat[tuple(n.split(".")) + ("codes",)]),
-                          jnp.asarray(flat[tuple(n.split(".")) + ("scales",)]),
-                          m["fmt"], int(m["axis"]), tuple(m["shape"]), int(m["block_size"]))
+    return {n: _mxarray(flat[tuple(n.split(".")) + ("codes",)],
+                        flat[tuple(n.split(".")) + ("scales",)], m)
             for n, m in meta.items()}
 
 
