@@ -389,6 +389,26 @@ def restore_layer(layer: DecoderLayer, params: dict, qweights: Mapping[str, mx.M
 
 # ----------------------------------------------------------------------------- final artifact
 
+def _check_saveable(model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
+                    metadata: Mapping[str, Any]) -> None:
+    """ValueError (one line) unless ``load_quantized`` can rebuild what save_quantized writes."""
+    fields = metadata.get("calib_config") if isinstance(metadata, Mapping) else None
+    if not isinstance(fields, Mapping):
+        raise ValueError("save_quantized: metadata lacks 'calib_config' (the CalibConfig fields, "
+                         "e.g. dataclasses.asdict(result.config)), which loading needs")
+    try:
+        calib_config_from(fields).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_quantized: metadata['calib_config'] is invalid: "
+                         f"{_one_line(e, 200)}") from None
+    wanted = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
+              for name in quant_linears(layer)]
+    missing = sorted(set(wanted) - set(qweights))
+    if missing:
+        raise ValueError(f"save_quantized: qweights lacks {len(missing)} of the model's quantized "
+                         f"linears: {', '.join(missing)}")
+
+
 def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
                    tokenizer, metadata: dict) -> dict:
     """Writes the deployable checkpoint into ``out_dir``; returns the metadata as written.
@@ -396,7 +416,10 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
     qweights: "layers.{i}.{linear}" -> MXArray for every QuantLinear of ``model``. metadata must
     hold "calib_config" (CalibConfig fields); "model_config", "qweights", "sizes" and "format" are
     filled in here. metadata.json is written last: it marks the checkpoint complete.
+    Raises ValueError, before anything is written, if the checkpoint could not be loaded: no
+    valid "calib_config", or a QuantLinear of ``model`` without its entry in qweights.
     """
+    _check_saveable(model, qweights, metadata)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
