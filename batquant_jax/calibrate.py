@@ -536,6 +536,7 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
 
 
 def main(argv: list[str]) -> None:
+    cli.sync_cpu_dispatch()  # before any computation
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     from batquant_jax.models import ModelLoadError
