@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from batquant_jax import mx
-from batquant_jax.clipping import ActClip, WeightClip
+from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 from batquant_jax.models.llama import DecoderLayer, Linear
 from batquant_jax.transforms import (BlockAffine, BlockHadamard, GPKTransform, IdentityTransform,
                                      KroneckerTransform, RandomHadamard, Transform)
@@ -217,7 +217,8 @@ class QuantLinear(nnx.Module):
 
 def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec, *,
                    g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
-                   clip_init: float = 4.0, record_hessian: bool = False) -> DecoderLayer:
+                   clip_init: float = DEFAULT_CLIP_INIT,
+                   record_hessian: bool = False) -> DecoderLayer:
     """Swap the seven linears of ``layer`` (in place) for QuantLinears of ``method``; returns layer.
 
     One transform and one activation clip per group (qkv, o, ug, d), one weight clip per linear.
