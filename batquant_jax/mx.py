@@ -14,6 +14,7 @@ scaling, so results are bit-exact on every backend. Public surface:
   fake_quant(x, fmt, *, axis, block_size, ...)           (straight-through derivative)
   quantize(x, fmt, ...) -> MXArray,  quantize_with_exponents(x, e, ...) -> MXArray
   dequantize(mx, dtype) -> array                         pack_nibbles / unpack_nibbles
+  check_blocks(shape, fmt, axis, block_size, ...)        the argument checks, for reuse
 
 Example:
   >>> x = jnp.array([[7.0, 2.5, -0.2] + [0.0] * 29])   # [1, 32]: one block, amax 7 -> e = 0
@@ -200,8 +201,9 @@ def round_to_grid(v: jax.Array, fmt: str = "mxfp4", rounding: str = "even") -> j
 # ----------------------------------------------------------------------------- blocks
 
 
-def _check(shape, fmt, axis, block_size, scale_mode, rounding, pad):
-    """Validate arguments; returns (format, axis >= 0, length along axis, padded length)."""
+def check_blocks(shape, fmt, axis, block_size, scale_mode, rounding, pad):
+    """Validates the arguments of quantize / fake_quant for an array of `shape` (ValueError
+    naming the valid choices); returns (format, axis >= 0, length along axis, padded length)."""
     f = _format(fmt)
     _choice(scale_mode, SCALE_MODES, "scale_mode")
     _choice(rounding, ROUNDINGS, "rounding")
@@ -316,7 +318,7 @@ def fake_quant(
     and forward mode. Works under jit, vmap, grad, jvp and jacfwd.
     """
     x = _float_input(x)
-    _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    _, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
     if x.size == 0:
         return x
     return _fake_quant_jit(x, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
@@ -464,7 +466,7 @@ def quantize(
     the float8 bit patterns. A block holding NaN/Inf gets scale byte 0xFF and zero codes.
     """
     x = _float_input(x)
-    f, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    f, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
     if x.size == 0:
         return _empty(x.shape, f, axis, n_pad, block_size)
     codes, scales = _quantize_jit(x, None, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
@@ -480,7 +482,7 @@ def quantize_with_exponents(
     `MXArray.exponents` layout), values in [-127, 127] or 128 (NaN block). Elements saturate.
     """
     x = _float_input(x)
-    _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, "floor", rounding, pad)
+    _, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, "floor", rounding, pad)
     want = tuple(s for i, s in enumerate(x.shape) if i != axis) + (n_pad // block_size,)
     e = jnp.asarray(exponents)
     if tuple(e.shape) != want:

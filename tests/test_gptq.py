@@ -186,3 +186,24 @@ def test_quantize_weight_dispatch_and_errors():
         gptq.gptq_quantize(W.at[0, 0].set(jnp.nan), H)
     with pytest.raises(ValueError, match="rounding"):
         gptq.gptq_quantize(W, H, rounding="up")
+
+
+def test_argument_checks_are_mx_own():
+    # Before the fix gptq re-implemented mx's checks: it accepted block_size=1 for MXFP4 (two
+    # codes per byte need an even block) and worded its errors differently.
+    from batquant_jax import mx
+    W = jnp.ones((4, 64), jnp.float32)
+    bad = [dict(block_size=1), dict(scale_mode="round"), dict(rounding="up"), dict(fmt="mxfp3")]
+    for kw in bad:
+        with pytest.raises(ValueError) as want:
+            mx.quantize(W, **kw)
+        for fn in (gptq.rtn_quantize, lambda w, **k: gptq.gptq_quantize(w, jnp.eye(64), **k)):
+            with pytest.raises(ValueError) as got:
+                fn(W, **kw)
+            assert str(got.value) == str(want.value)
+    assert str(want.value) == "unknown MX format 'mxfp3'; valid: " + str(sorted(mx.FORMATS))
+    with pytest.raises(ValueError) as e:
+        gptq.rtn_quantize(jnp.zeros((4, 48)))
+    assert str(e.value) == ("in_features d=48 is not a multiple of block_size=32; MX blocks must "
+                            "tile the reduction axis exactly (no silent padding)")
+    assert gptq.rtn_quantize(W, block_size=np.int64(32)).block_size == 32
