@@ -12,7 +12,8 @@ reduction axis), ``block_size`` consecutive input features per block, one shared
   factor of ``H^-1``. Columns are processed in groups of ``block_size`` aligned with the MX blocks
   (lazy batch updates: sequential updates inside a group, one matmul to the later columns after it).
 * ``hessian_init`` / ``hessian_update``: the layer-input Gram matrix ``H = sum_tokens x^T x``
-  (a sum, not a mean, so per-device partial sums can be all-reduced).
+  (a sum, not a mean, so per-device partial sums can be all-reduced), in float32 at HIGHEST
+  precision; ``qlayers.QuantLinear`` records its Hessian with ``hessian_update`` too.
 
 Example::
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from batquant_jax import mx
+from batquant_jax import gptq, mx
 from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 from batquant_jax.models.llama import DecoderLayer, Linear
 from batquant_jax.transforms import (BlockAffine, BlockHadamard, GPKTransform, IdentityTransform,
@@ -178,8 +178,7 @@ class QuantLinear(nnx.Module):
             self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(flat_x, axis=0))
         xt = self.transform(x.astype(jnp.float32))
         if self.recording and self.hessian is not None:
-            flat = xt.reshape(-1, xt.shape[-1])
-            self.hessian[...] = self.hessian[...] + flat.T @ flat
+            self.hessian[...] = gptq.hessian_update(self.hessian[...], xt)
         s = self.spec
         if s.a_fmt is None:
             return xt

@@ -207,3 +207,28 @@ def test_argument_checks_are_mx_own():
     assert str(e.value) == ("in_features d=48 is not a multiple of block_size=32; MX blocks must "
                             "tile the reduction axis exactly (no silent padding)")
     assert gptq.rtn_quantize(W, block_size=np.int64(32)).block_size == 32
+
+
+def test_quantlinear_records_its_hessian_with_hessian_update(monkeypatch):
+    # Before the fix QuantLinear summed X^T X inline (a second Hessian function beside
+    # hessian_update) and distributed.hessian_sum (a third) was used nowhere.
+    from flax import nnx
+
+    from batquant_jax import distributed
+    from batquant_jax.models import LlamaConfig
+    from batquant_jax.models.llama import DecoderLayer
+    from batquant_jax.qlayers import SETTINGS, group_heads, quantize_layer, set_recording
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    layer = quantize_layer(DecoderLayer(config, nnx.Rngs(0)), "brq", SETTINGS["W4A4KV16"],
+                           record_hessian=True)
+    set_recording(layer, True)
+    seen, real = [], gptq.hessian_update
+    monkeypatch.setattr(gptq, "hessian_update", lambda H, x: seen.append(x) or real(H, x))
+    layer(jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 64)), jnp.float32))
+    heads = group_heads(layer)
+    assert len(seen) == len(heads) == 4
+    for x, q in zip(seen, heads.values()):
+        want = real(gptq.hessian_init(x.shape[-1]), x)
+        assert np.array_equal(np.asarray(q.hessian[...]), np.asarray(want))
+    assert not hasattr(distributed, "hessian_sum")
