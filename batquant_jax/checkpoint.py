@@ -44,6 +44,7 @@ from flax import nnx
 
 from batquant_jax import mx
 from batquant_jax.calibration import CalibConfig, build_quantized_layer
+from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from batquant_jax.qlayers import QuantLinear, quant_linears
@@ -76,19 +77,9 @@ def _sync(name: str) -> None:
 
 
 def write_json(path, obj: Any) -> None:
-    """Writes ``obj`` as JSON atomically: a temporary file in the same folder, fsync, os.replace."""
-    if not _primary():
-        return
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes ``obj`` as JSON atomically (``data.atomic_write``); only the primary process writes."""
+    if _primary():
+        atomic_write(pathlib.Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def read_json(path) -> dict:

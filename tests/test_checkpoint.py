@@ -166,3 +166,18 @@ def test_mx_meta_round_trip_and_old_positive_axis():
     for r in (back, old):                                          # axis counted from the end
         assert (r.axis, r.length, r.shape) == (-2, 40, (40, 8))
         np.testing.assert_array_equal(np.asarray(mx.dequantize(r)), np.asarray(mx.dequantize(q)))
+
+
+def test_write_json_uses_the_one_atomic_write(tmp_path, monkeypatch):
+    # Before the fix checkpoint.write_json and data._atomic_write were two copies of the
+    # temporary-file-fsync-rename helper.
+    from batquant_jax import data
+    assert not hasattr(data, "_atomic_write")
+    calls = []
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda p, b: calls.append((p, b)))
+    checkpoint.write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert calls == [(tmp_path / "m.json", b'{\n "a": [\n  1,\n  2\n ]\n}\n')]
+    monkeypatch.undo()
+    checkpoint.write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2]}
+    assert os.listdir(tmp_path) == ["m.json"]
