@@ -9,13 +9,9 @@ Modules (each readable alone):
   data         corpora (Wikipedia excerpt, user text) and the calibration sampler
   perplexity   the one perplexity protocol
   calibration  layer-wise calibration and quantize_model
+
+Importing the package changes no global JAX option; the command-line entry points make CPU
+dispatch synchronous (cli.sync_cpu_dispatch), which long CPU runs of your own may want too.
 """
 
 __version__ = "0.1.0"
-
-import jax as _jax
-
-# XLA's CPU client can deadlock (0% CPU, waiting forever) when several large programs are queued
-# by asynchronous dispatch at once (seen here during calibration; a known JAX CPU issue). Dispatch
-# on the CPU is made synchronous; GPU and TPU backends are unaffected by this option.
-_jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
-from batquant_jax import checkpoint, cli, data, lockfile, perplexity
-from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORMS,
+from batquant_jax import checkpoint, cli, data, lockfile, mx, perplexity
+from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORM_BLOCKS, TRANSFORMS,
                                       WEIGHT_QUANTIZERS, CalibConfig, LOSSES,
                                       LOSS_WEIGHTS, SCALE_INITS)
 from batquant_jax.qlayers import METHODS, SETTINGS
@@ -137,7 +137,7 @@ class CalibrateConfig:
         one_of("setting", tuple(SETTINGS))
         one_of("propagate", PROPAGATIONS)
         one_of("init", INITS)
-        one_of("scale_mode", ("floor", "ceil", "even", "rceil"))
+        one_of("scale_mode", mx.SCALE_MODES)
         one_of("clip", CLIPS)
         one_of("loss", tuple(LOSSES))
         one_of("loss_weight", LOSS_WEIGHTS)
@@ -148,8 +148,9 @@ class CalibrateConfig:
             one_of("weight_quantizer", WEIGHT_QUANTIZERS)
         if self.transform is not None:
             one_of("transform", TRANSFORMS)
-        if self.g1 * self.g2 != 32:
-            raise ConfigError(f"--g1 * --g2 must be 32 (the MX block), got {self.g1} * {self.g2}"
+        if self.g1 * self.g2 not in TRANSFORM_BLOCKS:  # the library's check, in flag terms
+            raise ConfigError(f"--g1 * --g2 (the transform block) must be one of "
+                              f"{', '.join(map(str, TRANSFORM_BLOCKS))}, got {self.g1} * {self.g2}"
                               f" = {self.g1 * self.g2}")
         if not self.output_dir.strip():
             raise ConfigError("--output_dir is required")
@@ -486,8 +487,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", _D.batch_size, "windows per training step")
     flags.DEFINE_float("lr", _D.lr, "learning rate of the transforms (AdamW, cosine decay)")
     flags.DEFINE_float("clip_lr", _D.clip_lr, "learning rate of the clipping logits")
-    flags.DEFINE_integer("g1", _D.g1, "GPK global factor size (g1 * g2 = 32)")
-    flags.DEFINE_integer("g2", _D.g2, "GPK private factor size (g1 * g2 = 32)")
+    blocks = ", ".join(map(str, TRANSFORM_BLOCKS))
+    flags.DEFINE_integer("g1", _D.g1, f"GPK global factor size (g1 * g2: {blocks})")
+    flags.DEFINE_integer("g2", _D.g2, f"GPK private factor size (g1 * g2: {blocks})")
     flags.DEFINE_string("init", _D.init, "transform initialisation: hadamard, identity, or auto (per layer, the lower calibration loss)")
     flags.DEFINE_float("clip_init", _D.clip_init, "initial clipping logit (sigmoid(8) = 0.9997 of "
                        "the block max/min; the paper's 4.0 clips 1.8%)")
@@ -495,7 +497,8 @@ def define_flags() -> None:
     flags.DEFINE_string("transform", None, f"override the method's transform: {', '.join(TRANSFORMS)}")
     flags.DEFINE_string("weight_quantizer", None, "gptq or rtn (default: the method's own)")
     flags.DEFINE_string("propagate", _D.propagate, "inputs of the next layer: fp or quant outputs")
-    flags.DEFINE_string("scale_mode", _D.scale_mode, "MX shared-scale rule: floor, ceil, even, rceil")
+    flags.DEFINE_string("scale_mode", _D.scale_mode,
+                        f"MX shared-scale rule: {', '.join(mx.SCALE_MODES)}")
     flags.DEFINE_string("loss", _D.loss, f"layer objective: {', '.join(LOSSES)} (token_mse: "
                         "per-token relative error, every token weighs the same)")
     flags.DEFINE_string("loss_weight", _D.loss_weight, f"channel weights of the objective: "
@@ -536,6 +539,7 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
 
 
 def main(argv: list[str]) -> None:
+    cli.sync_cpu_dispatch()  # before any computation
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     from batquant_jax.models import ModelLoadError

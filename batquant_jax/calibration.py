@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from batquant_jax import gptq
+from batquant_jax.clipping import DEFAULT_CLIP_INIT
 from batquant_jax.distributed import DataParallel
 from batquant_jax.models.llama import LlamaForCausalLM
 from batquant_jax.qlayers import (GROUPS, METHODS, SETTINGS, MethodSpec, QuantSpec, group_heads,
@@ -93,7 +94,7 @@ class CalibConfig:
     g1: int = 8
     g2: int = 4
     init: str = "hadamard"
-    clip_init: float = 8.0  # clipping logits at start; the paper's 4.0 clips 1.8% (BUILD_NOTES)
+    clip_init: float = DEFAULT_CLIP_INIT  # clipping logits at start (clipping.py)
     clip: str = "method"    # "method" (the method's own) | none | weights | activations | both
     transform: str | None = None  # override the method's transform (ablations: "block_affine")
     weight_quantizer: str | None = None  # None: the method's own (rtn for "rtn", else gptq)

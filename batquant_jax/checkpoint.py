@@ -44,6 +44,7 @@ from flax import nnx
 
 from batquant_jax import mx
 from batquant_jax.calibration import CalibConfig, build_quantized_layer
+from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from batquant_jax.qlayers import QuantLinear, quant_linears
@@ -76,19 +77,9 @@ def _sync(name: str) -> None:
 
 
 def write_json(path, obj: Any) -> None:
-    """Writes ``obj`` as JSON atomically: a temporary file in the same folder, fsync, os.replace."""
-    if not _primary():
-        return
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes ``obj`` as JSON atomically (``data.atomic_write``); only the primary process writes."""
+    if _primary():
+        atomic_write(pathlib.Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def read_json(path) -> dict:
@@ -325,11 +316,19 @@ def _qweight_targets(meta: Mapping[str, dict]) -> dict:
                   for n, m in meta.items() for leaf in ("codes", "scales")})
 
 
+def _mxarray(codes, scales, m: Mapping[str, Any]) -> mx.MXArray:
+    """The MXArray of stored leaves and their ``mx_meta`` description."""
+    shape, axis = tuple(m["shape"]), int(m["axis"])
+    if axis >= 0:  # written when MXArray.axis counted from the start
+        axis -= len(shape)
+    return mx.MXArray(jnp.asarray(codes), jnp.asarray(scales), m["fmt"], axis, shape[axis],
+                      int(m["block_size"]))
+
+
 def _mxarrays(tree: dict, meta: Mapping[str, dict]) -> dict[str, mx.MXArray]:
     flat = _flatten(tree)
-    return {n: mx.MXArray(jnp.asarray(flat[tuple(n.split(".")) + ("codes",)]),
-                          jnp.asarray(flat[tuple(n.split(".")) + ("scales",)]),
-                          m["fmt"], int(m["axis"]), tuple(m["shape"]), int(m["block_size"]))
+    return {n: _mxarray(flat[tuple(n.split(".")) + ("codes",)],
+                        flat[tuple(n.split(".")) + ("scales",)], m)
             for n, m in meta.items()}
 
 
@@ -381,6 +380,26 @@ def restore_layer(layer: DecoderLayer, params: dict, qweights: Mapping[str, mx.M
 
 # ----------------------------------------------------------------------------- final artifact
 
+def _check_saveable(model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
+                    metadata: Mapping[str, Any]) -> None:
+    """ValueError (one line) unless ``load_quantized`` can rebuild what save_quantized writes."""
+    fields = metadata.get("calib_config") if isinstance(metadata, Mapping) else None
+    if not isinstance(fields, Mapping):
+        raise ValueError("save_quantized: metadata lacks 'calib_config' (the CalibConfig fields, "
+                         "e.g. dataclasses.asdict(result.config)), which loading needs")
+    try:
+        calib_config_from(fields).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_quantized: metadata['calib_config'] is invalid: "
+                         f"{_one_line(e, 200)}") from None
+    wanted = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
+              for name in quant_linears(layer)]
+    missing = sorted(set(wanted) - set(qweights))
+    if missing:
+        raise ValueError(f"save_quantized: qweights lacks {len(missing)} of the model's quantized "
+                         f"linears: {', '.join(missing)}")
+
+
 def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
                    tokenizer, metadata: dict) -> dict:
     """Writes the deployable checkpoint into ``out_dir``; returns the metadata as written.
@@ -388,7 +407,10 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
     qweights: "layers.{i}.{linear}" -> MXArray for every QuantLinear of ``model``. metadata must
     hold "calib_config" (CalibConfig fields); "model_config", "qweights", "sizes" and "format" are
     filled in here. metadata.json is written last: it marks the checkpoint complete.
+    Raises ValueError, before anything is written, if the checkpoint could not be loaded: no
+    valid "calib_config", or a QuantLinear of ``model`` without its entry in qweights.
     """
+    _check_saveable(model, qweights, metadata)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint

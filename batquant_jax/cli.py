@@ -14,6 +14,20 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def sync_cpu_dispatch() -> None:
+    """Makes dispatch on the CPU synchronous for the whole process (JAX's
+    ``jax_cpu_enable_async_dispatch`` = False); GPU and TPU backends are unaffected.
+
+    XLA's CPU client can deadlock (0% CPU, waiting forever) when several large programs are
+    queued by asynchronous dispatch at once (seen here during calibration; a known JAX CPU
+    issue). A process-wide option, so only the command-line entry points set it, first thing in
+    their main; a library import leaves it alone. Scripts that run long CPU calibrations
+    in-process can call it themselves.
+    """
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def quiet_backend_probe() -> None:
     """Drops JAX's INFO line "Unable to initialize backend 'tpu'" (printed by every command on a
     machine without one); warnings and errors of that module still show."""

@@ -5,10 +5,11 @@ For each MX block of 32 values (one token's / one weight row's slice along d), w
 
     hi = sigmoid(a_max) * max(block),   lo = sigmoid(a_min) * min(block),   x <- clamp(x, lo, hi)
 
-applied before the MX shared scale is computed. The logits start at 4.0 (ratio sigmoid(4) ~ 0.982)
-and receive gradients through the clamp. ``granularity="tensor"`` is FlatQuant's variant: one
-logit pair for the whole activation tensor (max / min taken per token over all of d), or one per
-output row for weights (max / min over the whole row).
+applied before the MX shared scale is computed. The logits start at ``DEFAULT_CLIP_INIT`` = 8.0
+(ratio sigmoid(8) ~ 0.9997; the paper's 4.0, ratio 0.982, clips 1.8% of the values, see
+BUILD_NOTES.md) and receive gradients through the clamp. ``granularity="tensor"`` is FlatQuant's
+variant: one logit pair for the whole activation tensor (max / min taken per token over all of
+d), or one per output row for weights (max / min over the whole row).
 
 A block whose values all share one sign is clipped only on that side: e.g. for an all-negative
 block ``hi = sigmoid(a_max) * max`` lies above the block max and is inactive. (If the two
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 _GRANULARITIES = ("block", "tensor")
+# The clipping logits' start, for the modules, qlayers.quantize_layer and CalibConfig alike.
+DEFAULT_CLIP_INIT = 8.0
 
 
 def clamp_to_ratios(xb: jax.Array, r_max: jax.Array, r_min: jax.Array) -> jax.Array:
@@ -54,8 +57,8 @@ class ActClip(nnx.Module):
     shared by all tokens; "tensor": scalar logits, thresholds from each token's max / min over d.
     """
 
-    def __init__(self, d: int, block: int = 32, init: float = 4.0, granularity: str = "block",
-                 enabled: bool = True):
+    def __init__(self, d: int, block: int = 32, init: float = DEFAULT_CLIP_INIT,
+                 granularity: str = "block", enabled: bool = True):
         _check(granularity, d, block)
         self.d, self.block, self.granularity, self.enabled = d, block, granularity, enabled
         shape = (d // block,) if granularity == "block" else ()
@@ -91,7 +94,7 @@ class WeightClip(nnx.Module):
     "tensor": [out], one pair per output row with thresholds from the whole row.
     """
 
-    def __init__(self, out: int, d: int, block: int = 32, init: float = 4.0,
+    def __init__(self, out: int, d: int, block: int = 32, init: float = DEFAULT_CLIP_INIT,
                  granularity: str = "block", enabled: bool = True):
         _check(granularity, d, block)
         if out <= 0:

@@ -182,8 +182,9 @@ def _index_path(root: pathlib.Path) -> pathlib.Path:
     return root / f"wiki-splits.v{_CLEANER_VERSION}.json"
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and a rename
+    (never half-written; the temporary file is removed on failure). The package's one such helper."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -232,7 +233,7 @@ def fetch_raw(root: pathlib.Path | None = None) -> pathlib.Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != _MEMBER_SHA256:
         raise DataError(f"the dump excerpt has SHA-256 {digest}, expected {_MEMBER_SHA256}")
-    _atomic_write(raw, data)
+    atomic_write(raw, data)
     return raw
 
 
@@ -300,10 +301,10 @@ def prepare(root: pathlib.Path | None = None) -> dict[str, Any]:
             if not arts:
                 raise DataError(f"split {name} of {raw} came out empty; need >= 1 article")
             text = "\n\n".join(t for _, t in arts)
-            _atomic_write(_split_path(root, name), text.encode("utf-8"))
+            atomic_write(_split_path(root, name), text.encode("utf-8"))
             stats[name] = {"articles": len(arts), "chars": len(text),
                            "titles": [title for title, _ in arts]}
-        _atomic_write(index, json.dumps(stats, indent=1).encode("utf-8"))
+        atomic_write(index, json.dumps(stats, indent=1).encode("utf-8"))
         processed = True
     stats = json.loads(index.read_text(encoding="utf-8"))
     return {"cache": str(root), "fetched": fetched, "processed": processed,
@@ -398,7 +399,7 @@ def fetch_shakespeare(root: pathlib.Path | None = None) -> pathlib.Path:
                 if digest != sha:
                     raise DataError(f"{name} has SHA-256 {digest}, expected {sha}")
                 plays.append(clean_play_text(raw.decode("utf-8")))
-    _atomic_write(out, "\n\n".join(plays).encode("utf-8"))
+    atomic_write(out, "\n\n".join(plays).encode("utf-8"))
     return out
 
 

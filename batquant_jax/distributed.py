@@ -29,7 +29,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -228,21 +227,6 @@ class DataParallel:
     def take(self, a, idx) -> jax.Array:
         """a[idx] for host indices idx: [bs] -> [bs, ...] split over data (XLA moves the rows)."""
         return _take(a, np.asarray(idx), self.rows())
-
-
-# ----------------------------------------------------------------------------- explicit collective
-
-def hessian_sum(x: jax.Array, mesh: Mesh) -> jax.Array:
-    """``X^T X`` of a data-sharded x: [N, ..., d] -> [d, d] float32, replicated.
-
-    The explicit form of what a jitted ``X^T X`` over a data-sharded batch does implicitly: each
-    device sums its own rows, then one ``psum`` over the data axis.
-    """
-    def local(xl):
-        flat = xl.reshape(-1, xl.shape[-1]).astype(jnp.float32)
-        return jax.lax.psum(jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST), "data")
-    spec = P("data", *([None] * (x.ndim - 1)))
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=P()))(x)
 
 
 # ----------------------------------------------------------------------------- memory estimate

@@ -207,6 +207,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str]) -> None:
+    cli.sync_cpu_dispatch()  # before any computation
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
     if FLAGS.checkpoint:

@@ -12,7 +12,8 @@ reduction axis), ``block_size`` consecutive input features per block, one shared
   factor of ``H^-1``. Columns are processed in groups of ``block_size`` aligned with the MX blocks
   (lazy batch updates: sequential updates inside a group, one matmul to the later columns after it).
 * ``hessian_init`` / ``hessian_update``: the layer-input Gram matrix ``H = sum_tokens x^T x``
-  (a sum, not a mean, so per-device partial sums can be all-reduced).
+  (a sum, not a mean, so per-device partial sums can be all-reduced), in float32 at HIGHEST
+  precision; ``qlayers.QuantLinear`` records its Hessian with ``hessian_update`` too.
 
 Example::
 
@@ -112,18 +113,13 @@ def _quant_fixed(w: jax.Array, e: jax.Array, fmt: str, rounding: str) -> jax.Arr
 
 
 def _check_common(W, fmt: str, block_size: int, scale_mode: str, rounding: str) -> None:
-    if fmt not in mx.FORMATS:
-        raise ValueError(f"unknown MX format {fmt!r}; known: {sorted(mx.FORMATS)}")
-    if scale_mode not in mx.SCALE_MODES:
-        raise ValueError(f"unknown scale_mode {scale_mode!r}; known: {list(mx.SCALE_MODES)}")
-    if rounding not in mx.ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; known: {list(mx.ROUNDINGS)}")
-    if not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    """W must be 2-D [out, d] with d a multiple of block_size; the rest is mx's own check."""
     if jnp.ndim(W) != 2:
         raise ValueError(f"W must be 2-D [out, d], got shape {jnp.shape(W)}")
-    d = jnp.shape(W)[1]
-    if d % block_size:
+    if isinstance(block_size, np.integer):
+        block_size = int(block_size)
+    _, _, d, d_pad = mx.check_blocks(jnp.shape(W), fmt, -1, block_size, scale_mode, rounding, True)
+    if d_pad != d:
         raise ValueError(
             f"in_features d={d} is not a multiple of block_size={block_size}; "
             "MX blocks must tile the reduction axis exactly (no silent padding)"

@@ -11,9 +11,10 @@ scaling, so results are bit-exact on every backend. Public surface:
   FORMATS, MXFormat, SCALE_MODES, ROUNDINGS
   shared_exponent(amax, fmt, scale_mode) -> int32 e      scale_bytes(e) -> uint8
   round_to_grid(v, fmt, rounding)                        mul_pow2(x, e) -> x * 2^e exactly
-  fake_quant(x, fmt, *, axis, block_size, ...)           (straight-through gradient)
+  fake_quant(x, fmt, *, axis, block_size, ...)           (straight-through derivative)
   quantize(x, fmt, ...) -> MXArray,  quantize_with_exponents(x, e, ...) -> MXArray
   dequantize(mx, dtype) -> array                         pack_nibbles / unpack_nibbles
+  check_blocks(shape, fmt, axis, block_size, ...)        the argument checks, for reuse
 
 Example:
   >>> x = jnp.array([[7.0, 2.5, -0.2] + [0.0] * 29])   # [1, 32]: one block, amax 7 -> e = 0
@@ -200,8 +201,9 @@ def round_to_grid(v: jax.Array, fmt: str = "mxfp4", rounding: str = "even") -> j
 # ----------------------------------------------------------------------------- blocks
 
 
-def _check(shape, fmt, axis, block_size, scale_mode, rounding, pad):
-    """Validate arguments; returns (format, axis >= 0, length along axis, padded length)."""
+def check_blocks(shape, fmt, axis, block_size, scale_mode, rounding, pad):
+    """Validates the arguments of quantize / fake_quant for an array of `shape` (ValueError
+    naming the valid choices); returns (format, axis >= 0, length along axis, padded length)."""
     f = _format(fmt)
     _choice(scale_mode, SCALE_MODES, "scale_mode")
     _choice(rounding, ROUNDINGS, "rounding")
@@ -279,22 +281,21 @@ def _fq_blocks(xb: jax.Array, f: MXFormat, scale_mode: str, rounding: str, axis:
     return lax.bitcast_convert_type(_bits(q) | (xbits & _SIGN), jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5, 6, 7))
 def _fake_quant(x, fmt, axis, block_size, scale_mode, rounding, n, n_pad):
     xb = _to_blocks(x, axis, block_size, n_pad)
     y = _fq_blocks(xb, FORMATS[fmt], scale_mode, rounding, axis, _dtype_emax(x.dtype))
     return _from_blocks(y, axis, n).astype(x.dtype)
 
 
-def _fake_quant_fwd(x, *static):
-    return _fake_quant(x, *static), None
+@_fake_quant.defjvp
+def _fake_quant_jvp(*args):
+    # straight-through: d fake_quant(x) / dx = identity. A linear tangent rule, so forward mode
+    # (jvp, jacfwd) and reverse mode (grad, the transpose of this rule) both work.
+    *static, (x,), (x_dot,) = args
+    return _fake_quant(x, *static), x_dot
 
 
-def _fake_quant_bwd(*args):
-    return (args[-1],)  # straight-through: d fake_quant(x) / dx = identity
-
-
-_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 _fake_quant_jit = jax.jit(_fake_quant, static_argnums=(1, 2, 3, 4, 5, 6, 7))
 
 
@@ -313,10 +314,11 @@ def fake_quant(
     x: float [..., n, ...] (float32, bfloat16 or float16; computed in float32), n on `axis`,
     n % block_size == 0 unless pad=True (zero padding, removed after). Returns the same shape
     and dtype, equal to dequantize(quantize(x, ...)) bit for bit; a block holding a NaN or Inf
-    becomes all NaN. The gradient w.r.t. x is the identity. Works under jit, vmap and grad.
+    becomes all NaN. The derivative w.r.t. x is the identity (straight-through), in reverse
+    and forward mode. Works under jit, vmap, grad, jvp and jacfwd.
     """
     x = _float_input(x)
-    _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    _, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
     if x.size == 0:
         return x
     return _fake_quant_jit(x, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
@@ -331,17 +333,37 @@ class MXArray:
 
     codes: uint8 [..., n_pad / 2] for 4-bit formats (element 2j in the low nibble, 2j+1 in the
     high one) or [..., n_pad] otherwise; scales: uint8 [..., n_pad / block_size] (bias 127,
-    0xFF = NaN). `...` are the other axes of the logical `shape` in order; `axis` is where the
-    blocked axis sits in `shape`; n_pad is shape[axis] rounded up to block_size (zero padding).
-    A pytree (codes, scales are leaves), so it passes through jit, vmap and checkpointing.
+    0xFF = NaN). `...` are the other axes of the logical `shape` in order; `axis` (negative,
+    counted from the end) is where the blocked axis sits in `shape`; `length` is its logical
+    length and n_pad that rounded up to block_size (zero padding).
+
+    A pytree (codes, scales are leaves), so it passes through jit, vmap and checkpointing. The
+    static metadata holds nothing that a batch axis changes: `shape` is derived from the leaves,
+    so vmap (leading batch axis, the default in_axes / out_axes 0) maps over MXArrays:
+    `dequantize(jax.vmap(quantize)(x))` has x's shape, and `jax.vmap(dequantize)` works.
     """
 
     codes: jax.Array
     scales: jax.Array
     fmt: str
     axis: int
-    shape: tuple[int, ...]
+    length: int
     block_size: int
+
+    def __post_init__(self):
+        if not isinstance(self.axis, int) or self.axis >= 0:
+            raise ValueError(f"MXArray.axis counts from the end (negative), got {self.axis!r}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape: the leaves' leading axes with `length` inserted at `axis`."""
+        rest = tuple(self.scales.shape[:-1])
+        pos = len(rest) + 1 + self.axis
+        return rest[:pos] + (self.length,) + rest[pos:]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.scales.shape)
 
     @property
     def nbytes(self) -> int:
@@ -355,7 +377,7 @@ class MXArray:
 
 
 jax.tree_util.register_dataclass(
-    MXArray, data_fields=["codes", "scales"], meta_fields=["fmt", "axis", "shape", "block_size"]
+    MXArray, data_fields=["codes", "scales"], meta_fields=["fmt", "axis", "length", "block_size"]
 )
 
 
@@ -431,7 +453,7 @@ def _empty(shape, f: MXFormat, axis: int, n_pad: int, block_size: int) -> MXArra
     rest = tuple(s for i, s in enumerate(shape) if i != axis)
     codes = jnp.zeros(rest + (n_pad // 2 if f.packed else n_pad,), jnp.uint8)
     scales = jnp.zeros(rest + (n_pad // block_size,), jnp.uint8)
-    return MXArray(codes, scales, f.name, axis, tuple(shape), block_size)
+    return MXArray(codes, scales, f.name, axis - len(shape), shape[axis], block_size)
 
 
 def quantize(
@@ -444,11 +466,11 @@ def quantize(
     the float8 bit patterns. A block holding NaN/Inf gets scale byte 0xFF and zero codes.
     """
     x = _float_input(x)
-    f, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
+    f, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, scale_mode, rounding, pad)
     if x.size == 0:
         return _empty(x.shape, f, axis, n_pad, block_size)
     codes, scales = _quantize_jit(x, None, fmt, axis, block_size, scale_mode, rounding, n, n_pad)
-    return MXArray(codes, scales, fmt, axis, tuple(x.shape), block_size)
+    return MXArray(codes, scales, fmt, axis - x.ndim, n, block_size)
 
 
 def quantize_with_exponents(
@@ -460,7 +482,7 @@ def quantize_with_exponents(
     `MXArray.exponents` layout), values in [-127, 127] or 128 (NaN block). Elements saturate.
     """
     x = _float_input(x)
-    _, axis, n, n_pad = _check(x.shape, fmt, axis, block_size, "floor", rounding, pad)
+    _, axis, n, n_pad = check_blocks(x.shape, fmt, axis, block_size, "floor", rounding, pad)
     want = tuple(s for i, s in enumerate(x.shape) if i != axis) + (n_pad // block_size,)
     e = jnp.asarray(exponents)
     if tuple(e.shape) != want:
@@ -471,7 +493,7 @@ def quantize_with_exponents(
         return _empty(x.shape, FORMATS[fmt], axis, n_pad, block_size)
     e = e.astype(jnp.int32)
     codes, scales = _quantize_jit(x, e, fmt, axis, block_size, "floor", rounding, n, n_pad)
-    return MXArray(codes, scales, fmt, axis, tuple(x.shape), block_size)
+    return MXArray(codes, scales, fmt, axis - x.ndim, n, block_size)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -489,7 +511,7 @@ def _dequantize_jit(mx: MXArray, dtype) -> jax.Array:
     s1, s2 = _block_scale(mx.scales.astype(jnp.int32)[..., None] - 127)
     sign = (codes >> (f.bits - 1)).astype(jnp.uint32) << 31
     y = lax.bitcast_convert_type(_bits((q * s1) * s2) | sign, jnp.float32)
-    y = y.reshape(y.shape[:-2] + (-1,))[..., : mx.shape[mx.axis]]
+    y = y.reshape(y.shape[:-2] + (-1,))[..., : mx.length]
     return jnp.moveaxis(y, -1, mx.axis).astype(dtype)
 
 

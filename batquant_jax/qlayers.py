@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from batquant_jax import mx
-from batquant_jax.clipping import ActClip, WeightClip
+from batquant_jax import gptq, mx
+from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 from batquant_jax.models.llama import DecoderLayer, Linear
 from batquant_jax.transforms import (BlockAffine, BlockHadamard, GPKTransform, IdentityTransform,
                                      KroneckerTransform, RandomHadamard, Transform)
@@ -180,8 +180,7 @@ class QuantLinear(nnx.Module):
             self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(flat_x, axis=0))
         xt = self.transform(x.astype(jnp.float32))
         if self.recording and self.hessian is not None:
-            flat = xt.reshape(-1, xt.shape[-1])
-            self.hessian[...] = self.hessian[...] + flat.T @ flat
+            self.hessian[...] = gptq.hessian_update(self.hessian[...], xt)
         s = self.spec
         if s.a_fmt is None:
             return xt
@@ -219,7 +218,8 @@ class QuantLinear(nnx.Module):
 
 def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec, *,
                    g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
-                   clip_init: float = 4.0, record_hessian: bool = False) -> DecoderLayer:
+                   clip_init: float = DEFAULT_CLIP_INIT,
+                   record_hessian: bool = False) -> DecoderLayer:
     """Swap the seven linears of ``layer`` (in place) for QuantLinears of ``method``; returns layer.
 
     One transform and one activation clip per group (qkv, o, ug, d), one weight clip per linear.

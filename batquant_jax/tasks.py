@@ -185,7 +185,7 @@ def fetch_tasks(root: pathlib.Path | None = None) -> dict[str, pathlib.Path]:
                 if len(docs) != count:
                     raise data.DataError(f"{member} holds {len(docs)} documents, expected {count}")
                 text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
-                data._atomic_write(paths[name], text.encode("utf-8"))
+                data.atomic_write(paths[name], text.encode("utf-8"))
     return paths
 
 

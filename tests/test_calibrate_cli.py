@@ -174,7 +174,8 @@ def test_rerun_with_other_flags_is_refused(reference):
 @pytest.mark.parametrize("change,error,message", [
     (dict(method="awq"), calibrate.ConfigError, "--method=awq is unknown; valid: rtn, gptq,"),
     (dict(setting="W4A2"), calibrate.ConfigError, "--setting=W4A2 is unknown"),
-    (dict(g1=8, g2=8), calibrate.ConfigError, "--g1 * --g2 must be 32 (the MX block), got 8 * 8 = 64"),
+    (dict(g1=8, g2=3), calibrate.ConfigError,
+     "--g1 * --g2 (the transform block) must be one of 16, 32, 64, 128, got 8 * 3 = 24"),
     (dict(nsamples=2), calibrate.ConfigError, "--nsamples (2) must be >= --batch_size (4)"),
     (dict(seqlen=256), calibrate.ConfigError, "--seqlen 256 exceeds the model's context of 128"),
     (dict(model="/nonexistent/model"), ModelLoadError, "model path /nonexistent/model does not exist"),
@@ -190,10 +191,25 @@ def test_bad_input_fails_before_any_work(tiny, tmp_path, change, error, message)
 
 def test_cli_bad_flags_exit_2_with_one_line(tiny, reference, tmp_path):
     model, text = tiny
-    res = run_cli("batquant_jax.calibrate", flags_for(model, text, tmp_path / "a") + ["--g2=2"])
-    assert (res.returncode, res.stderr) == (2, "error: --g1 * --g2 must be 32 (the MX block), "
-                                               "got 8 * 2 = 16\n")
+    res = run_cli("batquant_jax.calibrate", flags_for(model, text, tmp_path / "a") + ["--g2=3"])
+    assert (res.returncode, res.stderr) == (2, "error: --g1 * --g2 (the transform block) must be "
+                                               "one of 16, 32, 64, 128, got 8 * 3 = 24\n")
     res = run_cli("batquant_jax.calibrate",
                   flags_for(model, text, reference[0].output_dir)[:-1] + ["--batch_size=2"])
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "different flags: --batch_size=4 (now 2);" in res.stderr
+
+
+def test_flags_accept_what_the_library_accepts():
+    # Before the fix the command accepted only g1 * g2 == 32 while CalibConfig takes every
+    # transform block of TRANSFORM_BLOCKS; scale modes were a literal copy of mx.SCALE_MODES.
+    from batquant_jax import mx
+    from batquant_jax.calibration import TRANSFORM_BLOCKS
+    for g1, g2 in [(4, 4), (8, 4), (8, 8), (16, 8)]:
+        cfg = calibrate.CalibrateConfig(output_dir="x", g1=g1, g2=g2).validate()
+        assert (cfg.g1 * cfg.g2 in TRANSFORM_BLOCKS, cfg.g1, cfg.g2) == (True, g1, g2)
+    for mode in mx.SCALE_MODES:
+        assert calibrate.CalibrateConfig(output_dir="x", scale_mode=mode).validate().scale_mode == mode
+    with pytest.raises(calibrate.ConfigError) as e:
+        calibrate.CalibrateConfig(output_dir="x", scale_mode="round").validate()
+    assert str(e.value) == "--scale_mode=round is unknown; valid: floor, ceil, even, rceil"

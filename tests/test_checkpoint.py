@@ -12,7 +12,7 @@ from flax import nnx
 from batquant_jax import checkpoint
 from batquant_jax.calibration import quantize_model
 from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_nll
-from batquant_jax.qlayers import quant_linears
+from batquant_jax.qlayers import METHODS, quant_linears
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
@@ -130,3 +130,54 @@ def test_resume_store_keeps_last_commit_when_a_save_fails(quantized, tmp_path, m
     assert bool(jnp.all(fresh.layers[0](h) == model.layers[0](h)))
     store.clean(1)
     assert sorted(os.listdir(store.root)) == ["inputs_000", "layer_000", "progress.json"]
+
+
+def test_save_refuses_metadata_that_cannot_load(quantized, tmp_path):
+    # Before the fix save_quantized(dir, model, qweights, None, {}) wrote a checkpoint whose
+    # load failed with KeyError 'calib_config'; now the save refuses and writes nothing.
+    model, res = quantized
+    with pytest.raises(ValueError) as e:
+        checkpoint.save_quantized(tmp_path / "a", model, res.qweights, None, {})
+    assert str(e.value) == ("save_quantized: metadata lacks 'calib_config' (the CalibConfig "
+                            "fields, e.g. dataclasses.asdict(result.config)), which loading needs")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError) as e:
+        checkpoint.save_quantized(tmp_path / "b", model, res.qweights, None,
+                                  {"calib_config": {"method": "nope"}})
+    assert str(e.value) == ("save_quantized: metadata['calib_config'] is invalid: unknown method "
+                            "'nope'; valid: " + ", ".join(METHODS))
+    partial = {k: v for k, v in res.qweights.items() if k not in ("layers.1.o_proj", "layers.0.up_proj")}
+    with pytest.raises(ValueError) as e:
+        checkpoint.save_quantized(tmp_path / "c", model, partial, None,
+                                  {"calib_config": dataclasses.asdict(res.config)})
+    assert str(e.value) == ("save_quantized: qweights lacks 2 of the model's quantized linears: "
+                            "layers.0.up_proj, layers.1.o_proj")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_mx_meta_round_trip_and_old_positive_axis():
+    from batquant_jax import mx
+    x = np.linspace(-3, 3, 40 * 8, dtype=np.float32).reshape(40, 8)
+    q = mx.quantize(x, axis=0, pad=True)
+    m = checkpoint.mx_meta(q)
+    assert (m["axis"], m["shape"], m["codes"], m["scales"]) == (-2, [40, 8], [8, 32], [8, 2])
+    back = checkpoint._mxarray(q.codes, q.scales, m)
+    old = checkpoint._mxarray(q.codes, q.scales, dict(m, axis=0))  # metadata written before the
+    for r in (back, old):                                          # axis counted from the end
+        assert (r.axis, r.length, r.shape) == (-2, 40, (40, 8))
+        np.testing.assert_array_equal(np.asarray(mx.dequantize(r)), np.asarray(mx.dequantize(q)))
+
+
+def test_write_json_uses_the_one_atomic_write(tmp_path, monkeypatch):
+    # Before the fix checkpoint.write_json and data._atomic_write were two copies of the
+    # temporary-file-fsync-rename helper.
+    from batquant_jax import data
+    assert not hasattr(data, "_atomic_write")
+    calls = []
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda p, b: calls.append((p, b)))
+    checkpoint.write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert calls == [(tmp_path / "m.json", b'{\n "a": [\n  1,\n  2\n ]\n}\n')]
+    monkeypatch.undo()
+    checkpoint.write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2]}
+    assert os.listdir(tmp_path) == ["m.json"]

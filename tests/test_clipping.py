@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from batquant_jax.clipping import ActClip, WeightClip
+from batquant_jax import qlayers
+from batquant_jax.calibration import CalibConfig
+from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 
+# The tests below start the logits at the paper's 4.0, passed explicitly: the modules' default
+# was 4.0 while CalibConfig's was 8.0; both are DEFAULT_CLIP_INIT (8.0) now.
+INIT = 4.0
 R4 = 1.0 / (1.0 + np.exp(-4.0))  # sigmoid(4) ~ 0.98201379
 
 
@@ -17,9 +22,10 @@ def _normal(shape, seed) -> jax.Array:
 
 def test_act_clip_thresholds_at_init():
     x = np.asarray(_normal((3, 64), 0))
-    y = np.asarray(ActClip(64)(jnp.asarray(x)))
-    assert ActClip(64).a_max[...].shape == (2,)
-    assert float(jax.nn.sigmoid(ActClip(64).a_min[...])[0]) == pytest.approx(0.98201379, abs=1e-7)
+    y = np.asarray(ActClip(64, init=INIT)(jnp.asarray(x)))
+    assert ActClip(64, init=INIT).a_max[...].shape == (2,)
+    r = float(jax.nn.sigmoid(ActClip(64, init=INIT).a_min[...])[0])
+    assert r == pytest.approx(0.98201379, abs=1e-7)
     xb, yb = x.reshape(3, 2, 32), y.reshape(3, 2, 32)
     np.testing.assert_allclose(yb.max(-1), R4 * xb.max(-1), rtol=1e-6)
     np.testing.assert_allclose(yb.min(-1), R4 * xb.min(-1), rtol=1e-6)
@@ -29,7 +35,7 @@ def test_act_clip_thresholds_at_init():
 
 
 def test_act_clip_block_logits_are_per_block_position():
-    clip = ActClip(64)
+    clip = ActClip(64, init=INIT)
     clip.a_max[...] = jnp.array([4.0, 0.0])  # block 1: hi = max / 2
     x = jnp.asarray(np.concatenate([np.full(32, 2.0), np.full(32, 2.0)])[None].repeat(2, 0))
     x = x.at[:, 5].set(-1.0).at[:, 40].set(-1.0)
@@ -40,7 +46,7 @@ def test_act_clip_block_logits_are_per_block_position():
 
 
 def test_act_clip_tensor_uses_per_token_range():
-    clip = ActClip(64, granularity="tensor")
+    clip = ActClip(64, granularity="tensor", init=INIT)
     assert clip.a_max[...].shape == ()
     x = np.asarray(_normal((4, 64), 1))
     y = np.asarray(clip(jnp.asarray(x)))
@@ -54,7 +60,7 @@ def test_act_clip_tensor_uses_per_token_range():
 
 
 def _act_loss(a_max, x):
-    clip = ActClip(64)
+    clip = ActClip(64, init=INIT)
     clip.a_max[...] = a_max
     return jnp.sum(clip(x) ** 2)
 
@@ -79,7 +85,7 @@ def test_act_clip_gradient_matches_analytic_and_finite_difference():
 
 def test_weight_clip_block_and_tensor():
     w = np.asarray(_normal((3, 64), 3))
-    clip = WeightClip(3, 64)
+    clip = WeightClip(3, 64, init=INIT)
     assert clip.a_max[...].shape == (3, 2)
     clip.a_min[...] = clip.a_min[...].at[1, 1].set(-20.0)  # lo ~ 0: row 1, block 1 -> max(x, ~0)
     y = np.asarray(clip(jnp.asarray(w))).reshape(3, 2, 32)
@@ -87,21 +93,21 @@ def test_weight_clip_block_and_tensor():
     np.testing.assert_allclose(y.max(-1), R4 * wb.max(-1), rtol=1e-6)
     assert y[1, 1].min() == pytest.approx(0.0, abs=1e-7)
     np.testing.assert_allclose(y[0, 1].min(), R4 * wb[0, 1].min(), rtol=1e-6)
-    tclip = WeightClip(3, 64, granularity="tensor")
+    tclip = WeightClip(3, 64, granularity="tensor", init=INIT)
     assert tclip.a_max[...].shape == (3,)
     yt = np.asarray(tclip(jnp.asarray(w)))
     np.testing.assert_allclose(yt.max(-1), R4 * w.max(-1), rtol=1e-6)
 
 
 def _weight_loss(a_min, w):
-    clip = WeightClip(4, 64)
+    clip = WeightClip(4, 64, init=INIT)
     clip.a_min[...] = a_min
     return jnp.sum(clip(w) ** 3)
 
 
 def test_weight_clip_gradient_finite_difference():
     w = _normal((4, 64), 4)
-    g_nnx = nnx.grad(lambda m: jnp.sum(m(w) ** 3))(WeightClip(4, 64))
+    g_nnx = nnx.grad(lambda m: jnp.sum(m(w) ** 3))(WeightClip(4, 64, init=INIT))
     a = jnp.full((4, 2), 4.0, jnp.float32)
     g = np.asarray(jax.jit(jax.grad(_weight_loss))(a, w))
     assert np.array_equal(np.asarray(g_nnx["a_min"][...]), g)
@@ -122,7 +128,7 @@ def test_disabled_is_identity_without_params():
 
 
 def test_jit_dtype_and_errors():
-    clip = ActClip(64)
+    clip = ActClip(64, init=INIT)
     x = _normal((2, 3, 64), 6)
     y = nnx.jit(lambda m, v: m(v))(clip, x)
     assert y.shape == (2, 3, 64)
@@ -133,6 +139,14 @@ def test_jit_dtype_and_errors():
     with pytest.raises(ValueError, match="granularity"):
         WeightClip(2, 64, granularity="row")
     with pytest.raises(ValueError, match="expected W"):
-        WeightClip(2, 64)(jnp.ones((3, 64)))
+        WeightClip(2, 64, init=INIT)(jnp.ones((3, 64)))
     with pytest.raises(ValueError, match="expected x"):
         clip(jnp.ones((2, 32)))
+
+
+def test_one_clip_init_default_everywhere():
+    # Before the fix the modules and quantize_layer started at 4.0, CalibConfig (and the CLI) at 8.0.
+    import inspect
+    assert DEFAULT_CLIP_INIT == 8.0 and CalibConfig().clip_init == DEFAULT_CLIP_INIT
+    assert inspect.signature(qlayers.quantize_layer).parameters["clip_init"].default == 8.0
+    assert float(ActClip(64).a_max[...][0]) == float(WeightClip(2, 64).a_min[...][1, 1]) == 8.0

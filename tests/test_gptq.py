@@ -186,3 +186,49 @@ def test_quantize_weight_dispatch_and_errors():
         gptq.gptq_quantize(W.at[0, 0].set(jnp.nan), H)
     with pytest.raises(ValueError, match="rounding"):
         gptq.gptq_quantize(W, H, rounding="up")
+
+
+def test_argument_checks_are_mx_own():
+    # Before the fix gptq re-implemented mx's checks: it accepted block_size=1 for MXFP4 (two
+    # codes per byte need an even block) and worded its errors differently.
+    from batquant_jax import mx
+    W = jnp.ones((4, 64), jnp.float32)
+    bad = [dict(block_size=1), dict(scale_mode="round"), dict(rounding="up"), dict(fmt="mxfp3")]
+    for kw in bad:
+        with pytest.raises(ValueError) as want:
+            mx.quantize(W, **kw)
+        for fn in (gptq.rtn_quantize, lambda w, **k: gptq.gptq_quantize(w, jnp.eye(64), **k)):
+            with pytest.raises(ValueError) as got:
+                fn(W, **kw)
+            assert str(got.value) == str(want.value)
+    assert str(want.value) == "unknown MX format 'mxfp3'; valid: " + str(sorted(mx.FORMATS))
+    with pytest.raises(ValueError) as e:
+        gptq.rtn_quantize(jnp.zeros((4, 48)))
+    assert str(e.value) == ("in_features d=48 is not a multiple of block_size=32; MX blocks must "
+                            "tile the reduction axis exactly (no silent padding)")
+    assert gptq.rtn_quantize(W, block_size=np.int64(32)).block_size == 32
+
+
+def test_quantlinear_records_its_hessian_with_hessian_update(monkeypatch):
+    # Before the fix QuantLinear summed X^T X inline (a second Hessian function beside
+    # hessian_update) and distributed.hessian_sum (a third) was used nowhere.
+    from flax import nnx
+
+    from batquant_jax import distributed
+    from batquant_jax.models import LlamaConfig
+    from batquant_jax.models.llama import DecoderLayer
+    from batquant_jax.qlayers import SETTINGS, group_heads, quantize_layer, set_recording
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    layer = quantize_layer(DecoderLayer(config, nnx.Rngs(0)), "brq", SETTINGS["W4A4KV16"],
+                           record_hessian=True)
+    set_recording(layer, True)
+    seen, real = [], gptq.hessian_update
+    monkeypatch.setattr(gptq, "hessian_update", lambda H, x: seen.append(x) or real(H, x))
+    layer(jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 64)), jnp.float32))
+    heads = group_heads(layer)
+    assert len(seen) == len(heads) == 4
+    for x, q in zip(seen, heads.values()):
+        want = real(gptq.hessian_init(x.shape[-1]), x)
+        assert np.array_equal(np.asarray(q.hessian[...]), np.asarray(want))
+    assert not hasattr(distributed, "hessian_sum")

@@ -342,7 +342,8 @@ def test_mxarray_pytree_and_fixed_exponents():
     q = mx.quantize(x, scale_mode="even")
     assert len(jax.tree_util.tree_leaves(q)) == 2
     q2 = jax.jit(lambda m: m)(q)
-    assert (q2.fmt, q2.axis, q2.shape, q2.block_size) == ("mxfp4", 1, (4, 256), 32)
+    # the axis counts from the end (-1, was 1) so that a vmap batch axis cannot shift it
+    assert (q2.fmt, q2.axis, q2.shape, q2.block_size) == ("mxfp4", -1, (4, 256), 32)
     again = mx.quantize_with_exponents(x, q.exponents)
     np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
     np.testing.assert_array_equal(np.asarray(again.scales), np.asarray(q.scales))
@@ -365,3 +366,41 @@ def test_mxarray_orbax_round_trip(tmp_path):
         r = ckpt.restore(tmp_path / "q", q)
     assert isinstance(r, mx.MXArray) and (r.fmt, r.shape) == ("mxfp4", (4, 128))
     np.testing.assert_array_equal(np.asarray(mx.dequantize(r)), np.asarray(mx.dequantize(q)))
+
+
+def test_vmap_quantize_dequantize_keeps_the_batched_shape():
+    # Before the fix the MXArray stored its unbatched shape and a positive axis as static
+    # metadata: dequantize(vmap(quantize)(x)) returned shape (3, 64, 4) and vmap(dequantize) raised.
+    x = jnp.asarray(DATA[:12, :64].reshape(3, 4, 64))
+    ref = np.asarray(mx.fake_quant(x))
+    q = jax.vmap(mx.quantize)(x)
+    assert q.shape == (3, 4, 64) and q.axis == -1
+    np.testing.assert_array_equal(np.asarray(mx.dequantize(q)), ref)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(mx.dequantize)(mx.quantize(x))), ref)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(mx.dequantize)(q)), ref)
+    # blocks along the first axis of each example, padded: the axis counts from the end
+    xt = jnp.swapaxes(x[..., :40], 1, 2)  # [3, 40, 4], blocks along 40 (padded to 64)
+    qt = jax.vmap(lambda a: mx.quantize(a, axis=0, pad=True))(xt)
+    assert qt.shape == (3, 40, 4) and qt.axis == -2
+    assert qt.codes.shape == (3, 4, 32) and qt.scales.shape == (3, 4, 2)
+    want = np.asarray(mx.fake_quant(xt, axis=1, pad=True))
+    np.testing.assert_array_equal(np.asarray(mx.dequantize(qt)), want)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(mx.dequantize)(qt)), want)
+    np.testing.assert_array_equal(np.asarray(mx.dequantize(mx.quantize(xt, axis=1, pad=True))), want)
+
+
+def test_fake_quant_forward_mode_is_straight_through():
+    # Before the fix fake_quant was a custom_vjp, so jax.jvp and jax.jacfwd raised.
+    x = jnp.asarray(DATA[:2, :32])
+    t = jnp.asarray(np.random.default_rng(7).standard_normal((2, 32)).astype(np.float32))
+    y, ty = jax.jvp(mx.fake_quant, (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(mx.fake_quant(x)))
+    np.testing.assert_array_equal(np.asarray(ty), np.asarray(t))
+    jf = jax.jacfwd(lambda a: mx.fake_quant(a))(x[0:1])
+    jr = jax.jacrev(lambda a: mx.fake_quant(a))(x[0:1])
+    np.testing.assert_array_equal(np.asarray(jf), np.eye(32, dtype=np.float32).reshape(1, 32, 1, 32))
+    np.testing.assert_array_equal(np.asarray(jr), np.asarray(jf))
+    yb, tb = jax.jvp(lambda a: mx.fake_quant(a, axis=0), (x.T.astype(jnp.bfloat16),),
+                     (t.T.astype(jnp.bfloat16),))
+    assert yb.dtype == tb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(tb), np.asarray(t.T.astype(jnp.bfloat16)))

@@ -1,0 +1,36 @@
+"""Tests of what the command lines share (batquant_jax/cli.py)."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from batquant_jax import calibrate, cli, evaluate
+
+
+def test_import_leaves_jax_options_at_their_defaults():
+    # Before the fix `import batquant_jax` set jax_cpu_enable_async_dispatch to False for the
+    # whole process. A fresh interpreter: the suite's own process has it set (conftest.py).
+    code = ("import jax\n"
+            "before = jax.config.read('jax_cpu_enable_async_dispatch')\n"
+            "import batquant_jax, batquant_jax.calibration, batquant_jax.checkpoint\n"
+            "import batquant_jax.calibrate, batquant_jax.evaluate\n"
+            "print(before, jax.config.read('jax_cpu_enable_async_dispatch'))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("module", [calibrate, evaluate])
+def test_entry_points_make_cpu_dispatch_synchronous_first(module, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "sync_cpu_dispatch", lambda: calls.append("sync"))
+    with pytest.raises(SystemExit) as e:  # an unexpected argument: the first check of main
+        module.main(["prog", "stray"])
+    assert (e.value.code, calls) == (2, ["sync"])
+
+
+def test_sync_cpu_dispatch_sets_the_option():
+    cli.sync_cpu_dispatch()
+    assert jax.config.read("jax_cpu_enable_async_dispatch") is False
