@@ -62,6 +62,8 @@ def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[
 
 
 def main() -> None:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)

@@ -67,6 +67,8 @@ def bench(mesh_spec: str, args) -> dict:
 
 
 def main() -> None:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=768)

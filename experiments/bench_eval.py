@@ -85,6 +85,8 @@ def torch_side(wins: np.ndarray, batch_size: int) -> dict:
 
 
 def main() -> None:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)

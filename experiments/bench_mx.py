@@ -38,6 +38,8 @@ def _median_seconds(fn, x, reps: int) -> float:
 
 
 def main() -> None:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=20)

@@ -150,6 +150,8 @@ def run_dim(d: int, tokens: int, repeats: int, dense: bool) -> None:
 
 
 def main(argv):
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     del argv
     for d in _DIMS.value:
         run_dim(int(d), _TOKENS.value, _REPEATS.value, _DENSE.value)

@@ -199,6 +199,8 @@ def run(task_names, limit: int, batch_size: int = 16, token_budget: int = 2048,
 
 
 def main(argv=None) -> int:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="arc_easy,winogrande")
     p.add_argument("--limit", type=int, default=200)

@@ -63,6 +63,8 @@ def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *,
 
 
 def main(argv=None) -> int:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="fp,rtn,gptq,quarot,brq,mr-gptq,flatquant,batquant")

@@ -73,6 +73,8 @@ def ppl(model, ids, seqlen: int, max_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")

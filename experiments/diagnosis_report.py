@@ -14,22 +14,56 @@ import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
 DIAG_DIR = HERE / "results" / "diagnose"
-OBJECTIVE_FIELDS = ("loss", "loss_weight", "scale_init", "smooth_alpha", "lr", "init")
 
 
-def load_runs(diag_dir=DIAG_DIR) -> dict[str, dict]:
+def load_runs(diag_dir=DIAG_DIR) -> dict[str, dict]:  # noqa: D103
     """{file stem: run record} for every diagnose JSON (sorted by name)."""
     d = pathlib.Path(diag_dir)
     return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
 def describe(run: dict) -> str:
-    """'batquant, loss=token_mse, 32x256 tok, 2 ep (16 steps/layer)'."""
-    hp = run.get("hparams", {})
-    extra = "".join(f", {k}={hp[k]}" for k in OBJECTIVE_FIELDS if k in hp)
-    steps = run["epochs"] * (run["nsamples"] // hp.get("batch_size", 4))
-    train = f", {run['epochs']} ep ({steps} steps/layer)" if run["method"] in ("batquant", "flatquant") else ""
-    return f"{run['method']}{extra}, seed {run['seed']}, {run['nsamples']}x{run['seqlen']} tok{train}"
+    """'batquant (loss token_mse, lr 0.01, scale smooth), seed 0, 32x256 tok, 2 ep (16 steps)'."""
+    cfg = run.get("config", {})
+    spec = cfg.get("method_spec", {})
+    trains = spec.get("train", run["method"] in ("batquant", "flatquant"))
+    what = ""
+    if trains:
+        parts = [f"loss {cfg.get('loss')}", f"lr {cfg.get('lr'):g}",
+                 f"scale {spec.get('scale_init')}"]
+        if cfg.get("loss_weight", "none") != "none":
+            parts.append(f"weighted {cfg['loss_weight']}")
+        if cfg.get("clip_lr", 2e-2) != 2e-2:
+            parts.append(f"clip lr {cfg['clip_lr']:g}")
+        if not cfg.get("train_weight_quant", True):
+            parts.append("full-precision weights in training")
+        what = " (" + ", ".join(parts) + ")"
+    steps = run["epochs"] * (run["nsamples"] // cfg.get("batch_size", 4))
+    train = f", {run['epochs']} ep ({steps} steps)" if trains else ""
+    return f"{run['method']}{what}, seed {run['seed']}, {run['nsamples']}x{run['seqlen']} tok{train}"
+
+
+def probe_table(probes: dict) -> list[str]:
+    """Per probed layer: held-back per-token relative error after GPTQ over brq's (same windows)."""
+    bases = [r for r in probes.values() if r["method"] == "brq"]
+    if not bases:
+        return []
+    layers = bases[0].get("probe_layers", [])
+    lines = ["| variant | " + " | ".join(f"layer {i}" for i in layers) +
+             " | geometric mean | same on trained windows | layers kept init | calib s |",
+             "|---|" + "---|" * (len(layers) + 4)]
+    for run in sorted(probes.values(), key=describe):
+        base = next((b for b in bases if all(b[k] == run[k] for k in ("seed", "nsamples", "seqlen"))), None)
+        if base is None or run is base:
+            continue
+        held = [l["held"]["rel_err"] / b["held"]["rel_err"] for l, b in zip(run["layers"], base["layers"])]
+        train = [l["train"]["rel_err"] / b["train"]["rel_err"] for l, b in zip(run["layers"], base["layers"])]
+        geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
+        cells = [describe(run)] + [f"{x:.3f}" for x in held]
+        cells += [f"{geo(held):.3f}", f"{geo(train):.3f}",
+                  str(sum(bool(l["fell_back"]) for l in run["layers"])), f"{run['calib_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _ratio(a: dict, b: dict, text: str) -> str:
@@ -69,7 +103,7 @@ def runs_table(runs: dict) -> list[str]:
 def _final_in_objective(run: dict, layer: dict) -> float:
     """A (brq) layer's final loss in ``run``'s objective: raw MSE, or the per-token relative
     error that diagnose.py records for every run (token_stats' rel_err)."""
-    hp = run.get("hparams", {})
+    hp = run.get("config", {})
     if hp.get("loss_weight", "none") != "none":
         return math.nan  # weighted objectives: no like-for-like brq figure is recorded
     return layer["train"]["rel_err"] if hp.get("loss") == "token_mse" else layer["loss_final"]
@@ -107,9 +141,18 @@ def section(diag_dir=DIAG_DIR) -> list[str]:
            "(16 x 512 tokens each) are shown for the report only. The ratio compares a run "
            "with brq on the same calibration windows, paired over the dev windows.", ""]
     out += runs_table(runs)
-    ref = next((r for r in runs.values() if r["method"] == "batquant" and not r.get("hparams")), None)
-    if ref is not None:
-        out += [f"### Per layer: {describe(ref)} (raw MSE objective)", "",
+    probes = load_runs(pathlib.Path(diag_dir) / "probes")
+    if probes:
+        out += ["### Layer probes: what the choices were made on", "",
+                "`experiments/diagnose.py --layers=...`: only the listed decoder layers are "
+                "calibrated (teacher-forced inputs, so each probed layer sees exactly what it "
+                "sees in a full run). Each cell is the layer's per-token relative output error "
+                "(error energy / output energy, averaged over tokens) after GPTQ on 8 held-back "
+                "dev windows, divided by brq's on the same windows: below 1 beats block "
+                "rotation. Layers are 0-based.", ""]
+        out += probe_table(probes)
+    for ref in (r for r in runs.values() if r["method"] == "batquant"):
+        out += [f"### Per layer: {describe(ref)}", "",
                 "Token and channel shares: the part of the layer's squared output error (after "
                 "GPTQ, training windows) carried by the top 1% of tokens, by position 0 of each "
                 "window (the attention sink) and by the top 1% of hidden channels. held/train: "

@@ -243,6 +243,8 @@ def plot_activation_hist(args, out: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv=None) -> int:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results_dir", default=str(study.RESULTS_DIR))

@@ -22,6 +22,8 @@ from batquant_jax.models import load_model
 
 
 def main() -> None:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="0,1,2,11")
     ap.add_argument("--variants", default='[["brq", {}], ["batquant", {}]]')

@@ -451,6 +451,8 @@ def _fmt_s(s: float) -> str:
 
 
 def main(argv=None) -> int:
+    from batquant_jax import cli
+    cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="headline", choices=("headline", "ablations", "all"))
