@@ -96,11 +96,13 @@ def test_config_rejects_bad_values():
 
 @pytest.fixture(scope="module")
 def calibrated():
-    """rtn, gptq and batquant on the same tiny model and windows (compiled once per method)."""
+    """rtn, gptq and batquant on the same tiny model and windows (compiled once per method),
+    batquant with the library's defaults (5 epochs: at 3, the SmoothQuant-started layer 0 of
+    this tiny model does not improve on its start)."""
     toks = _tokens()
     out = {}
     for method in ("rtn", "gptq", "batquant"):
-        model, res = quantize_model(_model(), toks, method, epochs=3, batch_size=4, lr=5e-3,
+        model, res = quantize_model(_model(), toks, method, epochs=5, batch_size=4,
                                     log=lambda s: None)
         out[method] = (model, res)
     return toks, out
@@ -117,7 +119,7 @@ def test_gptq_layers_beat_rtn(calibrated):
 def test_batquant_training_lowers_the_layer_loss(calibrated):
     _, out = calibrated
     for rep in out["batquant"][1].layers:
-        assert rep.steps == 3 * 2
+        assert rep.steps == 5 * 2
         assert rep.loss_trained < rep.loss_init
         assert rep.loss_final < rep.loss_rtn
         assert not rep.fell_back
