@@ -91,13 +91,16 @@ def plot_layer_losses(results: dict, out: pathlib.Path) -> pathlib.Path | None:
                              squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for m in methods:
-            layers = recs.get((m, setting), {}).get("layers") or []
+            rec = recs.get((m, setting), {})
+            layers = rec.get("layers") or []
+            # rows measured before the objective default changed report raw MSE
+            loss = rec.get("key", {}).get("config", {}).get("loss", "mse")
             if layers:
                 ax.plot([l["index"] for l in layers], [l["loss_final"] for l in layers],
-                        label=m, lw=1.2, ls=":" if m == "rtn" else "-")
+                        label=f"{m} ({loss})", lw=1.2, ls=":" if m == "rtn" else "-")
         ax.set_yscale("log")
         ax.set_xlabel("decoder layer")
-        ax.set_ylabel("layer output MSE (final)")
+        ax.set_ylabel("final layer loss (the row's objective)")
         ax.set_title(setting)
         ax.legend(fontsize=8)
     fig.tight_layout()

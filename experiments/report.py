@@ -96,8 +96,7 @@ def _table(head: list[str], rows, results: dict, cells) -> list[str]:
         body = ([status] + [""] * (len(head) - 2) if status is not None
                 else cells(row, results[row.id]))
         label = row.label
-        if status is None and study.row_status(row, study.SUITE_BUDGETS[row.suite],
-                                               results) == "stale":
+        if status is None and study.defaults_changed(row, results[row.id]):
             label += " (earlier library defaults)"  # measured before a default changed
         lines.append("| " + " | ".join([label] + body) + " |")
     return lines

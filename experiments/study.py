@@ -202,6 +202,17 @@ def row_key(row: Row, budget: Budget) -> dict:
     return key
 
 
+def defaults_changed(row: Row, rec: dict) -> bool:
+    """True when ``rec`` (a result of ``row``) was measured under library defaults that have
+    changed since: its key differs from the key the row would get now at the record's own
+    budget."""
+    try:
+        budget = Budget(**rec["budget"])
+    except (KeyError, TypeError):
+        return False
+    return _canon(row_key(row, budget)) != _canon(rec.get("key"))
+
+
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 

@@ -102,22 +102,35 @@ def test_ablation_table_and_pending_rows(results_dir):
 
 def test_rows_ids_unique_and_defaults_share_one_key():
     rows = study.headline_rows() + study.ablation_rows()
-    assert len({r.id for r in rows}) == len(rows) == 15 + 31
+    assert len({r.id for r in rows}) == len(rows) == 15 + 34
     keys = {study._canon(study.row_key(r, study.SUITE_BUDGETS[r.suite])) for r in rows
             if r.suite == "ablations"}
-    # 31 ablation rows; the batquant default appears in 9 groups (block, g1, transform, seed,
+    # 34 ablation rows; the batquant default appears in 9 groups (block, g1, transform, seed,
     # clip, init, propagate, weights, nsamples) and counts once
-    assert len(keys) == 31 - 8
+    assert len(keys) == 34 - 8
     headline = {study._canon(study.row_key(r, study.SUITE_BUDGETS[r.suite])) for r in rows
                 if r.suite == "headline"}
-    assert len(keys & headline) == 2  # batquant and brq at W4A4KV16, seed 0
+    assert len(keys & headline) == 3  # batquant, brq and mr-gptq at W4A4KV16, seed 0
     seeded = {r.label: r.budget(study.SUITE_BUDGETS["ablations"]).seed for r in rows
               if r.group == "seed"}
-    assert seeded == {"batquant seed=0": 0, "batquant seed=1": 1, "batquant seed=2": 2,
-                      "brq seed=0": 0, "brq seed=1": 1, "brq seed=2": 2}
+    assert seeded == {f"{m} seed={s}": s for m in ("batquant", "brq", "mr-gptq") for s in (0, 1, 2)}
     assert [r.id for r in study.select(rows, "rtn,W4A8KV16")][:3] == [
         "headline.W4A4KV16.rtn", "headline.W4A8KV16.rtn", "headline.W4A8KV16.gptq"]
     assert len(study.select(rows, "g1")) == 4
+
+
+def test_a_changed_library_default_marks_learned_rows(monkeypatch):
+    rows = _rows()
+    bq, brq = rows["headline.W4A4KV16.batquant"], rows["headline.W4A4KV16.brq"]
+    recs = {r.id: _record(r, 30.0, 50.0) for r in (bq, brq)}
+    assert not study.defaults_changed(bq, recs[bq.id])
+    import batquant_jax.calibration as calibration
+    # as if the library's default learning rate had moved
+    new = dataclasses.make_dataclass("CalibConfig", [("lr", float, 0.123)],
+                                     bases=(calibration.CalibConfig,), frozen=True)
+    monkeypatch.setattr(calibration, "CalibConfig", new)
+    assert study.defaults_changed(bq, recs[bq.id])  # learned: the row is marked
+    assert not study.defaults_changed(brq, recs[brq.id])  # untrained: lr cannot matter
 
 
 def test_status_resume_reuse_and_stale(results_dir):
