@@ -30,7 +30,7 @@ class LockError(RuntimeError):
     """The folder is locked by another run or cannot be created; the message is one line."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if a process ``pid`` exists on this host (also one of another user)."""
     try:
         os.kill(pid, 0)
@@ -122,7 +122,7 @@ class FolderLock:
                     raise LockError(f"{self.what} {self.folder} has a lock file {self.path} that "
                                     "is not a lock of this program; remove it if no run uses "
                                     "the folder")
-                if holder.get("host") != me["host"] or _alive(int(holder["pid"])) or \
+                if holder.get("host") != me["host"] or pid_alive(int(holder["pid"])) or \
                         holder["pid"] == me["pid"]:
                     raise LockError(f"{self.what} {self.folder} is in use by {describe(holder)}; "
                                     f"wait for that run to end (if it is gone, remove {self.path})")

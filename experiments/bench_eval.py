@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -45,25 +44,11 @@ def jax_side(cfg: evaluate.EvalConfig, windows: int) -> dict:
 
 def torch_side(wins: np.ndarray, batch_size: int) -> dict:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from batquant_jax.models.loading import smollm2_gguf_path
+    from bench_zeroshot import torch_reference  # this folder: the script's own on sys.path
 
-    # transformers' own GGUF reader (from_pretrained(gguf_file=...) would need accelerate,
-    # which is not a dependency): config, empty model, then its dequantized tensors.
-    gguf = smollm2_gguf_path()
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=model,
-                                   torch_dtype=torch.float32)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"torch reference: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    model.eval()
+    model = torch_reference()
     load_s = time.perf_counter() - t0
 
     def nll_sum(batch: np.ndarray) -> float:

@@ -353,14 +353,7 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
 
 # ----------------------------------------------------------------------------- several workers
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from batquant_jax.lockfile import pid_alive  # noqa: E402
 
 
 def claim(results_dir, key: str) -> pathlib.Path | None:
@@ -382,7 +375,7 @@ def claim(results_dir, key: str) -> pathlib.Path | None:
                     pid = int(lock.read_text())
                 except (OSError, ValueError):
                     pid = 0
-                if pid and _alive(pid):
+                if pid and pid_alive(pid):
                     return None
                 lock.unlink(missing_ok=True)  # its process died
         return None
