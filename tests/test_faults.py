@@ -43,6 +43,9 @@ if kind == "fsize":  # from the n-th save_tree call on, no file may exceed `limi
     checkpoint.save_tree = save_tree
 elif kind == "sigint":  # after layer n is committed, wait for the file `go`, then Ctrl-C
     layer, go = int(arg[0]), arg[1]
+    # a process started in the background of a non-interactive shell inherits SIGINT ignored
+    # (and Python then keeps it so): restore Python's own handler, as an interactive run has it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real_layer = checkpoint.ResumeStore.save_layer
     def save_layer(self, i, *args):
         progress = real_layer(self, i, *args)
