@@ -139,11 +139,6 @@ class CalibrateConfig:
         one_of("init", INITS)
         one_of("scale_mode", mx.SCALE_MODES)
         one_of("clip", CLIPS)
-        one_of("loss", tuple(LOSSES))
-        one_of("loss_weight", LOSS_WEIGHTS)
-        one_of("scale_init", SCALE_INITS)
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"--smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
         if self.weight_quantizer is not None:
             one_of("weight_quantizer", WEIGHT_QUANTIZERS)
         if self.transform is not None:

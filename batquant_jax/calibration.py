@@ -366,17 +366,11 @@ class LayerCalibrator:
         rtn = self._placed(quantize_layer(nnx.clone(fp_layer), "rtn", spec))
         loss_rtn = self.mse(rtn, xb, yb)
         del rtn
-        layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
-                                                   record_hessian=True))
-        if method.channel_scale and method.scale_init == "smooth":
-            self.smooth_scales(layer, xb, method.smooth_alpha)
+        layer = self._start(fp_layer, xb, index)
         plain_rtn = method == METHODS["rtn"]  # the layer is the RTN one: no loss to recompute
         loss_init = loss_rtn if plain_rtn else self.mse(layer, xb, yb)
         if cfg.init == "auto" and method.train:
-            alt = self._placed(build_quantized_layer(nnx.clone(fp_layer), cfg, index,
-                                                     record_hessian=True, init="identity"))
-            if method.channel_scale and method.scale_init == "smooth":
-                self.smooth_scales(alt, xb, method.smooth_alpha)
+            alt = self._start(fp_layer, xb, index, init="identity")
             loss_alt = self.mse(alt, xb, yb)
             if loss_alt < loss_init:
                 self.log(f"layer {index + 1}: identity init ({loss_alt:.4g}) beats hadamard "
@@ -400,6 +394,16 @@ class LayerCalibrator:
                              time.time() - t0, fell_back)
         next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)
         return layer, next_x, report, qweights
+
+    def _start(self, fp_layer, xb, index: int, init: str | None = None):
+        """A placed quantized copy of ``fp_layer`` at its initial parameters (channel scales
+        SmoothQuant-started when the method says so)."""
+        method = self.cfg.method_spec
+        layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), self.cfg, index,
+                                                   record_hessian=True, init=init))
+        if method.channel_scale and method.scale_init == "smooth":
+            self.smooth_scales(layer, xb, method.smooth_alpha)
+        return layer
 
     def _record_pass(self, layer, xb) -> None:
         """Runs ``layer`` over every batch with recording on: fills the group heads' Hessian

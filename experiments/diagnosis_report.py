@@ -53,7 +53,7 @@ def probe_table(probes: dict) -> list[str]:
              " | geometric mean | same on trained windows | layers kept init | calib s |",
              "|---|" + "---|" * (len(layers) + 4)]
     for run in sorted(probes.values(), key=describe):
-        base = next((b for b in bases if all(b[k] == run[k] for k in ("seed", "nsamples", "seqlen"))), None)
+        base = _base(probes, run)
         if base is None or run is base:
             continue
         held = [l["held"]["rel_err"] / b["held"]["rel_err"] for l, b in zip(run["layers"], base["layers"])]
