@@ -34,11 +34,8 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
-from batquant_jax import checkpoint, cli, data, lockfile, mx, perplexity
-from batquant_jax.calibration import (CLIPS, INITS, PROPAGATIONS, TRANSFORM_BLOCKS, TRANSFORMS,
-                                      WEIGHT_QUANTIZERS, CalibConfig, LOSSES,
-                                      LOSS_WEIGHTS, SCALE_INITS)
-from batquant_jax.qlayers import METHODS, SETTINGS
+from batquant_jax import checkpoint, cli, data, lockfile, perplexity
+from batquant_jax.recipe import METHODS, CalibConfig, RecipeError
 
 
 class ConfigError(ValueError):
@@ -53,11 +50,8 @@ class Interrupted(RuntimeError):
     """Ctrl-C (KeyboardInterrupt); the message says which layers are kept. One line."""
 
 
-MAX_LR = 1.0  # a learning rate above this only diverges (AdamW steps of that size per element)
-MAX_CLIP_LOGIT = 16.0  # beyond, sigmoid(logit) rounds to 1 in float32 and the logits cannot learn
-
-
 _LIB = CalibConfig()  # the library's defaults, shared by name
+MAX_LR = 1.0  # a learning rate above this only diverges (AdamW steps of that size per element)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +84,11 @@ class CalibrateConfig:
     loss_weight: str = _LIB.loss_weight
     scale_init: str = _LIB.scale_init
     smooth_alpha: float | None = _LIB.smooth_alpha  # None: the method's own
+    rounding: str = _LIB.rounding
+    damp: float = _LIB.damp
+    weight_decay: float = _LIB.weight_decay
+    max_cond: float = _LIB.max_cond
+    train_weight_quant: bool = _LIB.train_weight_quant
     eval_data: str | None = None
     eval_seqlen: int = 512
     eval_max_tokens: int | None = 65536  # None: the whole corpus
@@ -101,11 +100,9 @@ class CalibrateConfig:
     process_id: int | None = None
 
     # the fields that decide the checkpoint: a rerun must repeat them to resume
-    RUN_FIELDS = ("model", "method", "setting", "calib_data", "nsamples", "seqlen", "epochs",
-                  "batch_size", "lr", "clip_lr", "g1", "g2", "init", "clip_init", "clip",
-                  "transform", "weight_quantizer",
-                  "propagate", "scale_mode", "seed", "loss", "loss_weight", "scale_init",
-                  "smooth_alpha")
+    # (every CalibConfig field is one; test_calibrate_cli checks that each is a field here)
+    RUN_FIELDS = ("model", "calib_data", "nsamples", "seqlen") + tuple(
+        f.name for f in dataclasses.fields(CalibConfig))
 
     def run_flags(self) -> dict:
         return {k: getattr(self, k) for k in self.RUN_FIELDS}
@@ -128,52 +125,31 @@ class CalibrateConfig:
         return CalibConfig(**fields)
 
     def validate(self) -> CalibConfig:
-        """Checks that need no model or data; returns the CalibConfig."""
-        def one_of(name, valid):
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"--{name}={getattr(self, name)} is unknown; valid: "
-                                  f"{', '.join(valid)}")
-        one_of("method", tuple(METHODS))
-        one_of("setting", tuple(SETTINGS))
-        one_of("propagate", PROPAGATIONS)
-        one_of("init", INITS)
-        one_of("scale_mode", mx.SCALE_MODES)
-        one_of("clip", CLIPS)
-        if self.weight_quantizer is not None:
-            one_of("weight_quantizer", WEIGHT_QUANTIZERS)
-        if self.transform is not None:
-            one_of("transform", TRANSFORMS)
-        if self.g1 * self.g2 not in TRANSFORM_BLOCKS:  # the library's check, in flag terms
-            raise ConfigError(f"--g1 * --g2 (the transform block) must be one of "
-                              f"{', '.join(map(str, TRANSFORM_BLOCKS))}, got {self.g1} * {self.g2}"
-                              f" = {self.g1 * self.g2}")
+        """Checks that need no model or data; returns the CalibConfig. The method's
+        hyper-parameters are checked by CalibConfig itself (errors worded as flags here)."""
+        for name in ("lr", "clip_lr"):  # the library takes any positive rate (divergence tests)
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_LR):
+                raise ConfigError(f"--{name} must be a finite number in (0, {MAX_LR:g}], got "
+                                  f"{value}")
+        try:
+            calib = self.calib_config()
+        except RecipeError as e:
+            raise ConfigError(e.flag_message()) from None
         if not self.output_dir.strip():
             raise ConfigError("--output_dir is required")
-        for name in ("nsamples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.nsamples < self.batch_size and self.trains():
             raise ConfigError(f"--nsamples ({self.nsamples}) must be >= --batch_size "
                               f"({self.batch_size}) for a method that trains")
         if self.seqlen < 2 or self.eval_seqlen < 2:
             raise ConfigError(f"--seqlen and --eval_seqlen must be >= 2, got {self.seqlen} and "
                               f"{self.eval_seqlen}")
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs must be >= 0, got {self.epochs}")
-        for name in ("lr", "clip_lr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 < value <= MAX_LR):
-                raise ConfigError(f"--{name} must be a finite number in (0, {MAX_LR:g}], got {value}")
-        if not (math.isfinite(self.clip_init) and abs(self.clip_init) <= MAX_CLIP_LOGIT):
-            raise ConfigError(f"--clip_init must be a finite logit in [-{MAX_CLIP_LOGIT:g}, "
-                              f"{MAX_CLIP_LOGIT:g}], got {self.clip_init}")
         if self.eval_max_tokens is not None and self.eval_max_tokens < self.eval_seqlen:
             raise ConfigError(f"--eval_max_tokens {self.eval_max_tokens} is less than one window of"
                               f" --eval_seqlen {self.eval_seqlen}")
-        try:
-            return self.calib_config().validate()
-        except ValueError as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+        return calib
 
 
 def _log(msg: str) -> None:
@@ -340,7 +316,7 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
     text = data.load_corpus(cfg.calib_data)
     eval_text = data.load_corpus(cfg.eval_data) if cfg.eval_data else None
     log(f"loading model {cfg.model}")
-    from batquant_jax.calibration import quantize_model
+    from batquant_jax.calibration import CalibrationResult, LayerReport, quantize_model
     from batquant_jax.models import load_model
     loaded = load_model(cfg.model)
     max_pos = int(loaded.config.max_position_embeddings)
@@ -387,41 +363,44 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
                 if not name.startswith(lockfile.LOCK_FILE):  # only our own leftovers are present
                     checkpoint.remove(out_dir / name)
             record = {"flags": cfg.run_flags(), "layers_done": 0, "reports": [],
-                      "elapsed_s": 0.0, "sessions": 0, "qweights": {}}
+                      "elapsed_s": 0.0, "sessions": 0}
         record = dict(record, sessions=int(record.get("sessions", 0)) + 1,
                       calib_tokens_sha256=tokens_sha)
         store.start(record)
         start = int(record["layers_done"])
         store.clean(start)
         try:
-            qweights, start_inputs = store.restore(model, calib_cfg, record)
+            start_inputs = store.restore(model, calib_cfg, record)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"{e}; pass --overwrite to start over") from None
         if start:
             log(f"resuming: layers 1-{start} of {n_layers} restored from {store.root}")
         progress = record
 
-        def on_layer_done(i, layer, next_inputs, report, qw):
+        def on_layer_done(i, layer, next_inputs, report):
             nonlocal progress
             t0 = time.perf_counter()
             progress = dict(progress, reports=progress["reports"] + [dataclasses.asdict(report)],
                             elapsed_s=record["elapsed_s"] + time.perf_counter() - t_session)
-            progress = store.save_layer(i, layer, qw, next_inputs, progress)
-            qweights.update({f"layers.{i}.{k}": v for k, v in qw.items()})
+            progress = store.save_layer(i, layer, next_inputs, progress)
             log(f"layer {i + 1}/{n_layers} committed to {store.root} "
                 f"({time.perf_counter() - t0:.1f}s)")
 
+        loss_name = calib_cfg.loss
         if start < n_layers:
             log(f"calibrating layers {start + 1}-{n_layers} with {cfg.method} at {cfg.setting}")
             hp = {k: v for k, v in dataclasses.asdict(calib_cfg).items()
                   if k not in ("method", "setting")}
-            quantize_model(model, windows, cfg.method, cfg.setting, log=log,
-                           on_layer_done=on_layer_done, start_layer=start,
-                           start_inputs=start_inputs, mesh=mesh, **hp)
+            _, res = quantize_model(model, windows, cfg.method, cfg.setting, log=log,
+                                    on_layer_done=on_layer_done, start_layer=start,
+                                    start_inputs=start_inputs, mesh=mesh, **hp)
+            loss_name = res.loss_name
         del start_inputs
+        result = CalibrationResult(calib_cfg, [LayerReport(**r) for r in progress["reports"]],
+                                   progress["elapsed_s"], loss_name)
         metadata = {
             "method": cfg.method, "setting": cfg.setting, "flags": cfg.run_flags(),
-            "all_flags": dataclasses.asdict(cfg), "calib_config": dataclasses.asdict(calib_cfg),
+            "all_flags": dataclasses.asdict(cfg),
             "versions": _versions(), "seed": cfg.seed,
             "source_model": {"spec": cfg.model, "path": loaded.source,
                              "format": loaded.info.get("format"),
@@ -443,7 +422,8 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
         metadata["eval"] = eval_result
         metadata["wall_time_s"] = round(record["elapsed_s"] + time.perf_counter() - t_session, 3)
         log(f"writing the checkpoint to {out_dir}")
-        meta = checkpoint.save_quantized(out_dir, model, qweights, loaded.tokenizer, metadata)
+        meta = checkpoint.save_quantized(out_dir, model, result, loaded.tokenizer,
+                                         metadata=metadata)
         checkpoint.remove(store.root)
     except OSError as e:
         reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
@@ -466,71 +446,59 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
 # ----------------------------------------------------------------------------- command line
 
 FLAGS = flags.FLAGS
-_D = CalibrateConfig
+
+
+# help of the flags that are not CalibConfig fields (those carry their own help)
+_RUN_HELP = {
+    "model": "model alias (smollm2-135m), Hugging Face folder or GGUF file",
+    "output_dir": "folder for the checkpoint (created; reruns resume)",
+    "calib_data": "wiki-calib, or a UTF-8 text file or folder",
+    "nsamples": "calibration windows",
+    "seqlen": "tokens per calibration window",
+    "eval_data": "if set, report FP and quantized perplexity on this text",
+    "eval_seqlen": "tokens per evaluation window",
+    "eval_max_tokens": "evaluate the first eval_max_tokens // eval_seqlen windows; 0 = all",
+    "overwrite": "discard a previous run in --output_dir",
+    "mesh": "device mesh, e.g. data:4 or data:2,model:2 (default: every device on the data "
+            "axis; --batch_size must divide by data)",
+    "coordinator_address": "multi-process run: host:port of process 0",
+    "num_processes": "multi-process run: number of processes",
+    "process_id": "multi-process run: this process, 0..num_processes-1",
+}
+_LIB_FIELDS = {f.name: f for f in dataclasses.fields(CalibConfig)}
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+           bool: flags.DEFINE_boolean}
+
+
+def _flag_type(field: dataclasses.Field) -> type:
+    t = str(field.type).replace(" | None", "").replace("None | ", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[t]
 
 
 def define_flags() -> None:
-    """Defines the flags (only when run as a program, so importing registers nothing)."""
-    flags.DEFINE_string("model", _D.model, "model alias (smollm2-135m), Hugging Face folder or GGUF file")
-    flags.DEFINE_string("output_dir", None, "folder for the checkpoint (created; reruns resume)")
-    flags.DEFINE_string("method", _D.method, f"quantization method: {', '.join(METHODS)}")
-    flags.DEFINE_string("setting", _D.setting, f"quantization setting: {', '.join(SETTINGS)}")
-    flags.DEFINE_string("calib_data", _D.calib_data, "wiki-calib, or a UTF-8 text file or folder")
-    flags.DEFINE_integer("nsamples", _D.nsamples, "calibration windows")
-    flags.DEFINE_integer("seqlen", _D.seqlen, "tokens per calibration window")
-    flags.DEFINE_integer("epochs", _D.epochs, "training epochs per layer (learned methods)")
-    flags.DEFINE_integer("batch_size", _D.batch_size, "windows per training step")
-    flags.DEFINE_float("lr", _D.lr, "learning rate of the transforms (AdamW, cosine decay)")
-    flags.DEFINE_float("clip_lr", _D.clip_lr, "learning rate of the clipping logits")
-    blocks = ", ".join(map(str, TRANSFORM_BLOCKS))
-    flags.DEFINE_integer("g1", _D.g1, f"GPK global factor size (g1 * g2: {blocks})")
-    flags.DEFINE_integer("g2", _D.g2, f"GPK private factor size (g1 * g2: {blocks})")
-    flags.DEFINE_string("init", _D.init, "transform initialisation: hadamard, identity, or auto (per layer, the lower calibration loss)")
-    flags.DEFINE_float("clip_init", _D.clip_init, "initial clipping logit (sigmoid(8) = 0.9997 of "
-                       "the block max/min; the paper's 4.0 clips 1.8%)")
-    flags.DEFINE_string("clip", _D.clip, f"clipping: {', '.join(CLIPS)} (method = the method's own)")
-    flags.DEFINE_string("transform", None, f"override the method's transform: {', '.join(TRANSFORMS)}")
-    flags.DEFINE_string("weight_quantizer", None, "gptq or rtn (default: the method's own)")
-    flags.DEFINE_string("propagate", _D.propagate, "inputs of the next layer: fp or quant outputs")
-    flags.DEFINE_string("scale_mode", _D.scale_mode,
-                        f"MX shared-scale rule: {', '.join(mx.SCALE_MODES)}")
-    flags.DEFINE_string("loss", _D.loss, f"layer objective: {', '.join(LOSSES)} (token_mse: "
-                        "per-token relative error, every token weighs the same)")
-    flags.DEFINE_string("loss_weight", _D.loss_weight, f"channel weights of the objective: "
-                        f"{', '.join(LOSS_WEIGHTS)} (next_norm: the gain of the RMSNorm that "
-                        "reads the layer's output)")
-    flags.DEFINE_string("scale_init", _D.scale_init, f"channel scale start: {', '.join(SCALE_INITS)}"
-                        " (smooth: SmoothQuant-style from the calibration activation maxima)")
-    flags.DEFINE_float("smooth_alpha", None, "SmoothQuant alpha of --scale_init=smooth "
-                       "(default: the method's own, 0.5; flatquant 0.3)")
-    flags.DEFINE_integer("seed", _D.seed, "seed of the calibration windows and the training order")
-    flags.DEFINE_string("eval_data", None, "if set, report FP and quantized perplexity on this text")
-    flags.DEFINE_integer("eval_seqlen", _D.eval_seqlen, "tokens per evaluation window")
-    flags.DEFINE_integer("eval_max_tokens", _D.eval_max_tokens,
-                         "evaluate the first eval_max_tokens // eval_seqlen windows; 0 = all")
-    flags.DEFINE_boolean("overwrite", False, "discard a previous run in --output_dir")
-    flags.DEFINE_string("mesh", None, "device mesh, e.g. data:4 or data:2,model:2 (default: "
-                        "every device on the data axis; --batch_size must divide by data)")
-    flags.DEFINE_string("coordinator_address", None, "multi-process run: host:port of process 0")
-    flags.DEFINE_integer("num_processes", None, "multi-process run: number of processes")
-    flags.DEFINE_integer("process_id", None, "multi-process run: this process, 0..num_processes-1")
+    """Defines one flag per CalibrateConfig field (only when run as a program, so importing
+    registers nothing): type and default from the field, help from CalibConfig's field metadata
+    or _RUN_HELP. A field whose default is None gets a None default."""
+    for field in dataclasses.fields(CalibrateConfig):
+        lib = _LIB_FIELDS.get(field.name)
+        help_ = lib.metadata["help"] if lib is not None else _RUN_HELP[field.name]
+        default = None if field.name == "output_dir" else field.default
+        _DEFINE[_flag_type(field)](field.name, default, help_)
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
-    return CalibrateConfig(
-        model=f.model, output_dir=f.output_dir or "", method=f.method, setting=f.setting,
-        calib_data=f.calib_data, nsamples=f.nsamples, seqlen=f.seqlen, epochs=f.epochs,
-        batch_size=f.batch_size, lr=f.lr, clip_lr=f.clip_lr, g1=f.g1, g2=f.g2, init=f.init,
-        clip_init=f.clip_init, clip=f.clip, transform=f.transform or None,
-        weight_quantizer=f.weight_quantizer or None, propagate=f.propagate,
-        scale_mode=f.scale_mode, seed=f.seed, loss=f.loss, loss_weight=f.loss_weight,
-        scale_init=f.scale_init, smooth_alpha=f.smooth_alpha, eval_data=f.eval_data or None,
-        eval_seqlen=f.eval_seqlen,
-        eval_max_tokens=f.eval_max_tokens if f.eval_max_tokens > 0 else None,
-        overwrite=f.overwrite, mesh=f.mesh or None, coordinator_address=f.coordinator_address,
-        num_processes=f.num_processes, process_id=f.process_id)
-
-
+    """The CalibrateConfig of the parsed flags ("" is None for optional strings; an
+    --eval_max_tokens of 0 is None: the whole text)."""
+    values = {}
+    for field in dataclasses.fields(CalibrateConfig):
+        v = getattr(f, field.name)
+        if _flag_type(field) is str and field.default is None:
+            v = v or None
+        values[field.name] = v
+    values["output_dir"] = f.output_dir or ""
+    if not values["eval_max_tokens"]:
+        values["eval_max_tokens"] = None
+    return CalibrateConfig(**values)
 
 
 def main(argv: list[str]) -> None:

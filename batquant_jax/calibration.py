@@ -1,15 +1,21 @@
 """Layer-wise calibration and ``quantize_model`` (docs/METHOD.md, "Calibration").
 
+The recipe (methods, settings, CalibConfig, the named layer objectives) is ``recipe.py``; this
+module is the algorithm. It talks to a placement (``distributed.placement``: one device, or
+data-parallel over a mesh) and never branches on which one it has.
+
 For each decoder layer l in turn:
   1. inputs x_l: the full-precision outputs of layer l-1 (teacher forcing), or the quantized
      outputs (``propagate="quant"``); targets y_l = layer_l(x_l) in full precision;
   2. swap the layer's linears for QuantLinears of the method (channel scales optionally started
      SmoothQuant-style from one pass over x_l); if the method learns, train its transforms and
-     clipping logits with AdamW + cosine decay on the layer objective (``LOSSES``: plain MSE or
-     the per-token relative error, optionally weighted by the next RMSNorm's gain),
-     straight-through gradients through the MX quantizers; one jitted step per batch;
-  3. record the Hessians of the transformed inputs, fold transform and weight clipping into every
-     weight and quantize it (GPTQ or RTN); the layer keeps only its online activation path.
+     clipping logits with any optax optimizer (default AdamW + cosine decay) on the layer
+     objective (``LOSSES``: plain MSE or the per-token relative error, optionally weighted by
+     the next RMSNorm's gain; or any ``loss_fn``), straight-through gradients through the MX
+     quantizers; one jitted step per batch, the batches driven from Python;
+  3. capture each group's inputs and compute the Hessians of the transformed inputs outside
+     the linears, fold transform and weight clipping into every weight and quantize it (GPTQ
+     or RTN); each linear then holds its packed MXArray and the online activation path.
 Every layer logs its objective before and after training, after weight quantization, and that
 of plain RTN on the same layer and data.
 """
@@ -30,138 +36,22 @@ import optax
 from flax import nnx
 
 from batquant_jax import gptq
-from batquant_jax.clipping import DEFAULT_CLIP_INIT
-from batquant_jax.distributed import DataParallel
+from batquant_jax.distributed import placement
 from batquant_jax.models.llama import LlamaForCausalLM
-from batquant_jax.qlayers import (GROUPS, METHODS, SETTINGS, MethodSpec, QuantSpec, group_heads,
-                                  quant_linears, quantize_layer, set_recording)
+from batquant_jax.qlayers import (GROUPS, build_quantized_layer, group_heads, quant_linears,
+                                  quantize_layer, set_capture)
+from batquant_jax.recipe import (CLIPS, INITS, LOSS_WEIGHTS, LOSSES, METHODS, PROPAGATIONS,  # noqa: F401
+                                 SCALE_INITS, SETTINGS, TRANSFORM_BLOCKS, TRANSFORMS,
+                                 WEIGHT_QUANTIZERS, CalibConfig, mse_loss, token_mse_loss)
 from batquant_jax.transforms import smooth_init, transform_is_healthy
 
-WEIGHT_QUANTIZERS = ("gptq", "rtn")
-PROPAGATIONS = ("fp", "quant")
-# "auto": per layer, start from whichever of hadamard / identity has the lower calibration loss
-INITS = ("hadamard", "identity", "auto")
-TRANSFORMS = ("identity", "random_hadamard", "block_hadamard", "kronecker", "gpk", "block_affine")
-CLIPS = ("method", "none", "weights", "activations", "both")
-SCALE_INITS = ("method", "ones", "smooth")  # channel scale start (methods with channel_scale)
-TRANSFORM_BLOCKS = (16, 32, 64, 128)
-
-
-def mse_loss(out: jax.Array, target: jax.Array) -> jax.Array:
-    """Plain mean squared error over every element of out, target: [..., T, d]."""
-    return jnp.mean(jnp.square(out - target))
-
-
-def token_mse_loss(out: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Per-token relative error, averaged over tokens: mean_t ||out_t - y_t||^2 / ||y_t||^2.
-
-    out, target: [..., T, d]. Every token weighs the same, however large its hidden state: the
-    attention-sink token (position 0) and other massive-activation tokens, whose residual stream
-    is orders of magnitude above the rest, no longer own the loss. It is also the error the next
-    layer sees, since that layer RMS-normalises each token before its linears.
-    """
-    err = jnp.sum(jnp.square(out - target), axis=-1)
-    energy = jnp.sum(jnp.square(target), axis=-1)
-    return jnp.mean(err / (energy + eps * target.shape[-1]))
-
-
-# The layer objectives by name (CalibConfig.loss); any loss_fn(out, target) -> scalar also works.
-LOSSES = {"mse": mse_loss, "token_mse": token_mse_loss}
-# What the objective sees of a layer's output: the raw residual stream ("none"), or the residual
-# stream times the gain of the RMSNorm that reads it next ("next_norm": the next layer's input
-# norm, the final norm after the last layer). Channels that the next norm shrinks (SmolLM2's
-# massive-activation channels carry small gains) then weigh what they weigh downstream.
-LOSS_WEIGHTS = ("none", "next_norm")
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def next_norm_gain(model: LlamaForCausalLM, index: int) -> jax.Array:
     """The gain [d] of the RMSNorm that reads decoder layer ``index``'s output."""
     norm = model.layers[index + 1].input_layernorm if index + 1 < len(model.layers) else model.norm
     return jnp.asarray(norm.weight[...], jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibConfig:
-    """Hyper-parameters of one calibration run (paper defaults where the paper gives them)."""
-
-    method: str = "batquant"
-    setting: str = "W4A4KV16"
-    epochs: int = 5
-    batch_size: int = 4
-    lr: float = 1e-2  # the paper's 2e-3 barely moves the transform in 16 steps (BUILD_NOTES)
-    clip_lr: float = 2e-2
-    weight_decay: float = 0.0
-    g1: int = 8
-    g2: int = 4
-    init: str = "hadamard"
-    clip_init: float = DEFAULT_CLIP_INIT  # clipping logits at start (clipping.py)
-    clip: str = "method"    # "method" (the method's own) | none | weights | activations | both
-    transform: str | None = None  # override the method's transform (ablations: "block_affine")
-    weight_quantizer: str | None = None  # None: the method's own (rtn for "rtn", else gptq)
-    propagate: str = "fp"
-    scale_mode: str = "floor"
-    rounding: str = "even"
-    damp: float = 0.01
-    seed: int = 0
-    max_cond: float = 1e4
-    loss: str = "token_mse"  # the layer objective, a name of LOSSES
-    scale_init: str = "method"  # "method" (the method's own) | ones | smooth (SmoothQuant-style)
-    smooth_alpha: float | None = None  # None: the method's own (0.5; flatquant 0.3)
-    loss_weight: str = "none"  # a name of LOSS_WEIGHTS
-    # the training objective sees RTN fake-quantized weights (True) or full-precision ones
-    # (False: only the activation error is trained; GPTQ handles the weights afterwards)
-    train_weight_quant: bool = True
-
-    def validate(self) -> "CalibConfig":
-        def one_of(value, valid, what):
-            if value not in valid:
-                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-        one_of(self.method, tuple(METHODS), "method")
-        one_of(self.setting, tuple(SETTINGS), "setting")
-        one_of(self.propagate, PROPAGATIONS, "propagate")
-        one_of(self.init, INITS, "init")
-        if self.weight_quantizer is not None:
-            one_of(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
-        one_of(self.clip, CLIPS, "clip")
-        one_of(self.loss, tuple(LOSSES), "loss")
-        one_of(self.scale_init, SCALE_INITS, "scale_init")
-        one_of(self.loss_weight, LOSS_WEIGHTS, "loss_weight")
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
-        if self.transform is not None:
-            one_of(self.transform, TRANSFORMS, "transform")
-        if self.g1 * self.g2 not in TRANSFORM_BLOCKS:
-            raise ValueError(f"g1 * g2 (the transform block; the MX block is 32) must be one of "
-                             f"{TRANSFORM_BLOCKS}, got {self.g1} * {self.g2}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if not (self.lr > 0 and self.clip_lr > 0):
-            raise ValueError("lr and clip_lr must be positive")
-        return self
-
-    @property
-    def spec(self) -> QuantSpec:
-        return dataclasses.replace(SETTINGS[self.setting], scale_mode=self.scale_mode,
-                                   rounding=self.rounding)
-
-    @property
-    def method_spec(self) -> MethodSpec:
-        m = METHODS[self.method]
-        if self.weight_quantizer is not None:
-            m = dataclasses.replace(m, weights=self.weight_quantizer)
-        if self.transform is not None:
-            m = dataclasses.replace(m, transform=self.transform)
-        if self.scale_init != "method":
-            m = dataclasses.replace(m, scale_init=self.scale_init)
-        if self.smooth_alpha is not None:
-            m = dataclasses.replace(m, smooth_alpha=self.smooth_alpha)
-        if self.clip == "none":
-            m = dataclasses.replace(m, clip=None)
-        elif self.clip != "method":
-            m = dataclasses.replace(m, clip=m.clip or "block",
-                                    act_clip=self.clip in ("activations", "both"),
-                                    weight_clip=self.clip in ("weights", "both"))
-        return m
 
 
 @dataclasses.dataclass
@@ -183,21 +73,28 @@ class LayerReport:
 
 @dataclasses.dataclass
 class CalibrationResult:
+    """What ``quantize_model`` did: the config, one report per layer, the wall time, and the
+    name of the layer objective (a LOSSES name or the ``loss_fn`` passed in)."""
+
     config: CalibConfig
     layers: list[LayerReport]
-    qweights: dict[str, object]  # "layers.{i}.{linear}" -> mx.MXArray of the deployed weight
     seconds: float
+    loss_name: str = ""
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _loss_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
 # ----------------------------------------------------------------------------- jitted kernels
 # graphdef is a static argument: layers of one shape share one compiled program.
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, x):
+def apply_layer(graphdef, state, x):
     """One batch x: [bs, T, d] -> layer output [bs, T, d]."""
     return nnx.merge(graphdef, state)(x)
 
@@ -209,14 +106,22 @@ def _sq_err(loss_fn, graphdef, state, x, y, gain):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _record(graphdef, state, x):
-    """Runs the layer (Hessian recording on) on one batch; returns the updated state."""
+def _group_stats(graphdef, state, x, stats):
+    """Runs the layer (group heads capturing their inputs) on one batch x: [bs, T, d] and adds
+    each group's transformed-input Hessian X^T X and raw input max |x| to ``stats``
+    ({group: (H [d, d], absmax [d])})."""
     layer = nnx.merge(graphdef, state)
-    layer(x)
-    return nnx.state(layer)
+    _, captured = nnx.capture(lambda m, h: m(h), nnx.Intermediate)(layer, x)
+    out = {}
+    for (container, names, g), q in zip(GROUPS, group_heads(layer).values()):
+        xin = captured[container][names[0]]["inputs"].get_value()[0].astype(jnp.float32)
+        h, m = stats[g]
+        out[g] = (gptq.hessian_update(h, q.transform(xin)),
+                  jnp.maximum(m, jnp.max(jnp.abs(xin).reshape(-1, xin.shape[-1]), axis=0)))
+    return out
 
 
-def _make_step(tx_t, tx_c, objective=mse_loss):
+def _make_step(tx_t, tx_c, objective: LossFn = mse_loss):
     @functools.partial(jax.jit, static_argnums=0)
     def step(graphdef, tparams, cparams, opt_t, opt_c, rest, x, y, gain):
         """One optimizer step on a batch x, y: [bs, T, d] (gain: [d], the objective's channel
@@ -233,11 +138,13 @@ def _make_step(tx_t, tx_c, objective=mse_loss):
     return step
 
 
-def _is_transform_param(path, value) -> bool:
+def is_transform_param(path, value) -> bool:
+    """nnx filter: a learnable transform parameter (what ``tx`` optimizes)."""
     return isinstance(value, nnx.Param) and "transform" in path
 
 
-def _is_clip_param(path, value) -> bool:
+def is_clip_param(path, value) -> bool:
+    """nnx filter: a learnable clipping logit (what ``clip_tx`` optimizes)."""
     return isinstance(value, nnx.Param) and ("act_clip" in path or "weight_clip" in path)
 
 
@@ -245,49 +152,37 @@ def _healthy(layer, max_cond: float) -> bool:
     return all(transform_is_healthy(q.transform, max_cond) for q in group_heads(layer).values())
 
 
-def build_quantized_layer(layer, cfg: CalibConfig, index: int, *, record_hessian: bool = False,
-                          init: str | None = None):
-    """Swaps ``layer``'s linears (in place) for the QuantLinears of ``cfg``'s method.
-
-    The one place that decides a quantized layer's structure and seeds, so that calibration and
-    ``checkpoint.load_quantized`` build identical layers.
-    """
-    init = init or (cfg.init if cfg.init != "auto" else "hadamard")
-    layer = quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2, init=init,
-                           seed=cfg.seed * 100003 + index, clip_init=cfg.clip_init,
-                           record_hessian=record_hessian)
-    for q in quant_linears(layer).values():
-        q.train_weight_quant = cfg.train_weight_quant
-    return layer
+def default_optimizers(cfg: CalibConfig, total_steps: int):
+    """(transform optimizer, clipping optimizer): AdamW with cosine decay from cfg.lr / clip_lr."""
+    total = max(1, total_steps)
+    return (optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay),
+            optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0))
 
 
 class LayerCalibrator:
-    """Calibrates decoder layers one at a time; built once per run so programs compile once."""
+    """Calibrates decoder layers one at a time; built once per run so programs compile once.
+
+    tx / clip_tx: any optax GradientTransformation for the transform / clipping parameters
+    (default ``default_optimizers``); loss_fn(output, target) -> scalar replaces cfg.loss.
+    mesh: windows and activations split over its data axis (distributed.py); the calibrator
+    talks to its placement only.
+    """
 
     def __init__(self, cfg: CalibConfig, nsamples: int, log: Callable[[str], None] = _stderr,
-                 mesh: jax.sharding.Mesh | None = None):
-        self.cfg = cfg.validate()
+                 mesh: jax.sharding.Mesh | None = None, *, tx=None, clip_tx=None,
+                 loss_fn: LossFn | None = None):
+        self.cfg = cfg
         self.log = log
-        # mesh: windows and activations split over its data axis (see distributed.py)
-        self.dp = None if mesh is None else DataParallel(mesh)
-        if self.dp is not None:
-            self.dp.check_batch(cfg.batch_size, "batch_size")
+        self.place = placement(mesh)
+        self.place.check_batch(cfg.batch_size, "batch_size")
         self.steps_per_epoch = nsamples // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"nsamples ({nsamples}) must be >= batch_size ({cfg.batch_size})")
-        total = max(1, cfg.epochs * self.steps_per_epoch)
-        self.tx_t = optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay)
-        self.tx_c = optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0)
-        self.loss_fn = LOSSES[cfg.loss]
+        tx_t, tx_c = default_optimizers(cfg, cfg.epochs * self.steps_per_epoch)
+        self.tx_t, self.tx_c = tx or tx_t, clip_tx or tx_c
+        self.loss_fn = loss_fn or LOSSES[cfg.loss]
+        self.loss_name = cfg.loss if loss_fn is None else _loss_name(loss_fn)
         self.step_fn = _make_step(self.tx_t, self.tx_c, self.loss_fn)
-
-    def _batches(self, a):
-        """[N, T, d] -> [N // bs, bs, T, d] (drops a remainder smaller than one batch)."""
-        bs = self.cfg.batch_size
-        if self.dp is not None:
-            return self.dp.batches(a, bs)
-        nb = a.shape[0] // bs
-        return a[: nb * bs].reshape(nb, bs, *a.shape[1:])
 
     def mse(self, layer, xb, yb) -> float:
         """The objective (CalibConfig.loss, weighted by loss_weight) averaged over the batches."""
@@ -299,15 +194,13 @@ class LayerCalibrator:
 
     def outputs(self, layer, xb):
         graphdef, state = nnx.split(layer)
-        return jnp.concatenate([_apply(graphdef, state, xb[i]) for i in range(len(xb))])
+        return jnp.concatenate([apply_layer(graphdef, state, xb[i]) for i in range(len(xb))])
 
     def _train(self, layer, xs, ys, index: int, n_layers: int) -> tuple[int, bool, float]:
         """Trains the learnable parameters of ``layer`` in place; returns (steps, fell_back, best)."""
-        cfg = self.cfg
-        graphdef, tparams, cparams, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
-        opt_t, opt_c = self.tx_t.init(tparams), self.tx_c.init(cparams)
-        if self.dp is not None:
-            opt_t, opt_c = jax.tree.map(self.dp.put, (opt_t, opt_c))
+        cfg, place = self.cfg, self.place
+        graphdef, tparams, cparams, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
+        opt_t, opt_c = jax.tree.map(place.put, (self.tx_t.init(tparams), self.tx_c.init(cparams)))
         best = (math.inf, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
         fell_back, steps, t0 = False, 0, time.time()
         rng = np.random.default_rng([cfg.seed, index])  # per layer: a resumed run draws the same
@@ -315,19 +208,15 @@ class LayerCalibrator:
             order = rng.permutation(xs.shape[0])[: self.steps_per_epoch * cfg.batch_size]
             losses = []
             for idx in order.reshape(self.steps_per_epoch, cfg.batch_size):
-                if self.dp is not None:  # the batch split over data: XLA all-reduces the grads
-                    x, y = self.dp.take(xs, idx), self.dp.take(ys, idx)
-                else:
-                    idx = jnp.asarray(idx)
-                    x, y = xs[idx], ys[idx]
+                # split over data on a mesh: XLA all-reduces the gradients
+                x, y = place.take(xs, idx), place.take(ys, idx)
                 tparams, cparams, opt_t, opt_c, loss = self.step_fn(
                     graphdef, tparams, cparams, opt_t, opt_c, rest, x, y, self.gain)
                 losses.append(loss)
             steps += self.steps_per_epoch
             loss = float(jnp.mean(jnp.stack(losses)))
             nnx.update(layer, tparams, cparams)
-            ok = math.isfinite(loss) and _healthy(
-                layer if self.dp is None else self.dp.to_local(nnx.clone(layer)), cfg.max_cond)
+            ok = math.isfinite(loss) and _healthy(place.to_local(nnx.clone(layer)), cfg.max_cond)
             if ok and loss < best[0]:
                 best = (loss, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
             elif not ok:
@@ -337,7 +226,7 @@ class LayerCalibrator:
                 break
             rate = (time.time() - t0) / steps
             self.log(f"layer {index + 1}/{n_layers} epoch {ep + 1}/{cfg.epochs} step {steps} "
-                     f"train mse {loss:.4g} ({rate:.2f}s/step)")
+                     f"train {self.loss_name} {loss:.4g} ({rate:.2f}s/step)")
         nnx.update(layer, best[1], best[2])
         return steps, fell_back, best[0]
 
@@ -346,7 +235,8 @@ class LayerCalibrator:
 
         next_gain: [d], the gain of the RMSNorm that reads this layer's output
         (``next_norm_gain``); used by ``loss_weight="next_norm"``, required then.
-        Returns (quantized layer, its outputs on xs for the next layer, LayerReport, qweights).
+        Returns (quantized layer with packed weights, its outputs on xs for the next layer,
+        LayerReport).
         """
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
         d = xs.shape[-1]
@@ -356,14 +246,13 @@ class LayerCalibrator:
             self.gain = jnp.asarray(next_gain, jnp.float32).reshape(d)
         else:
             self.gain = jnp.ones((d,), jnp.float32)
-        if self.dp is not None:
-            self.gain = self.dp.put(self.gain)
+        self.gain = self.place.put(self.gain)
         t0 = time.time()
-        xb = self._batches(xs)
+        xb = self.place.batches(xs, cfg.batch_size)
         ys = self.outputs(fp_layer, xb)
-        yb = self._batches(ys)
+        yb = self.place.batches(ys, cfg.batch_size)
 
-        rtn = self._placed(quantize_layer(nnx.clone(fp_layer), "rtn", spec))
+        rtn = self.place.put_module(quantize_layer(nnx.clone(fp_layer), "rtn", spec))
         loss_rtn = self.mse(rtn, xb, yb)
         del rtn
         layer = self._start(fp_layer, xb, index)
@@ -388,38 +277,42 @@ class LayerCalibrator:
                 nnx.update(layer, start)
                 loss_trained, fell_back = loss_init, True
 
-        qweights = self.deploy(layer, xb)
+        self.deploy(layer, xb)
         loss_final = loss_rtn if plain_rtn else self.mse(layer, xb, yb)
         report = LayerReport(index, loss_rtn, loss_init, loss_trained, loss_final, steps,
                              time.time() - t0, fell_back)
         next_x = ys if cfg.propagate == "fp" else self.outputs(layer, xb)
-        return layer, next_x, report, qweights
+        return layer, next_x, report
 
     def _start(self, fp_layer, xb, index: int, init: str | None = None):
         """A placed quantized copy of ``fp_layer`` at its initial parameters (channel scales
         SmoothQuant-started when the method says so)."""
         method = self.cfg.method_spec
-        layer = self._placed(build_quantized_layer(nnx.clone(fp_layer), self.cfg, index,
-                                                   record_hessian=True, init=init))
+        layer = self.place.put_module(build_quantized_layer(nnx.clone(fp_layer), self.cfg, index,
+                                                            init=init))
         if method.channel_scale and method.scale_init == "smooth":
             self.smooth_scales(layer, xb, method.smooth_alpha)
         return layer
 
-    def _record_pass(self, layer, xb) -> None:
-        """Runs ``layer`` over every batch with recording on: fills the group heads' Hessian
-        sums and input abs-maxima."""
-        set_recording(layer, True)
+    def group_stats(self, layer, xb) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{group: (Hessian X^T X of the transformed inputs [d, d], max |x| of the raw inputs
+        [d])} over every batch of xb, the inputs captured at each group's head linear."""
+        set_capture(layer, True)
         graphdef, state = nnx.split(layer)
+        set_capture(layer, False)
+        stats = {g: (jnp.zeros((q.in_features, q.in_features), jnp.float32),
+                     jnp.zeros((q.in_features,), jnp.float32))
+                 for g, q in group_heads(layer).items()}
+        stats = jax.tree.map(self.place.put, stats)
         for x in (xb[i] for i in range(len(xb))):  # indexing works across hosts
-            state = _record(graphdef, state, x)
-        nnx.update(layer, state)
-        set_recording(layer, False)
+            stats = _group_stats(graphdef, state, x, stats)
+        return stats
 
     def smooth_scales(self, layer, xb, alpha: float) -> None:
         """SmoothQuant-style start of every group's channel scale: ``s = max|x|^alpha /
         max|W|^(1 - alpha)`` per input channel, x over the calibration batches, W over the
         group's linears (the transforms' scales must still be ones)."""
-        self._record_pass(layer, xb)
+        stats = self.group_stats(layer, xb)
         group_of = {n: g for _, names, g in GROUPS for n in names}
         w_max = {}
         for name, q in quant_linears(layer).items():
@@ -427,25 +320,20 @@ class LayerCalibrator:
             g = group_of[name]
             w_max[g] = m if g not in w_max else jnp.maximum(w_max[g], m)
         for g, q in group_heads(layer).items():
-            q.transform.set_scale(np.asarray(smooth_init(q.absmax[...], w_max[g], alpha)))
+            q.transform.set_scale(np.asarray(smooth_init(stats[g][1], w_max[g], alpha)))
 
-    def _placed(self, layer):
-        return layer if self.dp is None else self.dp.put_module(layer)
-
-    def deploy(self, layer, xb) -> dict[str, object]:
-        """Fold transforms + weight clipping into the weights and quantize them (GPTQ or RTN)."""
+    def deploy(self, layer, xb) -> None:
+        """Fold transforms + weight clipping into the weights, quantize them (GPTQ or RTN) and
+        deploy each QuantLinear at its packed MXArray."""
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
         hessians = {}
         if method.weights == "gptq":
-            self._record_pass(layer, xb)
-            hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
-        if self.dp is not None:  # fold and GPTQ on one local device, the same in every process
-            self.dp.to_local(layer)
-            hessians = {g: q.hessian[...] for g, q in group_heads(layer).items()}
+            hessians = {g: s[0] for g, s in self.group_stats(layer, xb).items()}
+        # fold and GPTQ on one local device, the same in every process
+        self.place.to_local(layer)
+        hessians = {g: self.place.local_value(h) for g, h in hessians.items()}
         group_of = {n: g for _, names, g in GROUPS for n in names}
-        qweights = {}
-        kw = dict(fmt=spec.w_fmt, block_size=spec.block_size, scale_mode=spec.scale_mode,
-                  rounding=spec.rounding)
+        kw = spec.quant_kwargs("w")
         for name, q in quant_linears(layer).items():
             w = jnp.asarray(q.transform.fold_f64(np.asarray(q.weight[...])), jnp.float32)
             w = q.weight_clip(w)
@@ -453,60 +341,71 @@ class LayerCalibrator:
                 res = gptq.gptq_quantize(w, hessians[group_of[name]], damp=cfg.damp, **kw)
             else:
                 res = gptq.rtn_quantize(w, **kw)
-            q.deploy(res.weight)
-            qweights[name] = res.to_mxarray()
-        for q in group_heads(layer).values():  # the sums are no longer needed
-            q.hessian = q.absmax = None
-        self._placed(layer)
-        return qweights
+            q.deploy(res.to_mxarray())
+        self.place.put_module(layer)
 
 
 def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquant",
-                   setting: str = "W4A4KV16", *, log: Callable[[str], None] = _stderr,
+                   setting: str = "W4A4KV16", *, tx=None, clip_tx=None,
+                   loss_fn: LossFn | None = None, log: Callable[[str], None] = _stderr,
                    on_layer_done: Callable | None = None, start_layer: int = 0,
                    start_inputs=None, mesh: jax.sharding.Mesh | None = None,
                    **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
     """Quantizes every decoder layer of ``model`` in place with ``method`` at ``setting``.
 
-    calib_tokens: int32 [N, T] calibration windows. hparams: any CalibConfig field.
-    on_layer_done(i, layer, next_inputs, report, qweights) is called after each layer (resume
-    support: ``start_layer`` / ``start_inputs`` continue a run whose first layers are done).
+    calib_tokens: int32 [N, T] calibration windows (N >= batch_size). hparams: any CalibConfig
+    field (``recipe.CalibConfig``: lr, epochs, g1, g2, loss, ...). tx / clip_tx: any optax
+    GradientTransformation for the transform / clipping parameters (default: AdamW with cosine
+    decay from lr / clip_lr); loss_fn(output, target) -> scalar: the layer objective in place of
+    ``loss`` (the log names it). Every linear ends deployed at its packed MXArray.
+    on_layer_done(i, layer, next_inputs, report) is called after each layer (resume support:
+    ``start_layer`` / ``start_inputs`` continue a run whose first layers are done).
     mesh: a ``distributed.make_mesh`` mesh: the model is placed on it, the windows (a host
     array, the same in every process, or a global array) and activations split over its data
     axis; the windows are cut to whole batches (the later layers see only those anyway).
     Returns (model, CalibrationResult).
+
+    >>> import optax
+    >>> from batquant_jax.models import LlamaConfig, LlamaForCausalLM
+    >>> from flax import nnx
+    >>> model = LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0))
+    >>> tokens = np.arange(4 * 32).reshape(4, 32) % 256
+    >>> model, res = quantize_model(model, tokens, "batquant", epochs=1, tx=optax.sgd(1e-3),
+    ...                             loss_fn=lambda out, y: jnp.mean(jnp.abs(out - y)),
+    ...                             log=lambda msg: None)
+    >>> res.loss_name, res.layers[0].steps
+    ('<lambda>', 1)
     """
-    cfg = CalibConfig(method=method, setting=setting, **hparams).validate()
+    cfg = CalibConfig(method=method, setting=setting, **hparams)
+    place = placement(mesh)
+    place.check_batch(cfg.batch_size, "batch_size")
     if mesh is not None:
-        dp = DataParallel(mesh)
-        dp.check_batch(cfg.batch_size, "batch_size")
         keep = calib_tokens.shape[0] // cfg.batch_size * cfg.batch_size
-        tokens = dp.put(calib_tokens[:keep], dp.rows()) if isinstance(calib_tokens, jax.Array) \
-            else dp.shard_rows(np.asarray(calib_tokens, np.int32)[:keep])
-        dp.put_module(model)
+        tokens = place.put(calib_tokens[:keep], place.rows()) if isinstance(calib_tokens, jax.Array) \
+            else place.shard_rows(np.asarray(calib_tokens, np.int32)[:keep])
         if start_inputs is not None:
-            start_inputs = dp.put(start_inputs, dp.rows()) if isinstance(start_inputs, jax.Array) \
-                else dp.shard_rows(np.asarray(start_inputs)[:keep])
+            start_inputs = place.put(start_inputs, place.rows()) \
+                if isinstance(start_inputs, jax.Array) \
+                else place.shard_rows(np.asarray(start_inputs)[:keep])
     else:
         tokens = jnp.asarray(np.asarray(calib_tokens, np.int32))
+    place.put_module(model)
     if tokens.ndim != 2:
         raise ValueError(f"calib_tokens must be [N, T], got shape {tokens.shape}")
     n_layers = len(model.layers)
-    cal = LayerCalibrator(cfg, tokens.shape[0], log, mesh)
+    cal = LayerCalibrator(cfg, tokens.shape[0], log, mesh, tx=tx, clip_tx=clip_tx, loss_fn=loss_fn)
+    log(f"layer objective: {cal.loss_name}")
     t0 = time.time()
     xs = model.embed(tokens) if start_inputs is None else jnp.asarray(start_inputs)
-    if mesh is not None:
-        xs = dp.put(xs, dp.rows())
-    reports, qweights = [], {}
+    xs = place.put(xs, place.rows())
+    reports = []
     for i in range(start_layer, n_layers):
-        layer, xs, rep, qw = cal.calibrate(model.layers[i], xs, i, n_layers,
-                                           next_norm_gain(model, i))
+        layer, xs, rep = cal.calibrate(model.layers[i], xs, i, n_layers, next_norm_gain(model, i))
         model.layers[i] = layer
         reports.append(rep)
-        qweights.update({f"layers.{i}.{k}": v for k, v in qw.items()})
         done = i + 1 - start_layer
         eta = (time.time() - t0) / done * (n_layers - i - 1)
         log(rep.line(n_layers) + f" elapsed {time.time() - t0:.0f}s, eta {eta:.0f}s")
         if on_layer_done is not None:
-            on_layer_done(i, layer, xs, rep, qw)
-    return model, CalibrationResult(cfg, reports, qweights, time.time() - t0)
+            on_layer_done(i, layer, xs, rep)
+    return model, CalibrationResult(cfg, reports, time.time() - t0, cal.loss_name)

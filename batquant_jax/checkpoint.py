@@ -1,25 +1,30 @@
 """Quantized checkpoints on disk (Orbax) and the per-layer state a calibration run resumes from.
 
-A finished output directory DIR holds only the deployable model:
+A quantized model is one NNX state: every QuantLinear holds its weight as a packed
+``mx.MXArray`` (uint8 E2M1 codes, two per byte, and uint8 E8M0 scales). A checkpoint is that
+state saved with Orbax, restored into a skeleton built from the recipe (``recipe.CalibConfig``)
+and the model config. A finished output directory DIR holds:
 
   DIR/checkpoint/       Orbax composite checkpoint with two items
-      qweights/         every quantized linear weight as its MXArray leaves (uint8 packed E2M1
-                        codes and uint8 E8M0 scales): layers/{i}/{linear}/{codes, scales}
-      params/           the rest of the model state by module path: embeddings, norms, lm_head,
-                        and of each QuantLinear its online side (transform parameters and
-                        constants, clipping logits) and bias -- never a float weight
-  DIR/metadata.json     how it was made, what ``load_quantized`` needs to rebuild the skeleton,
-                        and "checksums": the sha256 of every stored array ("qweights/layers/0/
-                        q_proj/codes": hex), verified on every load
+      qweights/         the packed weights by module path:
+                        layers/{i}/{self_attn|mlp}/{linear}/{codes, scales}
+      params/           the rest of the state by module path: embeddings, norms, lm_head, and of
+                        each QuantLinear its online side (transform parameters and constants,
+                        clipping logits) and bias -- never a float copy of a quantized weight
+  DIR/metadata.json     "format" (FORMAT), the model config and recipe the skeleton is built
+                        from, how the run was made, and "checksums": the sha256 of every stored
+                        array ("qweights/layers/0/self_attn/q_proj/codes": hex), verified on load
   DIR/tokenizer/        ``tokenizer.save_pretrained``
 
 While a run is calibrating, DIR/resume/ holds progress.json (the commit point, replaced
-atomically), layer_{i:03d}/ (Orbax: layer i's params and qweights) and inputs_{i:03d}/ (the
-inputs of layer i + 1); progress.json records the sha256 of their arrays, verified on resume.
-Orbax writes every checkpoint into a temporary folder and renames it, so a run killed at any
-moment leaves the last committed state readable. A stored array whose bytes changed after they
-were written fails to load with a one-line CheckpointError naming it.
+atomically), layer_{i:03d}/ (Orbax: layer i's state, the same two items) and inputs_{i:03d}/
+(the inputs of layer i + 1); progress.json records the sha256 of their arrays, verified on
+resume. Orbax writes every checkpoint into a temporary folder and renames it, so a run killed at
+any moment leaves the last committed state readable. A stored array whose bytes changed after
+they were written fails to load with a one-line CheckpointError naming it.
 
+    model, result = quantize_model(model, windows, "batquant")
+    save_quantized("/tmp/smollm2-batquant", model, result, tokenizer)
     model, tokenizer, meta = load_quantized("/tmp/smollm2-batquant")
     nll = forward_nll(model, tokens)            # tokens: int32 [B, T] -> [B, T-1]
 """
@@ -43,13 +48,14 @@ import numpy as np
 from flax import nnx
 
 from batquant_jax import mx
-from batquant_jax.calibration import CalibConfig, build_quantized_layer
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
-from batquant_jax.qlayers import QuantLinear, quant_linears
+from batquant_jax.qlayers import PackedWeight, QuantLinear, build_quantized_layer, packed_weights
+from batquant_jax.recipe import CalibConfig
 
-FORMAT = "batquant_jax.quantized/1"
+# /1 kept the packed weights apart from the model state and rebuilt float copies at load
+FORMAT = "batquant_jax.quantized/2"
 CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
 RESUME_DIR, PROGRESS_FILE = "resume", "progress.json"
 ARTIFACT = (CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR)
@@ -268,68 +274,70 @@ def _lookup(module, path):
     return module
 
 
-def _state_vars(module) -> dict[tuple[str, ...], tuple[tuple, Any]]:
-    """{str path: (path, variable)} of ``module``'s state without QuantLinear weights."""
+def _state_vars(module) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """{str path: (item, variable)} of ``module``'s state; item "qweights" for packed weights
+    (their path without the trailing "weight"), "params" for the rest."""
     out = {}
     for path, _ in nnx.to_flat_state(nnx.state(module)):
-        if path[-1] == "weight" and isinstance(_lookup(module, path[:-1]), QuantLinear):
-            continue  # stored as its MXArray in qweights
-        out[tuple(str(p) for p in path)] = (path, _lookup(module, path))
+        var = _lookup(module, path)
+        key = tuple(str(p) for p in path)
+        if isinstance(var, PackedWeight):
+            out[key[:-1]] = ("qweights", var)
+        else:
+            out[key] = ("params", var)
     return out
 
 
-def state_arrays(module) -> dict:
-    """Nested dict of the state arrays of ``module`` except QuantLinear weights (float as is)."""
-    return _nest({k: host_value(v[...]) for k, (_, v) in _state_vars(module).items()})
+def _leaves(var) -> dict[tuple[str, ...], Any]:
+    """The stored leaves of one variable: {(): array} or {("codes",): .., ("scales",): ..}."""
+    value = var.get_value()
+    if isinstance(value, mx.MXArray):
+        return {("codes",): value.codes, ("scales",): value.scales}
+    return {(): value}
 
 
-def set_state_arrays(module, tree: dict, where: str) -> None:
-    """Sets every state variable of ``module`` (except QuantLinear weights) from ``tree``."""
-    flat, wanted = _flatten(tree), _state_vars(module)
-    missing, extra = sorted(set(wanted) - set(flat)), sorted(set(flat) - set(wanted))
+def state_arrays(module) -> dict[str, dict]:
+    """{"qweights": nested packed leaves, "params": nested rest} of ``module``'s state (numpy)."""
+    flat: dict[str, Flat] = {"qweights": {}, "params": {}}
+    for key, (item, var) in _state_vars(module).items():
+        for leaf, value in _leaves(var).items():
+            flat[item][key + leaf] = host_value(value)
+    return {item: _nest(f) for item, f in flat.items()}
+
+
+def set_state_arrays(module, items: Mapping[str, dict], where: str) -> None:
+    """Sets every state variable of ``module`` from ``items`` (``state_arrays``' layout),
+    checking names, shapes and dtypes (CheckpointError, one line)."""
+    got = {(item,) + k: v for item, tree in items.items() for k, v in _flatten(tree).items()}
+    wanted = {(item,) + key + leaf: (var, leaf, value)
+              for key, (item, var) in _state_vars(module).items()
+              for leaf, value in _leaves(var).items()}
+    missing, extra = sorted(set(wanted) - set(got)), sorted(set(got) - set(wanted))
     if missing or extra:
-        bad = ".".join((missing or extra)[0])
+        bad = "/".join((missing or extra)[0])
         raise CheckpointError(f"{where}: {'missing' if missing else 'unexpected'} array {bad!r} "
                               f"({len(missing)} missing, {len(extra)} unexpected)")
-    for key, (_, var) in wanted.items():
-        value = flat[key]
-        if tuple(value.shape) != tuple(var.shape) or value.dtype != var[...].dtype:
-            raise CheckpointError(f"{where}: {'.'.join(key)} is {value.dtype}{list(value.shape)}, "
-                                  f"expected {var[...].dtype}{list(var.shape)}")
-        var.set_value(jnp.asarray(value))
+    for key, (_, _, want) in wanted.items():
+        value = got[key]
+        if tuple(value.shape) != tuple(np.shape(want)) or value.dtype != np.asarray(want).dtype:
+            raise CheckpointError(f"{where}: {'/'.join(key)} is {value.dtype}{list(value.shape)}, "
+                                  f"expected {np.asarray(want).dtype}{list(np.shape(want))}")
+    packed: dict[int, dict] = {}
+    for key, (var, leaf, _) in wanted.items():
+        if leaf:
+            packed.setdefault(id(var), {"var": var})[leaf[0]] = jnp.asarray(got[key])
+        else:
+            var.set_value(jnp.asarray(got[key]))
+    for entry in packed.values():
+        old = entry["var"].get_value()
+        entry["var"].set_value(dataclasses.replace(old, codes=entry["codes"],
+                                                   scales=entry["scales"]))
 
 
 def mx_meta(q: mx.MXArray) -> dict:
     """JSON description of an MXArray (everything but its leaves)."""
     return {"fmt": q.fmt, "axis": q.axis, "shape": list(q.shape), "block_size": q.block_size,
             "codes": list(q.codes.shape), "scales": list(q.scales.shape)}
-
-
-def qweight_arrays(qweights: Mapping[str, mx.MXArray]) -> dict:
-    """{"layers.0.q_proj": MXArray} -> {"layers": {"0": {"q_proj": {"codes", "scales"}}}}."""
-    return _nest({tuple(n.split(".")) + (leaf,): np.asarray(getattr(q, leaf))
-                  for n, q in qweights.items() for leaf in ("codes", "scales")})
-
-
-def _qweight_targets(meta: Mapping[str, dict]) -> dict:
-    return _nest({tuple(n.split(".")) + (leaf,): jax.ShapeDtypeStruct(tuple(m[leaf]), np.uint8)
-                  for n, m in meta.items() for leaf in ("codes", "scales")})
-
-
-def _mxarray(codes, scales, m: Mapping[str, Any]) -> mx.MXArray:
-    """The MXArray of stored leaves and their ``mx_meta`` description."""
-    shape, axis = tuple(m["shape"]), int(m["axis"])
-    if axis >= 0:  # written when MXArray.axis counted from the start
-        axis -= len(shape)
-    return mx.MXArray(jnp.asarray(codes), jnp.asarray(scales), m["fmt"], axis, shape[axis],
-                      int(m["block_size"]))
-
-
-def _mxarrays(tree: dict, meta: Mapping[str, dict]) -> dict[str, mx.MXArray]:
-    flat = _flatten(tree)
-    return {n: _mxarray(flat[tuple(n.split(".")) + ("codes",)],
-                        flat[tuple(n.split(".")) + ("scales",)], m)
-            for n, m in meta.items()}
 
 
 def weight_sizes(qweights: Mapping[str, mx.MXArray]) -> dict:
@@ -346,8 +354,7 @@ def weight_sizes(qweights: Mapping[str, mx.MXArray]) -> dict:
 
 def calib_config_from(fields: Mapping[str, Any]) -> CalibConfig:
     """CalibConfig from recorded fields (fields this version lacks are ignored)."""
-    known = {f.name for f in dataclasses.fields(CalibConfig)}
-    return CalibConfig(**{k: v for k, v in fields.items() if k in known})
+    return CalibConfig.from_fields(dict(fields))
 
 
 def llama_config_from(fields: Mapping[str, Any]) -> LlamaConfig:
@@ -361,60 +368,80 @@ def llama_config_from(fields: Mapping[str, Any]) -> LlamaConfig:
 
 
 def quantized_layer(config: LlamaConfig, cfg: CalibConfig, index: int) -> DecoderLayer:
-    """Zero-weight DecoderLayer with QuantLinears built as calibration builds them (no Hessians)."""
-    return build_quantized_layer(DecoderLayer(config, None), cfg, index)
+    """A deployed DecoderLayer skeleton of ``cfg``'s method: zero weights, zero packed codes
+    and scales, built as calibration builds it (the target a stored state restores into)."""
+    layer = build_quantized_layer(DecoderLayer(config, None), cfg, index)
+    for q in _quant_modules(layer):
+        q.deploy_placeholder()
+    return layer
 
 
-def restore_layer(layer: DecoderLayer, params: dict, qweights: Mapping[str, mx.MXArray],
-                  where: str) -> None:
-    """Fills a ``quantized_layer`` skeleton; every QuantLinear is deployed at its dequantized weight.
+def skeleton(config: LlamaConfig, cfg: CalibConfig) -> LlamaForCausalLM:
+    """The quantized model skeleton of a checkpoint: ``quantized_layer`` for every layer."""
+    model = LlamaForCausalLM(config, None)
+    for i in range(config.num_layers):
+        model.layers[i] = quantized_layer(config, cfg, i)
+    return model
 
-    qweights: linear name (q_proj, ...) -> MXArray.
-    """
-    set_state_arrays(layer, params, where)
-    for name, q in quant_linears(layer).items():
-        if name not in qweights:
-            raise CheckpointError(f"{where}: no quantized weight for {name}")
-        q.deploy(mx.dequantize(qweights[name]))
+
+def _quant_modules(module) -> list[QuantLinear]:
+    return [m for _, m in nnx.iter_modules(module) if isinstance(m, QuantLinear)]
+
+
+def weight_bytes(model) -> dict:
+    """Resident bytes of a model's state arrays (the sum of their nbytes), the packed weights
+    apart, against the same model with every array in float32 and in bfloat16."""
+    packed = sum(w.nbytes for w in packed_weights(model).values())
+    n_packed = sum(int(np.prod(w.shape)) for w in packed_weights(model).values())
+    rest = [v for _, v in nnx.to_flat_state(nnx.state(model))
+            if not isinstance(v.get_value(), mx.MXArray)]
+    rest_bytes = sum(int(np.asarray(v.get_value()).nbytes) for v in rest)
+    n_rest = sum(int(np.size(v.get_value())) for v in rest)
+    n = n_packed + n_rest
+    return {"model_resident_bytes": packed + rest_bytes, "model_packed_weight_bytes": packed,
+            "model_other_bytes": rest_bytes, "model_float32_bytes": 4 * n,
+            "model_bfloat16_bytes": 2 * n,
+            "model_ratio_vs_float32": (packed + rest_bytes) / max(4 * n, 1)}
 
 
 # ----------------------------------------------------------------------------- final artifact
 
-def _check_saveable(model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
-                    metadata: Mapping[str, Any]) -> None:
+def _check_saveable(model: LlamaForCausalLM, result) -> None:
     """ValueError (one line) unless ``load_quantized`` can rebuild what save_quantized writes."""
-    fields = metadata.get("calib_config") if isinstance(metadata, Mapping) else None
-    if not isinstance(fields, Mapping):
-        raise ValueError("save_quantized: metadata lacks 'calib_config' (the CalibConfig fields, "
-                         "e.g. dataclasses.asdict(result.config)), which loading needs")
-    try:
-        calib_config_from(fields).validate()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"save_quantized: metadata['calib_config'] is invalid: "
-                         f"{_one_line(e, 200)}") from None
-    wanted = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
-              for name in quant_linears(layer)]
-    missing = sorted(set(wanted) - set(qweights))
-    if missing:
-        raise ValueError(f"save_quantized: qweights lacks {len(missing)} of the model's quantized "
-                         f"linears: {', '.join(missing)}")
+    from batquant_jax.calibration import CalibrationResult
+    if not isinstance(result, CalibrationResult):
+        raise ValueError(f"save_quantized: result must be the CalibrationResult that "
+                         f"quantize_model returned, got {type(result).__name__}")
+    undeployed = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
+                  for name, q in _named_quant(layer) if not q.deployed]
+    plain = [f"layers.{i}" for i, layer in enumerate(model.layers) if not _named_quant(layer)]
+    if plain or undeployed:
+        what = plain or undeployed
+        raise ValueError(f"save_quantized: {len(what)} {'layer(s) are not quantized' if plain else 'linear(s) are not deployed'}"
+                         f" ({', '.join(what[:4])}{', ...' if len(what) > 4 else ''}); save the "
+                         "model that quantize_model returned")
 
 
-def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.MXArray],
-                   tokenizer, metadata: dict) -> dict:
-    """Writes the deployable checkpoint into ``out_dir``; returns the metadata as written.
+def _named_quant(layer) -> list[tuple[str, QuantLinear]]:
+    return [(str(path[-1]), m) for path, m in nnx.iter_modules(layer) if isinstance(m, QuantLinear)]
 
-    qweights: "layers.{i}.{linear}" -> MXArray for every QuantLinear of ``model``. metadata must
-    hold "calib_config" (CalibConfig fields); "model_config", "qweights", "sizes" and "format" are
-    filled in here. metadata.json is written last: it marks the checkpoint complete.
-    Raises ValueError, before anything is written, if the checkpoint could not be loaded: no
-    valid "calib_config", or a QuantLinear of ``model`` without its entry in qweights.
+
+def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
+                   metadata: Mapping[str, Any] | None = None) -> dict:
+    """Writes the deployable checkpoint of ``quantize_model``'s (model, result) into ``out_dir``;
+    returns the metadata as written.
+
+    tokenizer: saved beside it when given. metadata: extra JSON fields (how the run was made);
+    "format", "model_config", "calib_config", "layers", "sizes" and "checksums" are filled in
+    here. metadata.json is written last: it marks the checkpoint complete. Raises ValueError,
+    before anything is written, when ``result`` is not a CalibrationResult or the model holds a
+    linear that is not quantized and deployed.
     """
-    _check_saveable(model, qweights, metadata)
+    _check_saveable(model, result)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
-    items = {"qweights": qweight_arrays(qweights), "params": state_arrays(model)}
+    items = state_arrays(model)
     save_tree(out / CHECKPOINT_DIR, items)
     tok_dir = out / TOKENIZER_DIR
     remove(tok_dir)
@@ -423,12 +450,15 @@ def save_quantized(out_dir, model: LlamaForCausalLM, qweights: Mapping[str, mx.M
         remove(tmp)
         tokenizer.save_pretrained(str(tmp))
         os.replace(tmp, tok_dir)
-    sizes = weight_sizes(qweights)
+    sizes = weight_sizes(packed_weights(model))
+    sizes.update(weight_bytes(model))
     sizes["qweights_on_disk_bytes"] = dir_bytes(out / CHECKPOINT_DIR / "qweights")
     sizes["checkpoint_on_disk_bytes"] = dir_bytes(out / CHECKPOINT_DIR)
-    meta = dict(metadata, format=FORMAT, model_config=dataclasses.asdict(model.config),
-                qweights={n: mx_meta(q) for n, q in qweights.items()}, sizes=sizes,
-                tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)})
+    meta = dict(metadata or {})
+    meta.setdefault("layers", [dataclasses.asdict(r) for r in result.layers])
+    meta.update(format=FORMAT, model_config=dataclasses.asdict(model.config),
+                calib_config=dataclasses.asdict(result.config), loss=result.loss_name,
+                sizes=sizes, tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)})
     write_json(out / METADATA_FILE, meta)
     _sync("save_quantized")
     return meta
@@ -449,49 +479,43 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
     meta = read_json(out / METADATA_FILE)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{out / METADATA_FILE}: format {meta.get('format')!r}, "
-                              f"expected {FORMAT!r}")
+        raise CheckpointError(f"{out} is a checkpoint of format {meta.get('format')!r}; this "
+                              f"version reads {FORMAT!r} only: quantize the model again")
     try:
         config = llama_config_from(meta["model_config"])
         cfg = calib_config_from(meta["calib_config"])
-        targets = {"qweights": _qweight_targets(meta["qweights"])}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{out / METADATA_FILE} is incomplete or damaged "
                               f"({type(e).__name__}: {_one_line(e, 100)})") from None
-    model = LlamaForCausalLM(config, None)
-    for i in range(config.num_layers):
-        model.layers[i] = quantized_layer(config, cfg, i)
-    targets["params"] = _abstract(state_arrays(model))
+    model = skeleton(config, cfg)
+    targets = {k: _abstract(v) for k, v in state_arrays(model).items()}
     # checkpoints written before checksums were recorded load unverified
     trees = load_tree(out / CHECKPOINT_DIR, targets, meta.get(CHECKSUMS))
     return model, trees, meta
 
 
 def read_arrays(out_dir) -> dict[str, np.ndarray]:
-    """Every stored array of a finished checkpoint, keyed "qweights/layers/0/q_proj/codes",
-    "params/layers/0/self_attn/k_proj/transform/A", ... (for inspection and comparisons)."""
+    """Every stored array of a finished checkpoint, keyed "qweights/layers/0/self_attn/q_proj/
+    codes", "params/layers/0/self_attn/k_proj/transform/A", ... (inspection, comparisons)."""
     _, trees, _ = _read(out_dir)
     return {"/".join((item,) + k): v for item, tree in trees.items()
             for k, v in _flatten(tree).items()}
 
 
-def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
+def load_quantized(out_dir, *, packed: bool = True) -> tuple[LlamaForCausalLM, Any, dict]:
     """Rebuilds a quantized model from ``out_dir`` alone -> (model, tokenizer or None, metadata).
 
-    The skeleton is LlamaForCausalLM(config) with zero weights, every layer quantized with the
-    recorded method / setting / g1 / g2 / init / seed; every array is then restored and each
-    QuantLinear deployed at ``mx.dequantize`` of its stored MXArray.
+    The skeleton (``skeleton``: the recorded model config, every layer quantized with the
+    recorded recipe) is filled with the stored state; each QuantLinear keeps its packed
+    MXArray, dequantized inside the jitted forward. ``packed=False`` dequantizes every weight
+    once at load instead (float32; the same outputs, 7.5x the weight memory).
     """
     out = pathlib.Path(out_dir)
     model, trees, meta = _read(out)
-    set_state_arrays(model, trees["params"], str(out))
-    q_all = _mxarrays(trees["qweights"], meta["qweights"])
-    for i, layer in enumerate(model.layers):
-        for name, q in quant_linears(layer).items():
-            key = f"layers.{i}.{name}"
-            if key not in q_all:
-                raise CheckpointError(f"{out}: no quantized weight {key}")
-            q.deploy(mx.dequantize(q_all[key]))
+    set_state_arrays(model, trees, str(out))
+    if not packed:
+        for q in _quant_modules(model):
+            q.unpack()
     tokenizer = None
     if (out / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer
@@ -504,8 +528,7 @@ def load_quantized(out_dir) -> tuple[LlamaForCausalLM, Any, dict]:
 class ResumeStore:
     """Per-layer state of an unfinished run under ``out_dir/resume``.
 
-    progress.json is the commit point: {"flags", "layers_done", "reports", "qweights" (MXArray
-    descriptions), "checksums" ({"layer_000": {array: sha256}, ..., "inputs_{n-1}": ...}),
+    progress.json is the commit point: {"flags", "layers_done", "reports", "checksums" ({"layer_000": {array: sha256}, ..., "inputs_{n-1}": ...}),
     "elapsed_s", ...}. A layer counts as done only once progress.json says so.
     """
 
@@ -526,11 +549,10 @@ class ResumeStore:
     def _inputs(self, i: int) -> pathlib.Path:
         return self.root / f"inputs_{i:03d}"
 
-    def save_layer(self, i: int, layer: DecoderLayer, qweights: Mapping[str, mx.MXArray],
-                   next_inputs, progress: dict) -> dict:
-        """Saves layer i (done) and the next layer's inputs, then commits ``progress`` with
-        layers_done = i + 1. On an OSError the previous commit stays valid."""
-        layer_items = {"params": state_arrays(layer), "qweights": qweight_arrays(qweights)}
+    def save_layer(self, i: int, layer: DecoderLayer, next_inputs, progress: dict) -> dict:
+        """Saves layer i (done, deployed) and the next layer's inputs, then commits ``progress``
+        with layers_done = i + 1. On an OSError the previous commit stays valid."""
+        layer_items = state_arrays(layer)
         save_tree(self._layer(i), layer_items)
         x = host_value(next_inputs)
         input_items = {"inputs": {"x": x}}
@@ -539,8 +561,6 @@ class ResumeStore:
         sums.update({self._layer(i).name: tree_digests(layer_items),
                      self._inputs(i).name: tree_digests(input_items)})
         progress = dict(progress, layers_done=i + 1, inputs=[list(x.shape), str(x.dtype)],
-                        qweights=dict(progress.get("qweights", {}),
-                                      **{f"layers.{i}.{n}": mx_meta(q) for n, q in qweights.items()}),
                         **{CHECKSUMS: sums})
         write_json(self.root / PROGRESS_FILE, progress)
         self.clean(i + 1)
@@ -557,14 +577,11 @@ class ResumeStore:
                 remove(p)
 
     def restore(self, model: LlamaForCausalLM, cfg: CalibConfig, progress: dict
-                ) -> tuple[dict[str, mx.MXArray], np.ndarray | None]:
-        """Puts the finished layers into ``model`` -> (their qweights, inputs of the next layer).
-
-        Every array is checked against the sha256 in progress.json (unless the run predates them).
-        """
+                ) -> np.ndarray | None:
+        """Puts the finished layers into ``model`` -> the inputs of the next layer (None when
+        no layer is done). Every array is checked against the sha256 in progress.json."""
         try:
             n = int(progress["layers_done"])
-            qmeta, qweights = dict(progress.get("qweights", {})), {}
             shape, dtype = progress["inputs"] if n else ((), "float32")
             target_x = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
         except (KeyError, TypeError, ValueError) as e:
@@ -574,16 +591,12 @@ class ResumeStore:
         digests = (lambda p: None) if sums is None else (lambda p: sums.get(p.name, {}))
         for i in range(n):
             layer = quantized_layer(model.config, cfg, i)
-            names = {k.split(".")[-1]: m for k, m in qmeta.items() if k.startswith(f"layers.{i}.")}
-            tree = load_tree(self._layer(i), {"params": _abstract(state_arrays(layer)),
-                                              "qweights": _qweight_targets(names)},
-                             digests(self._layer(i)))
-            q = _mxarrays(tree["qweights"], names)
-            restore_layer(layer, tree["params"], q, str(self._layer(i)))
+            targets = {k: _abstract(v) for k, v in state_arrays(layer).items()}
+            tree = load_tree(self._layer(i), targets, digests(self._layer(i)))
+            set_state_arrays(layer, tree, str(self._layer(i)))
             model.layers[i] = layer
-            qweights.update({f"layers.{i}.{k}": v for k, v in q.items()})
         if n == 0:
-            return qweights, None
+            return None
         x = load_tree(self._inputs(n - 1), {"inputs": {"x": target_x}},
                       digests(self._inputs(n - 1)))
-        return qweights, x["inputs"]["x"]
+        return x["inputs"]["x"]

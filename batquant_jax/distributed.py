@@ -29,6 +29,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -212,6 +213,10 @@ class DataParallel:
         """Any global array -> the full numpy value on every process (all-gather when needed)."""
         return host_value(x)
 
+    def local_value(self, x) -> jax.Array:
+        """Any array -> its full value on this process's first device."""
+        return jax.device_put(self.fetch(x), jax.local_devices()[0])
+
     def to_local(self, module):
         """Moves every state array of ``module`` to this process's first device (in place)."""
         dev = jax.local_devices()[0]
@@ -227,6 +232,47 @@ class DataParallel:
     def take(self, a, idx) -> jax.Array:
         """a[idx] for host indices idx: [bs] -> [bs, ...] split over data (XLA moves the rows)."""
         return _take(a, np.asarray(idx), self.rows())
+
+
+class Local:
+    """The one-device placement: what ``DataParallel`` does, on the default device. Calibration
+    talks to a placement (``placement(mesh)``) and never asks which one it has."""
+
+    data_size = 1
+
+    def rows(self, axis: int = 0) -> None:
+        return None
+
+    def check_batch(self, batch_size: int, what: str = "--batch_size") -> None:
+        """Any batch size fits one device."""
+
+    def shard_rows(self, full) -> jax.Array:
+        return jnp.asarray(np.asarray(full))
+
+    def put(self, x, sharding=None) -> jax.Array:
+        return jnp.asarray(x)
+
+    def put_module(self, module):
+        return module
+
+    def to_local(self, module):
+        return module
+
+    def local_value(self, x) -> jax.Array:
+        return x
+
+    def batches(self, a, bs: int) -> jax.Array:
+        """[N, ...] -> [N // bs, bs, ...] (remainder dropped)."""
+        nb = a.shape[0] // bs
+        return a[: nb * bs].reshape(nb, bs, *a.shape[1:])
+
+    def take(self, a, idx) -> jax.Array:
+        return a[jnp.asarray(idx)]
+
+
+def placement(mesh: Mesh | None):
+    """``DataParallel(mesh)``, or ``Local()`` without a mesh."""
+    return Local() if mesh is None else DataParallel(mesh)
 
 
 # ----------------------------------------------------------------------------- memory estimate

@@ -3,7 +3,7 @@
 A block is `block_size` (default 32) consecutive elements along one axis. It stores one shared
 E8M0 exponent `e` (byte `e + 127`, 0xFF = NaN) and elements `q = round(x / 2^e)` on the element
 grid (E2M1 for MXFP4: magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), saturating at +-max. The rules are
-those of docs/MXFP4.md (scale modes floor | ceil | even | rceil, ties to even or away).
+those of the repository's docs/MXFP4.md (scale modes floor | ceil | even | rceil, ties to even or away).
 
 Everything is computed from float32 bit patterns (no log2, no gathers), with exact power-of-two
 scaling, so results are bit-exact on every backend. Public surface:
@@ -14,12 +14,14 @@ scaling, so results are bit-exact on every backend. Public surface:
   fake_quant(x, fmt, *, axis, block_size, ...)           (straight-through derivative)
   quantize(x, fmt, ...) -> MXArray,  quantize_with_exponents(x, e, ...) -> MXArray
   dequantize(mx, dtype) -> array                         pack_nibbles / unpack_nibbles
+  MXArray.to_jax() / MXArray.from_jax(...)               jnp.float4_e2m1fn + float8_e8m0fnu
   check_blocks(shape, fmt, axis, block_size, ...)        the argument checks, for reuse
 
 Example:
   >>> x = jnp.array([[7.0, 2.5, -0.2] + [0.0] * 29])   # [1, 32]: one block, amax 7 -> e = 0
   >>> q = quantize(x)         # codes 7 (6, saturated), 4 (2, tie to even), 0x8 (-0)
-  >>> dequantize(q)[0, :3]    # [6.0, 2.0, -0.0]
+  >>> dequantize(q)[0, :3].tolist()
+  [6.0, 2.0, -0.0]
 
 Saturation: the shared exponent never exceeds `emax(dtype) - emax_elem` (125 for MXFP4 on
 float32 / bfloat16 input, 13 on float16), the largest that the floor rule can give. ceil, even and
@@ -80,6 +82,9 @@ FORMATS: dict[str, MXFormat] = {
     "mxfp8_e5m2": MXFormat("mxfp8_e5m2", 5, 2, 15, -14, 57344.0, 8),
 }
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
+# JAX's element types of the formats that have one (MXArray.to_jax / from_jax)
+_JAX_ELEMENTS = {"mxfp4": jnp.float4_e2m1fn, "mxfp8": jnp.float8_e4m3fn,
+                 "mxfp8_e5m2": jnp.float8_e5m2}
 ROUNDINGS = ("even", "away")
 NAN_EXPONENT = 128  # shared_exponent's value for a non-finite block; scale_bytes maps it to 0xFF
 
@@ -364,6 +369,55 @@ class MXArray:
     @property
     def ndim(self) -> int:
         return len(self.scales.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The element type as JAX names it (float4_e2m1fn for mxfp4, float8_e4m3fn for mxfp8,
+        float8_e5m2 for mxfp8_e5m2; uint8 for the 6-bit formats, which JAX lacks)."""
+        return np.dtype(_JAX_ELEMENTS.get(self.fmt, jnp.uint8))
+
+    def to_jax(self) -> tuple[jax.Array, jax.Array]:
+        """(elements, scales) as JAX's own MX operand types, blocked axis last: elements
+        [..., n_pad] of ``self.dtype`` (jnp.float4_e2m1fn for mxfp4), scales [..., n_pad /
+        block_size] jnp.float8_e8m0fnu -- the layout ``jax.nn.scaled_matmul`` takes. Exact:
+        the same bits, unpacked to one element per array entry.
+
+        >>> q = quantize(jnp.linspace(-6.0, 6.0, 64).reshape(2, 32))
+        >>> e, s = q.to_jax()
+        >>> (e.dtype, e.shape, s.dtype, s.shape)
+        (dtype(float4_e2m1fn), (2, 32), dtype(float8_e8m0fnu), (2, 1))
+        >>> bool(jnp.all(MXArray.from_jax(e, s).codes == q.codes))
+        True
+        """
+        if self.fmt not in _JAX_ELEMENTS:
+            raise ValueError(f"JAX has no element type for {self.fmt!r}; "
+                             f"valid: {', '.join(_JAX_ELEMENTS)}")
+        el = lax.bitcast_convert_type(self.codes, _JAX_ELEMENTS[self.fmt])
+        el = el.reshape(self.codes.shape[:-1] + (-1,))
+        return el, lax.bitcast_convert_type(self.scales, jnp.float8_e8m0fnu)
+
+    @classmethod
+    def from_jax(cls, elements: jax.Array, scales: jax.Array, *, axis: int = -1,
+                 length: int | None = None) -> "MXArray":
+        """The MXArray of JAX MX operands (the inverse of ``to_jax``): elements [..., n_pad]
+        float4_e2m1fn / float8_e4m3fn / float8_e5m2, scales [..., n_pad / block] float8_e8m0fnu,
+        blocked axis last; ``axis`` (negative) places it in the logical shape, ``length`` is
+        its logical length (default n_pad)."""
+        fmt = {np.dtype(v): k for k, v in _JAX_ELEMENTS.items()}.get(np.dtype(elements.dtype))
+        if fmt is None or np.dtype(scales.dtype) != np.dtype(jnp.float8_e8m0fnu):
+            raise ValueError(f"from_jax takes elements of {', '.join(map(str, _JAX_ELEMENTS.values()))}"
+                             f" and float8_e8m0fnu scales, got {elements.dtype} and {scales.dtype}")
+        n_pad, nb = int(elements.shape[-1]), int(scales.shape[-1])
+        if nb < 1 or n_pad % nb or tuple(elements.shape[:-1]) != tuple(scales.shape[:-1]):
+            raise ValueError(f"elements {tuple(elements.shape)} and scales {tuple(scales.shape)} "
+                             "do not form whole blocks along the last axis")
+        if FORMATS[fmt].packed:
+            codes = lax.bitcast_convert_type(
+                elements.reshape(elements.shape[:-1] + (n_pad // 2, 2)), jnp.uint8)
+        else:
+            codes = lax.bitcast_convert_type(elements, jnp.uint8)
+        return cls(codes, lax.bitcast_convert_type(scales, jnp.uint8), fmt, axis,
+                   n_pad if length is None else int(length), n_pad // nb)
 
     @property
     def nbytes(self) -> int:

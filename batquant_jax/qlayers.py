@@ -1,4 +1,4 @@
-"""Quantized linear layers and the method table: how each method transforms, clips and quantizes.
+"""Quantized linear layers: how each method transforms, clips and quantizes a linear.
 
 A quantized linear computes, for x: [..., d] and W: [out, d],
 
@@ -10,92 +10,38 @@ straight-through gradients, and clip_* the learnable block clipping. Without qua
 equals x @ W^T exactly (up to float rounding).
 
 While calibrating, the weight side is recomputed from the frozen full-precision weight each step,
-so gradients reach P and the clipping logits. ``deploy`` then fixes the weight side to a
-quantized weight (RTN or GPTQ), after which the layer only runs the online activation path.
+so gradients reach P and the clipping logits. ``deploy`` then replaces the weight by its packed
+MXArray (RTN or GPTQ codes and E8M0 scales), which the forward dequantizes; the layer then runs
+only the online activation path. The recipe (settings, methods) lives in ``recipe.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from batquant_jax import gptq, mx
+from batquant_jax import mx, transforms
 from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 from batquant_jax.models.llama import DecoderLayer, Linear
-from batquant_jax.transforms import (BlockAffine, BlockHadamard, GPKTransform, IdentityTransform,
-                                     KroneckerTransform, RandomHadamard, Transform)
+from batquant_jax.recipe import METHODS, SETTINGS, CalibConfig, MethodSpec, QuantSpec
+from batquant_jax.transforms import Transform, fit_block
+
+__all__ = ["QuantLinear", "QuantSpec", "MethodSpec", "METHODS", "SETTINGS", "GROUPS",
+           "LINEAR_NAMES", "fit_block", "make_transform", "quantize_layer", "build_quantized_layer", "quant_linears",
+           "group_heads", "set_capture", "packed_weights", "is_trainable", "num_trainable"]
 
 
 class FrozenWeight(nnx.Variable):
-    """A full-precision or quantized weight that calibration never trains."""
+    """A full-precision weight [out, in] that calibration never trains."""
 
 
-class HessianSum(nnx.Variable):
-    """Running sum X^T X of a linear's transformed inputs: [d, d] float32 (GPTQ statistics)."""
+class PackedWeight(nnx.Variable):
+    """A deployed weight kept as its ``mx.MXArray`` (packed codes + E8M0 scales, 4.25 bits per
+    MXFP4 element); dequantized inside the jitted forward."""
 
-
-class InputAbsMax(nnx.Variable):
-    """Running max |x| per input channel of a linear's raw inputs: [d] float32 (smooth init)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """What is quantized and how. a_fmt None = activations stay in full precision."""
-
-    w_fmt: str = "mxfp4"
-    a_fmt: str | None = "mxfp4"
-    scale_mode: str = "floor"
-    rounding: str = "even"
-    block_size: int = 32
-
-
-SETTINGS = {
-    "W4A4KV16": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4"),
-    "W4A8KV16": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp8"),
-    "W4A16": QuantSpec(w_fmt="mxfp4", a_fmt=None),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """One row of docs/METHOD.md's baseline table: input transform, clipping, training, weights.
-
-    transform: "identity" | "random_hadamard" | "block_hadamard" | "kronecker" | "gpk" | "block_affine"
-    clip: None | "block" | "tensor" (granularity of the learnable clipping, activations and weights)
-    """
-
-    transform: str = "identity"
-    hadamard_size: int = 32
-    channel_scale: bool = False
-    clip: str | None = None
-    act_clip: bool = True      # with clip set: clip the activations ...
-    weight_clip: bool = True   # ... and / or the weights
-    train: bool = False
-    weights: str = "gptq"
-    transform_init: str | None = None  # None: the run's init (CalibConfig.init)
-    scale_init: str = "ones"   # channel scale start: "ones" or "smooth" (SmoothQuant-style)
-    smooth_alpha: float = 0.5  # s = max|x|^alpha / max|W|^(1 - alpha) with scale_init="smooth"
-
-
-METHODS = {
-    "rtn": MethodSpec(weights="rtn"),
-    "gptq": MethodSpec(),
-    "quarot": MethodSpec(transform="random_hadamard"),
-    "brq": MethodSpec(transform="block_hadamard", hadamard_size=32),
-    "mr-gptq": MethodSpec(transform="block_hadamard", hadamard_size=128),
-    # FlatQuant as its authors run it: random orthogonal Kronecker factors, SmoothQuant-style
-    # channel scale (alpha 0.3 from the calibration activation maxima), per-tensor clipping
-    "flatquant": MethodSpec(transform="kronecker", channel_scale=True, clip="tensor", train=True,
-                            transform_init="random_orthogonal", scale_init="smooth",
-                            smooth_alpha=0.3),
-    # channel scale started SmoothQuant-style (alpha 0.5): chosen on held-back calibration data
-    "batquant": MethodSpec(transform="gpk", channel_scale=True, clip="block", train=True,
-                           scale_init="smooth"),
-}
 
 # (container attribute, linear names, group name); the first linear of a group records the Hessian.
 GROUPS = (
@@ -107,100 +53,116 @@ GROUPS = (
 LINEAR_NAMES = tuple(n for _, names, _ in GROUPS for n in names)
 
 
-def fit_block(d: int, g1: int, g2: int) -> tuple[int, int]:
-    """(g1, g2) of the GPK / block-affine transform block used on an input of size d: the
-    requested g1 * g2 when it divides d, else the largest block that does, found by halving the
-    private factor g2 first, then g1 (the rule docs/METHOD.md gives for block Hadamard 128, which
-    becomes 64 on SmolLM2's d = 576)."""
-    a, b = g1, g2
-    while d % (a * b):
-        if b > 1:
-            b //= 2
-        elif a > 1:
-            a //= 2
-        else:
-            raise ValueError(f"no transform block divides d={d}")
-    return a, b
-
-
 def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init: str = "hadamard",
                    seed: int = 0) -> Transform:
-    """The input transform of one group for ``method``. d: the linear's in_features. A GPK or
-    block-affine block g1 * g2 that does not divide d shrinks to one that does (fit_block)."""
-    kind = method.transform
-    if kind in ("gpk", "block_affine"):
-        g1, g2 = fit_block(d, g1, g2)
-    if kind == "identity":
-        return IdentityTransform(d)
-    if kind == "random_hadamard":
-        return RandomHadamard(d, seed=seed)
-    if kind == "block_hadamard":
-        return BlockHadamard(d, method.hadamard_size)
-    if kind == "kronecker":
-        return KroneckerTransform(d, channel_scale=method.channel_scale,
-                                  init=method.transform_init or "identity", seed=seed)
-    if kind == "gpk":
-        return GPKTransform(d, g1, g2, block=g1 * g2, init=init, channel_scale=method.channel_scale)
-    if kind == "block_affine":
-        return BlockAffine(d, g1 * g2, init=init, channel_scale=method.channel_scale)
-    raise ValueError(f"unknown transform {kind!r}")
+    """The input transform of one group for ``method`` (``transforms.build`` of its kind).
+    d: the linear's in_features. A GPK or block-affine block g1 * g2 that does not divide d
+    shrinks to one that does (``transforms.fit_block``)."""
+    return transforms.build(method.transform, d, g1=g1, g2=g2, init=init, seed=seed,
+                            channel_scale=method.channel_scale,
+                            hadamard_size=method.hadamard_size,
+                            transform_init=method.transform_init)
 
 
 class QuantLinear(nnx.Module):
-    """Drop-in replacement for ``Linear``: x: [..., d] -> [..., out].
+    """Drop-in replacement for a linear layer: x: [..., d] -> [..., out].
 
-    transform and act_clip may be shared with sibling linears (same Python object).
+    weight: [out, d] (torch layout); transform and act_clip may be shared with sibling linears
+    (same Python object). Before ``deploy`` the weight is full precision and fake-quantized in
+    the forward (so gradients reach the transform and clipping); after it, the weight is the
+    packed ``MXArray`` itself, dequantized inside the forward.
+
+    >>> from flax import nnx
+    >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    >>> q = QuantLinear.from_linear(lin, method="brq", setting="W4A8KV16")
+    >>> q(jnp.ones((2, 5, 64))).shape
+    (2, 5, 32)
     """
 
     def __init__(self, weight, bias, transform: Transform, act_clip: ActClip,
-                 weight_clip: WeightClip, spec: QuantSpec, *, record_hessian: bool = False):
-        self.weight = FrozenWeight(jnp.asarray(weight, jnp.float32))
+                 weight_clip: WeightClip, spec: QuantSpec):
+        weight = jnp.asarray(weight, jnp.float32)
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be [out, in], got shape {weight.shape}")
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.weight = FrozenWeight(weight)
         self.bias = nnx.data(None if bias is None else FrozenWeight(jnp.asarray(bias, jnp.float32)))
         self.transform = transform
         self.act_clip = act_clip
         self.weight_clip = weight_clip
         self.spec = spec
-        self.deployed = False  # static: True once the weight side is fixed (deploy)
+        self.deployed = False  # static: True once the weight is the packed MXArray (deploy)
         # static: before deploy, fake-quantize the weight (RTN) in the forward; False trains
         # against full-precision weights (the final GPTQ pass then handles the weight error)
         self.train_weight_quant = True
-        self.recording = False  # static: accumulate X^T X of the transformed inputs when True
-        d = self.weight.shape[1]
-        self.hessian = nnx.data(HessianSum(jnp.zeros((d, d), jnp.float32)) if record_hessian else None)
-        self.absmax = nnx.data(InputAbsMax(jnp.zeros((d,), jnp.float32)) if record_hessian else None)
+        self.capture = False  # static: sow the raw inputs (nnx.Intermediate "inputs") when True
 
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
+    @classmethod
+    def from_linear(cls, linear, method: str | MethodSpec = "batquant",
+                    setting: str | QuantSpec = "W4A4KV16", *, transform: Transform | None = None,
+                    act_clip: ActClip | None = None, g1: int = 8, g2: int = 4,
+                    init: str = "hadamard", seed: int = 0,
+                    clip_init: float = DEFAULT_CLIP_INIT) -> "QuantLinear":
+        """Wraps a Flax ``nnx.Linear`` (kernel [in, out]) or this package's ``Linear`` (weight
+        [out, in]) with ``method``'s transform (or ``transform``: share one between linears that
+        read the same input; likewise ``act_clip``), clipping and MX fake quantization at
+        ``setting``."""
+        if isinstance(linear, nnx.Linear):
+            w = jnp.asarray(linear.kernel[...]).T
+            b = None if linear.bias is None else linear.bias[...]
+        elif isinstance(linear, Linear):
+            w, b = linear.weight[...], None if linear.bias is None else linear.bias[...]
+        else:
+            raise TypeError(f"from_linear takes flax.nnx.Linear or batquant_jax Linear, got "
+                            f"{type(linear).__name__}")
+        method = METHODS[method] if isinstance(method, str) else method
+        spec = SETTINGS[setting] if isinstance(setting, str) else setting
+        out, d = w.shape
+        if transform is None:
+            transform = make_transform(method, d, g1=g1, g2=g2, init=init, seed=seed)
+        if act_clip is None:
+            act_clip = ActClip(d, spec.block_size, init=clip_init,
+                               granularity=method.clip or "block",
+                               enabled=method.clip is not None and method.act_clip
+                               and spec.a_fmt is not None)
+        wclip = WeightClip(out, d, spec.block_size, init=clip_init,
+                           granularity=method.clip or "block",
+                           enabled=method.clip is not None and method.weight_clip)
+        return cls(w, b, transform, act_clip, wclip, spec)
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
         """x: [..., d] -> Q_A(clip(x P)) (x P when activations stay in full precision)."""
-        if self.recording and self.absmax is not None:
-            flat_x = jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1])
-            self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(flat_x, axis=0))
+        if self.capture:
+            self.sow(nnx.Intermediate, "inputs", x)
         xt = self.transform(x.astype(jnp.float32))
-        if self.recording and self.hessian is not None:
-            self.hessian[...] = gptq.hessian_update(self.hessian[...], xt)
         s = self.spec
         if s.a_fmt is None:
             return xt
-        return mx.fake_quant(self.act_clip(xt), s.a_fmt, block_size=s.block_size,
-                             scale_mode=s.scale_mode, rounding=s.rounding)
+        return mx.fake_quant(self.act_clip(xt), **s.quant_kwargs("a"))
 
     def folded_weight(self) -> jax.Array:
         """clip_W(W P^{-T}): [out, d], full precision (the weight GPTQ/RTN then quantizes)."""
+        if self.deployed:
+            raise ValueError("the layer is deployed: its weight is packed (see packed_weight)")
         return self.weight_clip(self.transform.fold(self.weight[...]))
 
+    @property
+    def packed_weight(self) -> mx.MXArray:
+        """The deployed weight as its MXArray (codes [out, d/2], scales [out, d/32])."""
+        w = self.weight.get_value()
+        if not (self.deployed and isinstance(w, mx.MXArray)):
+            raise ValueError("the layer holds no packed weight (not deployed, or unpacked)")
+        return w
+
     def effective_weight(self) -> jax.Array:
-        """The weight the layer multiplies by: fixed after deploy, else RTN fake quantized (or
-        the folded full-precision weight with ``train_weight_quant=False``)."""
+        """The weight the layer multiplies by: the dequantized packed weight after deploy, else
+        RTN fake quantized (or the folded full-precision weight with train_weight_quant=False)."""
         if self.deployed:
-            return self.weight[...]
+            w = self.weight.get_value()
+            return mx.dequantize(w) if isinstance(w, mx.MXArray) else w
         if not self.train_weight_quant:
             return self.folded_weight()
-        s = self.spec
-        return mx.fake_quant(self.folded_weight(), s.w_fmt, block_size=s.block_size,
-                             scale_mode=s.scale_mode, rounding=s.rounding)
+        return mx.fake_quant(self.folded_weight(), **self.spec.quant_kwargs("w"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...i,oi->...o", self.quantize_input(x), self.effective_weight())
@@ -208,54 +170,81 @@ class QuantLinear(nnx.Module):
             y = y + self.bias[...]
         return y.astype(x.dtype)
 
-    def deploy(self, qweight: jax.Array) -> None:
-        """Fix the weight side to ``qweight: [out, d]`` (already transformed, clipped, quantized)."""
-        if tuple(qweight.shape) != tuple(self.weight.shape):
-            raise ValueError(f"qweight shape {qweight.shape} != {self.weight.shape}")
-        self.weight[...] = jnp.asarray(qweight, jnp.float32)
+    def deploy(self, qweight: mx.MXArray) -> None:
+        """Fix the weight to ``qweight``, an MXArray of logical shape [out, d] (already
+        transformed, clipped and quantized, e.g. ``gptq.gptq_quantize(...).to_mxarray()``);
+        the full-precision weight is dropped."""
+        if not isinstance(qweight, mx.MXArray):
+            raise ValueError(f"deploy takes an mx.MXArray, got {type(qweight).__name__}")
+        want = (self.out_features, self.in_features)
+        if tuple(qweight.shape) != want or qweight.axis != -1:
+            raise ValueError(f"qweight shape {tuple(qweight.shape)} (axis {qweight.axis}) != "
+                             f"{want} blocked along the last axis")
+        self.weight = PackedWeight(qweight)
         self.deployed = True
 
+    def unpack(self, dtype=jnp.float32) -> None:
+        """Replaces the deployed packed weight by its dequantized values in ``dtype`` (a
+        FrozenWeight): the same forward, more memory -- for comparisons and benchmarks."""
+        w = self.packed_weight
+        self.weight = FrozenWeight(mx.dequantize(w, dtype))
 
-def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec, *,
+    def deploy_placeholder(self) -> None:
+        """Deploys zero codes and scales of the right layout (a skeleton to restore into)."""
+        s = self.spec
+        n_pad = -(-self.in_features // s.block_size) * s.block_size
+        width = n_pad // 2 if mx.FORMATS[s.w_fmt].packed else n_pad
+        self.deploy(mx.MXArray(jnp.zeros((self.out_features, width), jnp.uint8),
+                               jnp.zeros((self.out_features, n_pad // s.block_size), jnp.uint8),
+                               s.w_fmt, -1, self.in_features, s.block_size))
+
+
+def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec | str, *,
                    g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
-                   clip_init: float = DEFAULT_CLIP_INIT,
-                   record_hessian: bool = False) -> DecoderLayer:
+                   clip_init: float = DEFAULT_CLIP_INIT) -> DecoderLayer:
     """Swap the seven linears of ``layer`` (in place) for QuantLinears of ``method``; returns layer.
 
     One transform and one activation clip per group (qkv, o, ug, d), one weight clip per linear.
     """
     method = METHODS[method] if isinstance(method, str) else method
+    spec = SETTINGS[spec] if isinstance(spec, str) else spec
     for gi, (container_name, names, _group) in enumerate(GROUPS):
         container = getattr(layer, container_name)
         lin0 = getattr(container, names[0])
         if not isinstance(lin0, Linear):
             raise ValueError(f"{container_name}.{names[0]} is already quantized")
-        d = lin0.in_features
-        transform = make_transform(method, d, g1=g1, g2=g2, init=init, seed=seed * 1000 + gi)
-        clip_on = method.clip is not None and method.act_clip and spec.a_fmt is not None
-        act_clip = ActClip(d, spec.block_size, init=clip_init, granularity=method.clip or "block",
-                           enabled=clip_on)
-        for j, name in enumerate(names):
-            lin = getattr(container, name)
-            wclip = WeightClip(lin.out_features, d, spec.block_size, init=clip_init,
-                               granularity=method.clip or "block",
-                               enabled=method.clip is not None and method.weight_clip)
-            bias = None if lin.bias is None else lin.bias[...]
-            q = QuantLinear(lin.weight[...], bias, transform, act_clip, wclip, spec,
-                            record_hessian=record_hessian and j == 0)
+        transform = make_transform(method, lin0.in_features, g1=g1, g2=g2, init=init,
+                                   seed=seed * 1000 + gi)
+        act_clip = None
+        for name in names:
+            q = QuantLinear.from_linear(getattr(container, name), method, spec,
+                                        transform=transform, act_clip=act_clip,
+                                        clip_init=clip_init)
+            act_clip = q.act_clip  # one activation clip per group
             setattr(container, name, q)
     return layer
 
 
-def set_recording(layer: DecoderLayer, on: bool) -> None:
-    """Turn Hessian recording of the group heads on or off (resetting the sums when turned on)."""
+def build_quantized_layer(layer: DecoderLayer, cfg: CalibConfig, index: int, *,
+                          init: str | None = None) -> DecoderLayer:
+    """Swaps ``layer``'s linears (in place) for the QuantLinears of ``cfg``'s method.
+
+    The one place that decides a quantized layer's structure and seeds, so that calibration and
+    ``checkpoint.load_quantized`` build identical layers.
+    """
+    layer = quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2,
+                           init=init or cfg.start_init, seed=cfg.seed * 100003 + index,
+                           clip_init=cfg.clip_init)
+    for q in quant_linears(layer).values():
+        q.train_weight_quant = cfg.train_weight_quant
+    return layer
+
+
+def set_capture(layer: DecoderLayer, on: bool) -> None:
+    """Group heads sow their raw inputs (``q.inputs``, an nnx.Intermediate) when ``on``: how
+    calibration collects a group's input statistics outside the linears' forward."""
     for q in group_heads(layer).values():
-        if q.hessian is None:
-            raise ValueError("the layer was quantized without record_hessian=True")
-        if on:
-            q.hessian[...] = jnp.zeros_like(q.hessian[...])
-            q.absmax[...] = jnp.zeros_like(q.absmax[...])
-        q.recording = on
+        q.capture = on
 
 
 def quant_linears(layer: DecoderLayer) -> dict[str, QuantLinear]:
@@ -269,7 +258,7 @@ def quant_linears(layer: DecoderLayer) -> dict[str, QuantLinear]:
 
 
 def group_heads(layer: DecoderLayer) -> dict[str, QuantLinear]:
-    """The first QuantLinear of each group (the one holding the group's Hessian), by group name."""
+    """The first QuantLinear of each group (whose inputs stand for the group's), by group name."""
     return {g: getattr(getattr(layer, c), names[0]) for c, names, g in GROUPS}
 
 
@@ -277,6 +266,17 @@ def is_trainable(path, value) -> bool:
     """nnx filter: the learnable transform and clipping parameters of a quantized layer."""
     return isinstance(value, nnx.Param) and any(
         p in ("transform", "act_clip", "weight_clip") for p in path)
+
+
+def packed_weights(model) -> dict[str, mx.MXArray]:
+    """{"layers.{i}.{linear}": MXArray} of every deployed QuantLinear of a model (or
+    {"{linear}": MXArray} of one decoder layer)."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return {n: q.weight.get_value() for n, q in quant_linears(model).items()
+                if isinstance(q, QuantLinear) and isinstance(q.weight.get_value(), mx.MXArray)}
+    return {f"layers.{i}.{n}": w for i, layer in enumerate(layers)
+            for n, w in packed_weights(layer).items()}
 
 
 def num_trainable(layer: DecoderLayer) -> int:

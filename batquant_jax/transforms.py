@@ -444,3 +444,68 @@ class IdentityTransform(Transform):
 
     def _fold_np(self, w):
         return w.copy()
+
+
+# ----------------------------------------------------------------------------- registry
+
+def fit_block(d: int, g1: int, g2: int) -> tuple[int, int]:
+    """(g1, g2) of the GPK / block-affine transform block used on an input of size d: the
+    requested g1 * g2 when it divides d, else the largest block that does, found by halving the
+    private factor g2 first, then g1 (the rule of block Hadamard 128, which becomes 64 on
+    SmolLM2's d = 576).
+
+    >>> fit_block(576, 16, 8)
+    (16, 4)
+    """
+    a, b = g1, g2
+    while d % (a * b):
+        if b > 1:
+            b //= 2
+        elif a > 1:
+            a //= 2
+        else:
+            raise ValueError(f"no transform block divides d={d}")
+    return a, b
+
+
+def _gpk(d, *, g1, g2, init, channel_scale, **_):
+    g1, g2 = fit_block(d, g1, g2)
+    return GPKTransform(d, g1, g2, block=g1 * g2, init=init, channel_scale=channel_scale)
+
+
+def _block_affine(d, *, g1, g2, init, channel_scale, **_):
+    g1, g2 = fit_block(d, g1, g2)
+    return BlockAffine(d, g1 * g2, init=init, channel_scale=channel_scale)
+
+
+# Transform kinds by name: builder(d, *, g1, g2, init, seed, channel_scale, hadamard_size,
+# transform_init) -> Transform. Every builder takes all keywords and uses those it needs;
+# ``register`` adds a kind (a method then names it in MethodSpec.transform).
+REGISTRY = {
+    "identity": lambda d, **_: IdentityTransform(d),
+    "random_hadamard": lambda d, *, seed, **_: RandomHadamard(d, seed=seed),
+    "block_hadamard": lambda d, *, hadamard_size, **_: BlockHadamard(d, hadamard_size),
+    "kronecker": lambda d, *, channel_scale, transform_init, seed, **_: KroneckerTransform(
+        d, channel_scale=channel_scale, init=transform_init or "identity", seed=seed),
+    "gpk": _gpk,
+    "block_affine": _block_affine,
+}
+
+
+def register(kind: str, builder) -> None:
+    """Adds (or replaces) a transform kind of ``build``."""
+    REGISTRY[kind] = builder
+
+
+def build(kind: str, d: int, *, g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
+          channel_scale: bool = False, hadamard_size: int = 32,
+          transform_init: str | None = None) -> Transform:
+    """The transform ``kind`` for an input of size d (see REGISTRY).
+
+    >>> build("block_hadamard", 64, hadamard_size=32).size
+    32
+    """
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown transform {kind!r}; valid: {', '.join(REGISTRY)}")
+    return REGISTRY[kind](d, g1=g1, g2=g2, init=init, seed=seed, channel_scale=channel_scale,
+                          hadamard_size=hadamard_size, transform_init=transform_init)

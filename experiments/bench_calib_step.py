@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from batquant_jax.calibration import (CalibConfig, LayerCalibrator, _apply, _is_clip_param,
-                                      _is_transform_param, build_quantized_layer)
+from batquant_jax.calibration import (CalibConfig, LayerCalibrator, apply_layer, is_clip_param,
+                                      is_transform_param, build_quantized_layer)
 from batquant_jax.models import load_model
 from batquant_jax.qlayers import quant_linears
 
@@ -43,7 +43,7 @@ def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[
     cal = LayerCalibrator(cfg, nsamples=batch, log=lambda s: None)
     cal.gain = jnp.ones((x.shape[-1],), jnp.float32)
     layer = build_quantized_layer(nnx.clone(fp_layer), cfg, 0)
-    graphdef, tp, cp, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
+    graphdef, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
     ot, oc = cal.tx_t.init(tp), cal.tx_c.init(cp)
     merged = lambda tp, cp: nnx.merge(graphdef, tp, cp, rest)  # noqa: E731
     loss = jax.jit(lambda tp, cp: cal.loss_fn(merged(tp, cp)(x), y))
@@ -52,7 +52,7 @@ def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[
     wside = jax.jit(lambda tp, cp: [q.effective_weight() for q in quant_linears(merged(tp, cp)).values()])
     qg, qs = nnx.split(layer)
     return {
-        "quantized forward": _median_time(lambda: _apply(qg, qs, x), reps),
+        "quantized forward": _median_time(lambda: apply_layer(qg, qs, x), reps),
         "  weight side alone": _median_time(lambda: wside(tp, cp), reps),
         "forward + objective": _median_time(lambda: loss(tp, cp), reps),
         "forward + gradients": _median_time(lambda: grad(tp, cp)[0], reps),
@@ -76,8 +76,8 @@ def main() -> None:
     fp_layer = model.layers[0]
     x = jax.random.normal(jax.random.key(0), (args.batch, args.seqlen, model.config.hidden_size))
     gd, st = nnx.split(fp_layer)
-    y = _apply(gd, st, x)
-    t_fwd = _median_time(lambda: _apply(gd, st, x), args.reps)
+    y = apply_layer(gd, st, x)
+    t_fwd = _median_time(lambda: apply_layer(gd, st, x), args.reps)
     print(f"tokens per batch: {args.batch * args.seqlen}; full-precision layer forward "
           f"{t_fwd * 1e3:.1f} ms")
     for hp in json.loads(args.variants):

@@ -21,13 +21,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from batquant_jax import distributed
-from batquant_jax.calibration import (CalibConfig, LayerCalibrator, _is_clip_param,
-                                      _is_transform_param, build_quantized_layer)
+from batquant_jax.calibration import (CalibConfig, LayerCalibrator, is_clip_param,
+                                      is_transform_param, build_quantized_layer)
 from batquant_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -50,7 +49,7 @@ def bench(mesh_spec: str, args) -> dict:
     ys = cal.outputs(model.layers[0], cal._batches(xs)).reshape(xs.shape)
     ys = dp.put(ys, dp.rows())
     layer = dp.put_module(build_quantized_layer(nnx.clone(model.layers[0]), ccfg, 0))
-    graphdef, tp, cp, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
+    graphdef, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
     opt_t, opt_c = jax.tree.map(dp.put, (cal.tx_t.init(tp), cal.tx_c.init(cp)))
     idx = np.arange(args.batch_size)
     bx, by = dp.take(xs, idx), dp.take(ys, idx)

@@ -88,7 +88,7 @@ def test_reference_run_writes_only_the_artifact(reference):
     assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "metadata.json", "tokenizer"]
     assert (meta["method"], meta["setting"], meta["seed"]) == ("batquant", "W4A4KV16", 0)
     assert [r["index"] for r in meta["layers"]] == list(range(N_LAYERS))
-    assert len(meta["qweights"]) == 7 * N_LAYERS and meta["model_config"]["num_layers"] == N_LAYERS
+    assert meta["model_config"]["num_layers"] == N_LAYERS and meta["sizes"]["linears"] == 7 * N_LAYERS
     n = N_LAYERS * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)
     s = meta["sizes"]
     assert (s["elements"], s["bits_per_element"], s["float32_bytes"]) == (n, 4.25, 4 * n)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from batquant_jax import checkpoint
+from batquant_jax import checkpoint, mx
 from batquant_jax.calibration import quantize_model
 from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_nll
-from batquant_jax.qlayers import METHODS, quant_linears
+from batquant_jax.qlayers import quant_linears
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
@@ -31,9 +31,7 @@ def quantized():
 def saved(quantized, tmp_path_factory):
     model, res = quantized
     out = tmp_path_factory.mktemp("ckpt")
-    meta = checkpoint.save_quantized(out, model, res.qweights, None,
-                                     {"method": "brq", "setting": "W4A4KV16",
-                                      "calib_config": dataclasses.asdict(res.config)})
+    meta = checkpoint.save_quantized(out, model, res, metadata={"method": "brq"})
     return out, meta
 
 
@@ -42,28 +40,45 @@ def test_round_trip_gives_identical_model(quantized, saved):
     out, _ = saved
     loaded, tokenizer, meta = checkpoint.load_quantized(out)
     assert tokenizer is None and meta["method"] == "brq"
+    assert meta["calib_config"] == dataclasses.asdict(quantized[1].config)
+    assert meta["format"] == "batquant_jax.quantized/2" and meta["loss"] == "token_mse"
     assert sorted(os.listdir(out)) == ["checkpoint", "metadata.json"]
     tokens = jnp.asarray(TOKENS)
     assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
     for i in range(CONFIG.num_layers):
         for name, q in quant_linears(loaded.layers[i]).items():
             ref = quant_linears(model.layers[i])[name]
-            assert q.deployed and q.hessian is None
-            assert np.array_equal(np.asarray(q.weight[...]), np.asarray(ref.weight[...]))
+            assert q.deployed and isinstance(q.packed_weight, mx.MXArray)
+            for leaf in ("codes", "scales"):  # the loaded model holds the packed weight itself
+                got, want = getattr(q.packed_weight, leaf), getattr(ref.packed_weight, leaf)
+                assert got.dtype == jnp.uint8 and np.array_equal(np.asarray(got), np.asarray(want))
             assert np.array_equal(np.asarray(q.bias[...]) if q.bias is not None else 0,
                                   np.asarray(ref.bias[...]) if ref.bias is not None else 0)
 
 
+def test_unpacked_load_gives_the_same_outputs_with_float_weights(quantized, saved):
+    model, _ = quantized
+    out, _ = saved
+    loaded, _, _ = checkpoint.load_quantized(out, packed=False)
+    tokens = jnp.asarray(TOKENS)
+    assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
+    sizes = checkpoint.weight_bytes(loaded)
+    assert sizes["model_packed_weight_bytes"] == 0  # every linear weight is float32 now
+    assert sizes["model_resident_bytes"] == sizes["model_float32_bytes"]
+    with pytest.raises(ValueError, match="holds no packed weight"):
+        loaded.layers[0].mlp.up_proj.packed_weight
+
+
 def test_stored_arrays_are_packed_codes_not_float_weights(quantized, saved):
-    _, res = quantized
+    model, _ = quantized
     out, meta = saved
     arrays = checkpoint.read_arrays(out)
     assert not [k for k in arrays if k.startswith("params/") and k.endswith("_proj/weight")]
-    codes = arrays["qweights/layers/0/down_proj/codes"]
-    scales = arrays["qweights/layers/1/q_proj/scales"]
+    codes = arrays["qweights/layers/0/mlp/down_proj/codes"]
+    scales = arrays["qweights/layers/1/self_attn/q_proj/scales"]
     assert (codes.dtype, codes.shape) == (np.uint8, (64, 64))  # [out, 128 / 2]
     assert (scales.dtype, scales.shape) == (np.uint8, (64, 2))  # [out, 64 / 32]
-    assert np.array_equal(codes, np.asarray(res.qweights["layers.0.down_proj"].codes))
+    assert np.array_equal(codes, np.asarray(model.layers[0].mlp.down_proj.packed_weight.codes))
     assert arrays["params/embed_tokens/weight"].shape == (64, 64)
     assert arrays["params/lm_head/weight"].dtype == np.float32
     assert len([k for k in arrays if k.startswith("qweights/")]) == 2 * 7 * CONFIG.num_layers
@@ -77,6 +92,22 @@ def test_sizes_are_4_25_bits_per_element(saved):
     assert s["bits_per_element"] == 4.25
     assert (s["mx_bytes"], s["float32_bytes"], s["bfloat16_bytes"]) == (n * 17 // 32, 4 * n, 2 * n)
     assert s["ratio_vs_float32"] == 4.25 / 32
+    # the whole model: packed linears + float32 embeddings, lm_head, norms, transforms, clips
+    rest = s["model_other_bytes"]
+    assert s["model_resident_bytes"] == n * 17 // 32 + rest and rest % 4 == 0
+    assert s["model_float32_bytes"] == 4 * n + rest
+
+
+def test_old_format_is_refused_in_one_line(saved, tmp_path):
+    import shutil
+    out, meta = saved
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    checkpoint.write_json(old / "metadata.json", dict(meta, format="batquant_jax.quantized/1"))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_quantized(old)
+    assert str(e.value) == (f"{old} is a checkpoint of format 'batquant_jax.quantized/1'; this "
+                            "version reads 'batquant_jax.quantized/2' only: quantize the model again")
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -102,12 +133,10 @@ def test_write_json_failure_keeps_previous_file(tmp_path, monkeypatch):
 def test_resume_store_keeps_last_commit_when_a_save_fails(quantized, tmp_path, monkeypatch):
     model, res = quantized
     store = checkpoint.ResumeStore(tmp_path)
-    progress = {"flags": {}, "layers_done": 0, "reports": [], "qweights": {}}
+    progress = {"flags": {}, "layers_done": 0, "reports": []}
     store.start(progress)
-    per_layer = [{k.split(".")[-1]: v for k, v in res.qweights.items() if k.startswith(f"layers.{i}.")}
-                 for i in range(2)]
     x0 = np.arange(8 * 32 * 64, dtype=np.float32).reshape(8, 32, 64)
-    progress = store.save_layer(0, model.layers[0], per_layer[0], x0, progress)
+    progress = store.save_layer(0, model.layers[0], x0, progress)
     real_save, calls = checkpoint.save_tree, []
 
     def failing(path, items):  # the layer item is written, then the disk fills up
@@ -118,54 +147,36 @@ def test_resume_store_keeps_last_commit_when_a_save_fails(quantized, tmp_path, m
 
     monkeypatch.setattr(checkpoint, "save_tree", failing)
     with pytest.raises(OSError):
-        store.save_layer(1, model.layers[1], per_layer[1], x0 + 1, progress)
+        store.save_layer(1, model.layers[1], x0 + 1, progress)
     monkeypatch.undo()
     assert store.progress()["layers_done"] == 1
     fresh = LlamaForCausalLM(CONFIG, None)
-    qweights, x = store.restore(fresh, res.config, store.progress())
-    assert np.array_equal(x, x0) and sorted(qweights) == sorted(f"layers.0.{n}" for n in per_layer[0])
-    assert np.array_equal(np.asarray(qweights["layers.0.q_proj"].codes),
-                          np.asarray(per_layer[0]["q_proj"].codes))
+    x = store.restore(fresh, res.config, store.progress())
+    assert np.array_equal(x, x0)
+    assert np.array_equal(np.asarray(fresh.layers[0].self_attn.q_proj.packed_weight.codes),
+                          np.asarray(model.layers[0].self_attn.q_proj.packed_weight.codes))
     h = jnp.asarray(x0[:2] / 1e4)
     assert bool(jnp.all(fresh.layers[0](h) == model.layers[0](h)))
     store.clean(1)
     assert sorted(os.listdir(store.root)) == ["inputs_000", "layer_000", "progress.json"]
 
 
-def test_save_refuses_metadata_that_cannot_load(quantized, tmp_path):
+def test_save_refuses_what_cannot_load(quantized, tmp_path):
     # Before the fix save_quantized(dir, model, qweights, None, {}) wrote a checkpoint whose
-    # load failed with KeyError 'calib_config'; now the save refuses and writes nothing.
+    # load failed with KeyError 'calib_config'; now it takes quantize_model's result and
+    # refuses a model that is not all quantized, writing nothing.
     model, res = quantized
     with pytest.raises(ValueError) as e:
-        checkpoint.save_quantized(tmp_path / "a", model, res.qweights, None, {})
-    assert str(e.value) == ("save_quantized: metadata lacks 'calib_config' (the CalibConfig "
-                            "fields, e.g. dataclasses.asdict(result.config)), which loading needs")
-    assert not (tmp_path / "a").exists()
+        checkpoint.save_quantized(tmp_path / "a", model, {})
+    assert str(e.value) == ("save_quantized: result must be the CalibrationResult that "
+                            "quantize_model returned, got dict")
+    half = nnx.clone(model)
+    half.layers[1] = LlamaForCausalLM(CONFIG, nnx.Rngs(1)).layers[1]
     with pytest.raises(ValueError) as e:
-        checkpoint.save_quantized(tmp_path / "b", model, res.qweights, None,
-                                  {"calib_config": {"method": "nope"}})
-    assert str(e.value) == ("save_quantized: metadata['calib_config'] is invalid: unknown method "
-                            "'nope'; valid: " + ", ".join(METHODS))
-    partial = {k: v for k, v in res.qweights.items() if k not in ("layers.1.o_proj", "layers.0.up_proj")}
-    with pytest.raises(ValueError) as e:
-        checkpoint.save_quantized(tmp_path / "c", model, partial, None,
-                                  {"calib_config": dataclasses.asdict(res.config)})
-    assert str(e.value) == ("save_quantized: qweights lacks 2 of the model's quantized linears: "
-                            "layers.0.up_proj, layers.1.o_proj")
+        checkpoint.save_quantized(tmp_path / "b", half, res)
+    assert str(e.value) == ("save_quantized: 1 layer(s) are not quantized (layers.1); save the "
+                            "model that quantize_model returned")
     assert sorted(os.listdir(tmp_path)) == []
-
-
-def test_mx_meta_round_trip_and_old_positive_axis():
-    from batquant_jax import mx
-    x = np.linspace(-3, 3, 40 * 8, dtype=np.float32).reshape(40, 8)
-    q = mx.quantize(x, axis=0, pad=True)
-    m = checkpoint.mx_meta(q)
-    assert (m["axis"], m["shape"], m["codes"], m["scales"]) == (-2, [40, 8], [8, 32], [8, 2])
-    back = checkpoint._mxarray(q.codes, q.scales, m)
-    old = checkpoint._mxarray(q.codes, q.scales, dict(m, axis=0))  # metadata written before the
-    for r in (back, old):                                          # axis counted from the end
-        assert (r.axis, r.length, r.shape) == (-2, 40, (40, 8))
-        np.testing.assert_array_equal(np.asarray(mx.dequantize(r)), np.asarray(mx.dequantize(q)))
 
 
 def test_write_json_uses_the_one_atomic_write(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def _grads(mesh) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from batquant_jax.calibration import (CalibConfig, _is_clip_param, _is_transform_param,
+    from batquant_jax.calibration import (CalibConfig, is_clip_param, is_transform_param,
                                           build_quantized_layer)
     from batquant_jax.distributed import DataParallel
     m = _model()
@@ -59,7 +59,7 @@ def _grads(mesh) -> dict:
     if mesh is not None:
         dp = DataParallel(mesh)
         layer, x, y, fetch = dp.put_module(layer), dp.put(x, dp.rows()), dp.put(y, dp.rows()), dp.fetch
-    g, tp, cp, rest = nnx.split(layer, _is_transform_param, _is_clip_param, ...)
+    g, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
     loss_fn = lambda tp, cp, x, y: jnp.mean(jnp.square(nnx.merge(g, tp, cp, rest)(x) - y))
     loss, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(tp, cp, x, y)
     return {"loss": np.array(float(loss)),
@@ -96,11 +96,11 @@ def _calibrate(mesh, epochs, out_dir=None) -> dict:
     for path, v in nnx.to_flat_state(nnx.state(model)):
         if any(p in path for p in ("transform", "act_clip", "weight_clip")):
             out["p/" + "/".join(map(str, path))] = fetch(v[...])
-    for name, q in res.qweights.items():
+    from batquant_jax.qlayers import packed_weights
+    for name, q in packed_weights(model).items():
         out[f"q/{name}"] = fetch(q.codes)
     if out_dir is not None:
-        meta = {"calib_config": dict(HPARAMS, method="batquant", epochs=epochs)}
-        checkpoint.save_quantized(out_dir, model, res.qweights, None, meta)
+        checkpoint.save_quantized(out_dir, model, res)
     jax.effects_barrier()
     return out
 
@@ -221,9 +221,9 @@ def test_two_processes_match_one_device(four_devices, tmp_path):
     # one checkpoint per method, written once through Orbax, holds those packed weights
     from batquant_jax import checkpoint
     arrays = checkpoint.read_arrays(f"{ckpt}-batquant")
-    for name in ("layers.0.q_proj", "layers.1.down_proj"):
-        i, lin = name.split(".")[1:]
-        np.testing.assert_array_equal(arrays[f"qweights/layers/{i}/{lin}/codes"],
+    for name, path in (("layers.0.q_proj", "0/self_attn/q_proj"),
+                       ("layers.1.down_proj", "1/mlp/down_proj")):
+        np.testing.assert_array_equal(arrays[f"qweights/layers/{path}/codes"],
                                       res[0][f"mp/batquant/q/{name}"])
 
 

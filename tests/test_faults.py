@@ -167,12 +167,12 @@ def test_changed_array_fails_load_naming_it(ref, tmp_path):
     """An array rewritten behind the metadata's back (a silent change of one MXFP4 code)."""
     ck = copy_of(ref[0], tmp_path / "ck")
     arrays = checkpoint.read_arrays(ck)
-    arrays["qweights/layers/3/down_proj/codes"][5, 7] ^= 0x01
+    arrays["qweights/layers/3/mlp/down_proj/codes"][5, 7] ^= 0x01
     trees = checkpoint._nest({tuple(k.split("/")): v for k, v in arrays.items()})
     checkpoint.save_tree(ck / "checkpoint", trees)
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_quantized(ck)
-    assert str(e.value) == (f"{ck}/checkpoint: stored array qweights/layers/3/down_proj/codes "
+    assert str(e.value) == (f"{ck}/checkpoint: stored array qweights/layers/3/mlp/down_proj/codes "
                             "does not match the sha256 recorded when it was written: the file is "
                             "damaged or was changed after it was written")
 
@@ -186,7 +186,7 @@ def test_flipped_byte_on_disk_fails_evaluate(env, ref, tmp_path):
     res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ck}", f"--eval_data={env['text']}",
                                              "--seqlen=32", "--max_tokens=512"])
     assert res.returncode == 2 and res.stdout == ""
-    assert re.fullmatch(rf"error: {ck}/checkpoint: stored array qweights/layers/\d/\w+/(codes|"
+    assert re.fullmatch(rf"error: {ck}/checkpoint: stored array qweights/layers/\d/\w+/\w+/(codes|"
                         r"scales) does not match the sha256 recorded when it was written: the "
                         r"file is damaged or was changed after it was written",
                         last_error(res.stderr)) is not None
@@ -282,11 +282,11 @@ def test_damaged_resume_state_is_refused(env, interrupted, tmp_path, damage):
     res = run(env, "batquant_jax.calibrate", flags(env, out, env["run_text"]))
     assert res.returncode == 2
     line = last_error(res.stderr)
-    pattern = (rf"error: {out}/resume/layer_001: stored array qweights/\w+/(codes|scales) does "
+    pattern = (rf"error: {out}/resume/layer_001: stored array qweights/\w+/\w+/(codes|scales) does "
                r"not match the sha256 recorded when it was written: the file is damaged or was "
                r"changed after it was written; pass --overwrite to start over"
                if damage == "flip" else
-               rf"error: cannot restore {out}/resume/layer_001: array \w+\.(codes|scales) is "
+               rf"error: cannot restore {out}/resume/layer_001: array [\w.]+\.(codes|scales) is "
                r"unreadable: ValueError: .*; pass --overwrite to start over")
     assert re.fullmatch(pattern, line) is not None, line
     assert {k: v for k, v in tree_files(out).items() if k != "resume/progress.json"} == \
@@ -325,9 +325,9 @@ def test_full_disk_keeps_the_state_and_a_rerun_recovers(env, ref, tmp_path, call
     if done < N_LAYERS:  # resuming from a partial run is checked after Ctrl-C; here its state
         fresh = LlamaForCausalLM(checkpoint.llama_config_from(ref[1]["model_config"]), None)
         cfg = checkpoint.calib_config_from(ref[1]["calib_config"])
-        qweights, _ = checkpoint.ResumeStore(out).restore(fresh, cfg, checkpoint.ResumeStore(
-            out).progress())
-        assert sorted(qweights) == sorted(f"layers.0.{n}" for n in LINEARS)
+        checkpoint.ResumeStore(out).restore(fresh, cfg, checkpoint.ResumeStore(out).progress())
+        from batquant_jax.qlayers import packed_weights
+        assert sorted(packed_weights(fresh.layers[0])) == sorted(LINEARS)
         return
     res = run(env, "batquant_jax.calibrate", flags(env, out))
     assert res.returncode == 0, res.stderr[-2000:]

@@ -1,6 +1,5 @@
 """Tests for batquant_jax.gptq: Hessian accumulation, RTN and MX-aware GPTQ (static groups)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
