@@ -799,7 +799,7 @@ def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Pa
               f"{path.name}.prev and rerunning", flush=True)
     print(f"ROW {row.id}: running ({row.budget(b).text(row.method != 'fp')}), estimate "
           f"{_fmt_s(est)}, about {_fmt_s(remaining)} left for the rows to run", flush=True)
-    rec = run_one(row, b, texts, est, taskset)
+    rec = run_one(row, b, texts, est) if taskset is None else run_one(row, b, texts, est, taskset)
     _write_json(path, rec)
     ppl = "  ".join(f"{n} {e['perplexity']:.3f}" for n, e in rec["eval"].items())
     if "accuracy" in rec:
