@@ -7,7 +7,10 @@ Tables: the headline comparison per setting (perplexity on wiki-eval and on the 
 gap to full precision ``ppl / ppl_fp - 1``, share of RTN's gap recovered
 ``(gap_rtn - gap) / gap_rtn``, calibration wall time, budget), then one table per ablation. Rows
 without a JSON are "not run"; rows the library cannot express yet are "pending" with the reason.
-A gap is only computed against an FP row evaluated on the same windows.
+A gap is only computed against an FP row evaluated on the same windows. Beside them, for rows
+with an "accuracy" record (study.py --accuracy): zero-shot accuracy per task, the average, the
+paired difference to FP and the recovery (average / FP average, same items) with paired standard
+errors (study.paired_recovery).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
     .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
         --seqlen=64 --epochs=1 --eval_windows=2 --results_dir=/tmp/study_smoke   # end-to-end check
     .venv/bin/python experiments/study.py --report_only           # redraw plots, rewrite RESULTS.md
+    .venv/bin/python experiments/study.py --suite=headline --accuracy --no_report  # + accuracy
 
 After the rows it draws the figures (experiments/plots.py) and writes experiments/RESULTS.md
 (experiments/report.py) from every JSON in the results folder; --no_report skips that.
@@ -19,6 +20,15 @@ per-layer losses and library versions. A row whose JSON already holds the same k
 setting, hyper-parameters, budget) is skipped, so an interrupted run resumes where it stopped; a
 row whose JSON holds another budget is rerun (the old file is kept as `<row id>.json.prev`). Two
 rows with the same key (e.g. the default variant of several ablations) share one calibration.
+
+`--accuracy` adds zero-shot accuracy (ACC_TASKS, the first ACC_LIMIT items of each;
+--acc_tasks / --acc_limit change them) under the record's "accuracy" key: a row to run scores the
+tasks on its calibrated model in memory; a row already on disk without that accuracy gets an
+accuracy-only pass: its calibration again with the record's own budget, seed and
+hyper-parameters (deterministic on CPU), the first CHECK_WINDOWS wiki-eval windows re-evaluated
+and compared with the stored ones ("accuracy_check"), then the tasks; its key and perplexities
+stay as they were. report.py turns the records into an accuracy table with recovery (average
+accuracy / FP average accuracy on the same items) and paired standard errors (paired_recovery).
 
 Ablation rows are CalibConfig hyper-parameters of batquant; a row the library cannot express
 (a field or value CalibConfig rejects) is listed as pending with the reason, never approximated.
