@@ -35,12 +35,15 @@ def _ppl(model, eval_ids, seqlen, max_tokens):
 
 
 def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *, epochs: int,
-            seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int) -> dict:
+            seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int,
+            measure=None) -> dict:
     """Calibrates one (method, setting) on ``windows`` (int32 [N, T]) and evaluates it on every
     text of ``evals`` ({name: int32 token ids}); method "fp" skips calibration.
 
     Returns {"calib_seconds", "layers": [LayerReport dicts], "trainable_params",
-    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds", "window_nll"}}}.
+    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds", "window_nll"}}},
+    plus "measured": measure(model) when ``measure`` is given (e.g. zero-shot accuracy of the
+    calibrated model, in memory).
     """
     from batquant_jax.qlayers import num_trainable
 
@@ -59,6 +62,8 @@ def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *,
         out["eval"][name] = {"perplexity": ppl.perplexity, "nll_mean": ppl.nll_mean,
                              "tokens": ppl.tokens, "windows": ppl.windows, "seconds": ppl.seconds,
                              "window_nll": list(ppl.window_nll)}
+    if measure is not None:
+        out["measured"] = measure(model)
     return out
 
 

@@ -7,6 +7,8 @@
     .venv/bin/python experiments/report.py                         # then refresh RESULTS.md
 
 perplexity.png     perplexity by method and setting on both texts (from the study's JSON files);
+accuracy.png       zero-shot accuracy recovery by method and setting, ±1 paired SE, and average
+                   accuracy against wiki-eval perplexity (rows with an "accuracy" record);
 layer_losses.png   per-layer reconstruction MSE after weight quantization (loss_final) by method;
 activation_hist.png + activation_hist.json
                    one outlier-heavy linear input (default: the down_proj input with the
@@ -75,6 +77,58 @@ def plot_perplexity(results: dict, out: pathlib.Path) -> pathlib.Path | None:
         ax.set_xticks(x, methods, rotation=30)
         ax.set_title(f"perplexity on {text}")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(results: dict, out: pathlib.Path) -> pathlib.Path | None:
+    """Left: recovery % (average acc / FP average acc, same items) per method and setting,
+    error bars ±1 paired SE (study.paired_recovery). Right: average accuracy against wiki-eval
+    perplexity, one point per row. None when no quantized row has accuracy beside an FP one."""
+    methods, recs = _headline(results)
+    base = study.correctness(recs.get(("fp", "fp32")))
+    rec_of = {}
+    for (m, s), r in recs.items():
+        if m != "fp" and base is not None and r.get("accuracy"):
+            pr = study.paired_recovery(study.correctness(r), base)
+            if pr is not None:
+                rec_of[(m, s)] = pr
+    if not rec_of:
+        return None
+    methods = [m for m in methods if any((m, s) in rec_of for s in study.SETTINGS)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=DPI)
+    x = np.arange(len(methods))
+    width = 0.8 / len(study.SETTINGS)
+    for j, setting in enumerate(study.SETTINGS):
+        got = [rec_of.get((m, setting)) for m in methods]
+        vals = [100 * g["recovery"] if g else np.nan for g in got]
+        errs = [100 * g["recovery_se"] if g else 0.0 for g in got]
+        ax.bar(x + (j - (len(study.SETTINGS) - 1) / 2) * width, vals, width, yerr=errs,
+               capsize=3, label=setting, color=COLORS.get(setting))
+        pts = [(recs[(m, setting)]["eval"]["wiki-eval"]["perplexity"], 100 * g["average"], m)
+               for m, g in zip(methods, got) if g and "wiki-eval" in recs[(m, setting)]["eval"]]
+        if pts:
+            ax2.scatter([p[0] for p in pts], [p[1] for p in pts], color=COLORS.get(setting),
+                        label=setting)
+            for px, py, m in pts:
+                ax2.annotate(m, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100, color="k", ls="--", lw=1, label="FP32")
+    ax.set_xticks(x, methods, rotation=30)
+    ax.set_ylabel("recovery % (±1 paired SE)")
+    ax.set_title("zero-shot accuracy recovery vs FP32")
+    ax.legend(fontsize=8)
+    fp = recs[("fp", "fp32")]
+    if "wiki-eval" in fp.get("eval", {}):
+        ax2.scatter([fp["eval"]["wiki-eval"]["perplexity"]],
+                    [100 * fp["accuracy"]["average"]["acc"]], color="k", marker="*", s=80,
+                    label="FP32")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("wiki-eval perplexity (log)")
+    ax2.set_ylabel("average accuracy %")
+    ax2.set_title("accuracy against perplexity")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -266,7 +320,8 @@ def main(argv=None) -> int:
     plots.mkdir(parents=True, exist_ok=True)
     results = study.load_results(args.results_dir)
     done = [plot_perplexity(results, plots / "perplexity.png"),
-            plot_layer_losses(results, plots / "layer_losses.png")]
+            plot_layer_losses(results, plots / "layer_losses.png"),
+            plot_accuracy(results, plots / "accuracy.png")]
     if not args.skip_hist:
         t0 = time.time()
         print("plots: activation histograms (loads the model; trains one layer's GPK unless "

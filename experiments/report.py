@@ -7,7 +7,10 @@ Tables: the headline comparison per setting (perplexity on wiki-eval and on the 
 gap to full precision ``ppl / ppl_fp - 1``, share of RTN's gap recovered
 ``(gap_rtn - gap) / gap_rtn``, calibration wall time, budget), then one table per ablation. Rows
 without a JSON are "not run"; rows the library cannot express yet are "pending" with the reason.
-A gap is only computed against an FP row evaluated on the same windows.
+A gap is only computed against an FP row evaluated on the same windows. Beside them, for rows
+with an "accuracy" record (study.py --accuracy): zero-shot accuracy per task, the average, the
+paired difference to FP and the recovery (average / FP average, same items) with paired standard
+errors (study.paired_recovery).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import diagnosis_report  # noqa: E402
 OUT = HERE / "RESULTS.md"
 PLOTS = {
     "perplexity.png": "Perplexity by method (log scale; the dashed line is full precision).",
+    "accuracy.png": "Zero-shot accuracy recovery (average acc / FP average acc on the same "
+                    "items) by method, error bars ±1 paired standard error; right: average "
+                    "accuracy against wiki-eval perplexity.",
     "layer_losses.png": "Per-layer reconstruction MSE after weight quantization (loss_final) "
                         "by method (rtn dotted); the layer inputs are the full-precision ones.",
     "activation_hist.png": "One outlier-heavy linear input, per MX block of 32: values over "
@@ -123,6 +129,117 @@ def headline_table(results: dict, setting: str) -> list[str]:
 
     rows = [r for r in study.headline_rows() if r.setting in (setting, "fp32")]
     return _table(head, rows, results, cells)
+
+
+def accuracy_tasks(results: dict) -> list[str]:
+    """The tasks of the FP row's accuracy (the baseline every recovery is measured against)."""
+    fp = results.get("headline.fp32.fp") or {}
+    return list((fp.get("accuracy") or {}).get("per_task", {}))
+
+
+def _acc_pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def accuracy_table(results: dict, setting: str) -> list[str]:
+    """Zero-shot accuracy per task (% of items), the average over tasks, the paired difference
+    to FP and the recovery (average / FP average on the same items) with paired standard
+    errors (study.paired_recovery)."""
+    fp = results.get("headline.fp32.fp")
+    base = study.correctness(fp)
+    tasks = accuracy_tasks(results)
+    head = (["method"] + [f"{t} acc %" for t in tasks]
+            + ["average acc %", "Δ vs FP (pp ± SE)", "recovery % (± SE)", "items"])
+
+    def cells(row, rec):
+        acc = rec.get("accuracy")
+        if not acc:
+            return ["no accuracy yet"] + [""] * (len(head) - 2)
+        per = acc["per_task"]
+        pr = None if base is None or row.method == "fp" else study.paired_recovery(
+            study.correctness(rec), base)
+        out = []
+        for t in tasks:
+            if t not in per:
+                out.append("–")
+            elif pr is not None and t in pr["per_task"]:
+                p = pr["per_task"][t]
+                out.append(f"{_acc_pct(p['acc'])} ({100 * p['diff']:+.1f} ± "
+                           f"{100 * p['diff_se']:.1f})")
+            else:
+                se = per[t].get("acc_stderr")
+                out.append(_acc_pct(per[t]["acc"]) + ("" if se is None else f" ± {100 * se:.1f}"))
+        if pr is None:
+            return out + [_acc_pct(acc["average"]["acc"]), "–",
+                          "100 (baseline)" if row.method == "fp" else "–", str(acc["items"])]
+        return out + [_acc_pct(pr["average"]),
+                      f"{100 * pr['diff']:+.1f} ± {100 * pr['diff_se']:.1f}",
+                      f"{100 * pr['recovery']:.1f} ± {100 * pr['recovery_se']:.1f}",
+                      str(pr["items"])]
+
+    rows = [r for r in study.headline_rows() if r.setting in (setting, "fp32")]
+    return _table(head, rows, results, cells)
+
+
+def accuracy_ranking(results: dict, setting: str) -> str | None:
+    """'a 99.1 > b 95.0 > ...': the quantized methods at ``setting`` by recovery %."""
+    base = study.correctness(results.get("headline.fp32.fp"))
+    if base is None:
+        return None
+    got = []
+    for r in results.values():
+        if r.get("suite") == "headline" and r.get("setting") == setting and r.get("accuracy"):
+            pr = study.paired_recovery(study.correctness(r), base)
+            if pr is not None:
+                got.append((pr["recovery"], r["method"]))
+    if not got:
+        return None
+    return " > ".join(f"{m} {100 * v:.1f}%" for v, m in sorted(got, reverse=True))
+
+
+def accuracy_checks(results: dict) -> list[str]:
+    """One line per headline row whose accuracy came from a re-calibration: whether the
+    re-calibrated model gave the stored wiki-eval NLLs again."""
+    lines = []
+    for row in study.headline_rows():
+        chk = (results.get(row.id) or {}).get("accuracy_check")
+        if chk:
+            lines.append(f"{row.label} {row.setting}: first {chk['windows']} wiki-eval windows "
+                         + ("bitwise identical" if chk["identical"] else
+                            f"differ (max abs NLL difference {chk['max_abs_diff']:.3g})"))
+    return lines
+
+
+def accuracy_section(results: dict) -> list[str]:
+    fp = results.get("headline.fp32.fp") or {}
+    acc = fp.get("accuracy")
+    if not any(r.get("accuracy") for r in results.values() if r.get("suite") == "headline"):
+        return []
+    out = ["## Zero-shot accuracy", ""]
+    if acc:
+        out += [f"The first {acc['limit']} items of each of {', '.join(acc['tasks'])} "
+                "(lm-eval 0.4.13 scoring, `batquant_jax.zeroshot`), on the model in memory "
+                "right after calibration. Per task: acc % (for quantized rows, in brackets the "
+                "paired difference to FP in points ± its standard error over the task's items). "
+                "Average = mean over tasks. Recovery = average / FP average on the same items; "
+                "its standard error is the delta method on paired per-item outcomes: "
+                "SE = sqrt(Σ_t var_t(q - R·f) / n_t) / T / A_fp (q, f: 0/1 per item of the "
+                "quantized and FP model; T tasks; n_t items of task t). Δ's SE is "
+                "sqrt(Σ_t var_t(q - f) / n_t) / T. With this few items per task, differences "
+                "of a few points are within noise.", ""]
+    else:
+        out += ["The FP row has no accuracy yet, so no recovery can be computed.", ""]
+    for setting in study.SETTINGS:
+        out += [f"### {setting}", ""] + accuracy_table(results, setting) + [""]
+        order = accuracy_ranking(results, setting)
+        if order:
+            out += [f"Order by recovery: {order}.", ""]
+    checks = accuracy_checks(results)
+    if checks:
+        out += ["Rows measured before the accuracy table were calibrated again for it "
+                "(same budget, seed and hyper-parameters); the re-calibrated model's first "
+                "wiki-eval windows against the stored ones: " + "; ".join(checks) + ".", ""]
+    return out
 
 
 def ranking(results: dict, setting: str, text: str) -> str | None:
@@ -318,6 +435,7 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
             order = ranking(results, setting, t)
             if order:
                 out += [f"Order on {t}: {order}.", ""]
+    out += accuracy_section(results)
     out += ["## The paper's claim, baseline by baseline", "",
             "BATQuant against each baseline on the same evaluation windows. The ratio is "
             "exp(mean per-window NLL difference); the interval is ±2 standard errors of that "

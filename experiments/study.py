@@ -7,6 +7,7 @@
     .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
         --seqlen=64 --epochs=1 --eval_windows=2 --results_dir=/tmp/study_smoke   # end-to-end check
     .venv/bin/python experiments/study.py --report_only           # redraw plots, rewrite RESULTS.md
+    .venv/bin/python experiments/study.py --suite=headline --accuracy --no_report  # + accuracy
 
 After the rows it draws the figures (experiments/plots.py) and writes experiments/RESULTS.md
 (experiments/report.py) from every JSON in the results folder; --no_report skips that.
@@ -19,6 +20,15 @@ per-layer losses and library versions. A row whose JSON already holds the same k
 setting, hyper-parameters, budget) is skipped, so an interrupted run resumes where it stopped; a
 row whose JSON holds another budget is rerun (the old file is kept as `<row id>.json.prev`). Two
 rows with the same key (e.g. the default variant of several ablations) share one calibration.
+
+`--accuracy` adds zero-shot accuracy (ACC_TASKS, the first ACC_LIMIT items of each;
+--acc_tasks / --acc_limit change them) under the record's "accuracy" key: a row to run scores the
+tasks on its calibrated model in memory; a row already on disk without that accuracy gets an
+accuracy-only pass: its calibration again with the record's own budget, seed and
+hyper-parameters (deterministic on CPU), the first CHECK_WINDOWS wiki-eval windows re-evaluated
+and compared with the stored ones ("accuracy_check"), then the tasks; its key and perplexities
+stay as they were. report.py turns the records into an accuracy table with recovery (average
+accuracy / FP average accuracy on the same items) and paired standard errors (paired_recovery).
 
 Ablation rows are CalibConfig hyper-parameters of batquant; a row the library cannot express
 (a field or value CalibConfig rejects) is listed as pending with the reason, never approximated.
@@ -383,6 +393,146 @@ def claim(results_dir, key: str) -> pathlib.Path | None:
         tmp.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- zero-shot accuracy
+
+# What the accuracy table scores (BUILD_NOTES.md, "Accuracy table of the study", says why):
+# five of the seven tasks of batquant_jax.tasks (boolq: the costliest per item, and the FP
+# model scores below its majority class; arc_challenge: the FP model is at chance), the first
+# ACC_LIMIT items of each.
+ACC_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande", "lambada")
+ACC_LIMIT = 30
+CHECK_WINDOWS = 2  # wiki-eval windows re-evaluated to check that a re-calibration is the same
+ACC_S_PER_ITEM = 1.6   # seconds per item of ACC_TASKS, compilation included, FP model on the
+                       # 2 shared CPU cores (BUILD_NOTES.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracySpec:
+    tasks: tuple[str, ...] = ACC_TASKS
+    limit: int = ACC_LIMIT
+
+    def as_dict(self) -> dict:
+        return {"tasks": list(self.tasks), "limit": self.limit}
+
+
+def has_accuracy(rec: dict | None, spec: AccuracySpec) -> bool:
+    """True when ``rec`` holds an accuracy measured on exactly ``spec``'s tasks and limit."""
+    acc = (rec or {}).get("accuracy")
+    return bool(acc) and acc.get("tasks") == list(spec.tasks) and acc.get("limit") == spec.limit
+
+
+class TaskSet:
+    """The tasks of an AccuracySpec, read once per process."""
+
+    def __init__(self, spec: AccuracySpec):
+        self.spec = spec
+        self._tasks = None
+
+    def tasks(self):
+        if self._tasks is None:
+            from batquant_jax import tasks as tasks_lib
+            self._tasks = [tasks_lib.load_task(name, self.spec.limit) for name in self.spec.tasks]
+        return self._tasks
+
+
+def measure_accuracy(model, tokenizer, taskset: TaskSet, max_len: int, log=None) -> dict:
+    """Zero-shot accuracy of an in-memory model (batquant_jax.zeroshot, lm-eval 0.4.13 scoring):
+    {"tasks", "limit", "per_task": {name: {"n", "acc", "acc_stderr", ["acc_norm",
+    "acc_norm_stderr"], ["perplexity"], "correct": [0/1 per item], "seconds", "items_per_s"}},
+    "average": {"acc", "tasks"}, "items", "seconds"}."""
+    from batquant_jax import zeroshot
+
+    t0 = time.time()
+    score_fn = zeroshot.make_score_fn(model)
+    per_task = {}
+    for task in taskset.tasks():
+        res = zeroshot.evaluate_task(score_fn, tokenizer, task, max_len=max_len)
+        keep = {k: res[k] for k in ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                                    "perplexity", "seconds", "items_per_s") if k in res}
+        keep["correct"] = list(res["per_item"]["acc"])
+        per_task[task.name] = keep
+        if log is not None:
+            log(f"{task.name}: acc {100 * res['acc']:.1f}% on {res['n']} items, "
+                f"{res['seconds']:.1f} s")
+    accs = [r["acc"] for r in per_task.values()]
+    return {**taskset.spec.as_dict(), "per_task": per_task,
+            "average": {"acc": sum(accs) / len(accs), "tasks": len(accs)},
+            "items": sum(r["n"] for r in per_task.values()),
+            "seconds": round(time.time() - t0, 3)}
+
+
+def _var(xs: list[float]) -> float:
+    """Sample variance (n - 1); 0 for fewer than two values."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = sum(xs) / n
+    return sum((x - m) ** 2 for x in xs) / (n - 1)
+
+
+def paired_recovery(quant: dict[str, list], base: dict[str, list]) -> dict | None:
+    """Recovery of a quantized model against a baseline from per-item 0/1 correctness.
+
+    quant, base: {task: [0/1 per item]} (items in the same order; a task's first
+    min(n_quant, n_base) items are compared; tasks in only one are left out). With T tasks,
+    A = mean over tasks of the task's mean accuracy (the table's average), for each side:
+
+      diff     = A_q - A_b, SE = sqrt(sum_t var_t(q - b) / n_t) / T      (paired per item)
+      recovery = R = A_q / A_b, SE = sqrt(sum_t var_t(q - R b) / n_t) / T / A_b
+                 (delta method: the linearisation of the ratio, paired per item)
+
+    var_t is the sample variance (n - 1) over task t's items. Returns None when no task is
+    shared or the baseline average is 0. Per task: {"n", "acc", "base_acc", "diff",
+    "diff_se"}.
+    """
+    names = [t for t in quant if t in base and min(len(quant[t]), len(base[t])) > 0]
+    if not names:
+        return None
+    per_task, aq, ab = {}, [], []
+    for t in names:
+        n = min(len(quant[t]), len(base[t]))
+        q, b = [float(x) for x in quant[t][:n]], [float(x) for x in base[t][:n]]
+        d = [x - y for x, y in zip(q, b)]
+        per_task[t] = {"n": n, "acc": sum(q) / n, "base_acc": sum(b) / n,
+                       "diff": sum(d) / n, "diff_se": (_var(d) / n) ** 0.5}
+        aq.append(per_task[t]["acc"])
+        ab.append(per_task[t]["base_acc"])
+    T = len(names)
+    a_q, a_b = sum(aq) / T, sum(ab) / T
+    if a_b <= 0:
+        return None
+    r = a_q / a_b
+    var_diff = var_lin = 0.0
+    for t in names:
+        n = per_task[t]["n"]
+        q, b = quant[t][:n], base[t][:n]
+        var_diff += _var([x - y for x, y in zip(q, b)]) / n
+        var_lin += _var([x - r * y for x, y in zip(q, b)]) / n
+    return {"tasks": names, "items": sum(p["n"] for p in per_task.values()),
+            "average": a_q, "base_average": a_b,
+            "diff": a_q - a_b, "diff_se": var_diff ** 0.5 / T,
+            "recovery": r, "recovery_se": var_lin ** 0.5 / T / a_b, "per_task": per_task}
+
+
+def correctness(rec: dict | None) -> dict[str, list] | None:
+    """{task: [0/1 per item]} of a study record's accuracy, or None."""
+    acc = (rec or {}).get("accuracy")
+    if not acc:
+        return None
+    return {t: r["correct"] for t, r in acc["per_task"].items()}
+
+
+def determinism_check(stored: list[float], recomputed: list[float]) -> dict:
+    """Per-window NLLs of the stored row against a re-calibration's: the largest absolute
+    difference and whether all are bitwise equal."""
+    n = min(len(stored), len(recomputed))
+    diffs = [abs(a - b) for a, b in zip(stored[:n], recomputed[:n])]
+    return {"windows": n, "stored_window_nll": list(stored[:n]),
+            "recomputed_window_nll": list(recomputed[:n]),
+            "max_abs_diff": max(diffs) if diffs else None,
+            "identical": bool(n) and all(a == b for a, b in zip(stored[:n], recomputed[:n]))}
+
+
 # ----------------------------------------------------------------------------- running
 
 class Texts:
@@ -396,20 +546,39 @@ class Texts:
     def ids(self, name: str):
         from batquant_jax import data
         if name not in self._ids:
-            if self._tok is None:
-                from batquant_jax.models import load_model
-                self._tok = load_model(self.model).tokenizer
+            self.tokenizer()
             text = data.load_shakespeare() if name == "shakespeare" else data.load_corpus(name)
             self._ids[name] = data.tokenize_corpus(text, self._tok)
         return self._ids[name]
+
+    def tokenizer(self):
+        if self._tok is None:
+            from batquant_jax.models import load_model
+            self._tok = load_model(self.model).tokenizer
+        return self._tok
 
     def windows(self, b: Budget):
         from batquant_jax import data
         return data.sample_windows(self.ids("wiki-calib"), b.nsamples, b.seqlen, b.seed)
 
 
-def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
-    """Calibrates and evaluates one row -> its JSON record."""
+def _accuracy_measure(texts: Texts, taskset: TaskSet | None, row: Row):
+    """The ``measure`` callback of compare.run_row: zero-shot accuracy of the calibrated model."""
+    if taskset is None:
+        return None
+
+    def measure(model):
+        print(f"ROW {row.id}: zero-shot accuracy, {len(taskset.spec.tasks)} tasks x "
+              f"{taskset.spec.limit} items", flush=True)
+        return measure_accuracy(model, texts.tokenizer(), taskset,
+                                int(model.config.max_position_embeddings),
+                                log=lambda m: print(f"ROW {row.id}: {m}", flush=True))
+    return measure
+
+
+def run_one(row: Row, budget: Budget, texts: Texts, estimate: float,
+            taskset: TaskSet | None = None) -> dict:
+    """Calibrates and evaluates one row -> its JSON record (with "accuracy" when ``taskset``)."""
     from compare import run_row
 
     b = row.budget(budget)
@@ -417,8 +586,9 @@ def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
     windows = None if row.method == "fp" else texts.windows(b)
     res = run_row(b.model, windows, row.method, row.setting, {n: texts.ids(n) for n in EVAL_TEXTS},
                   epochs=b.epochs, seed=b.seed, hparams=dict(row.hparams),
-                  eval_seqlen=b.eval_seqlen, eval_max_tokens=b.eval_max_tokens)
-    return {
+                  eval_seqlen=b.eval_seqlen, eval_max_tokens=b.eval_max_tokens,
+                  measure=_accuracy_measure(texts, taskset, row))
+    rec = {
         "row": row.id, "suite": row.suite, "group": row.group, "label": row.label,
         "method": row.method, "setting": row.setting, "hparams": dict(row.hparams),
         "key": row_key(row, budget), "budget": dataclasses.asdict(b),
@@ -429,11 +599,51 @@ def run_one(row: Row, budget: Budget, texts: Texts, estimate: float) -> dict:
         "env": environment(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if res.get("measured") is not None:
+        rec["accuracy"] = dict(res["measured"], measured_with="the row's own calibration")
+    return rec
 
 
-def plan(rows: list[Row], budget_for, results_dir) -> list[tuple[Row, Budget, str, float]]:
+def add_accuracy(row: Row, budget: Budget, rec: dict, texts: Texts, taskset: TaskSet) -> dict:
+    """The accuracy-only pass of a row that has perplexities but no accuracy: calibrates again
+    with the record's own budget, seed and hyper-parameters (deterministic on CPU), re-evaluates
+    the first CHECK_WINDOWS wiki-eval windows as a check that the model is the same one, scores
+    the tasks, and returns the record with "accuracy" and "accuracy_check" added (its key,
+    perplexities and timings unchanged)."""
+    from compare import run_row
+
+    b = Budget(**rec["budget"]) if "budget" in rec else row.budget(budget)
+    t0 = time.time()
+    windows = None if row.method == "fp" else texts.windows(b)
+    res = run_row(b.model, windows, row.method, row.setting, {"wiki-eval": texts.ids("wiki-eval")},
+                  epochs=b.epochs, seed=b.seed, hparams=dict(row.hparams),
+                  eval_seqlen=b.eval_seqlen, eval_max_tokens=CHECK_WINDOWS * b.eval_seqlen,
+                  measure=_accuracy_measure(texts, taskset, row))
+    stored = rec.get("eval", {}).get("wiki-eval", {}).get("window_nll") or []
+    check = determinism_check(stored, res["eval"]["wiki-eval"]["window_nll"])
+    check.update(text="wiki-eval", seqlen=b.eval_seqlen,
+                 what=("calibrated again with the row's budget, seed and hyper-parameters; the "
+                       f"first {CHECK_WINDOWS} wiki-eval windows re-evaluated and their NLLs "
+                       "compared with the stored ones"),
+                 calib_seconds=res["calib_seconds"], wall_seconds=round(time.time() - t0, 3),
+                 finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 env=environment())
+    return dict(rec, accuracy=dict(res["measured"], measured_with=(
+        "a re-calibration with the row's budget, seed and hyper-parameters (accuracy_check)")),
+        accuracy_check=check)
+
+
+def accuracy_seconds(spec: AccuracySpec) -> float:
+    """Estimated seconds of one model's zero-shot scoring (ACC_S_PER_ITEM per item)."""
+    return ACC_S_PER_ITEM * spec.limit * len(spec.tasks)
+
+
+def plan(rows: list[Row], budget_for, results_dir,
+         acc: AccuracySpec | None = None) -> list[tuple[Row, Budget, str, float]]:
     """[(row, suite budget, status, estimated seconds)] in run order; a row whose key an earlier
-    row of the plan will produce is 'reuse' (estimate 0)."""
+    row of the plan will produce is 'reuse' (estimate 0). With ``acc``, a 'done' row whose record
+    lacks that accuracy is 'accuracy' (an accuracy-only pass: its calibration again, then the
+    tasks), and rows to run include the tasks."""
     results = load_results(results_dir)
     rate = measured_pass_rate(results_dir) or PASS_S_PER_KTOK
     out, planned = [], set()
@@ -446,6 +656,12 @@ def plan(rows: list[Row], budget_for, results_dir) -> list[tuple[Row, Budget, st
         if status in ("todo", "stale"):
             planned.add(key)
         est = estimate_seconds(row, b, rate) if status in ("todo", "stale") else 0.0
+        if acc is not None and status in ("todo", "stale"):
+            est += accuracy_seconds(acc)
+        if acc is not None and status == "done" and not has_accuracy(results[row.id], acc):
+            status = "accuracy"
+            est = (LOAD_S + results[row.id].get("calib_seconds", 0.0)
+                   + CHECK_WINDOWS * b.eval_seqlen / 1000.0 * rate + accuracy_seconds(acc))
         out.append((row, b, status, est))
     return out
 
@@ -466,6 +682,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no_report", action="store_true", help="skip the plots and RESULTS.md")
     ap.add_argument("--report_only", action="store_true",
                     help="run no row; redraw the plots and rewrite RESULTS.md")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="also zero-shot accuracy: rows to run score the tasks after "
+                         "calibration; rows done without it get an accuracy-only pass "
+                         "(calibrated again with their own budget and seed)")
+    ap.add_argument("--acc_tasks", default=",".join(ACC_TASKS),
+                    help="with --accuracy: comma list of tasks")
+    ap.add_argument("--acc_limit", type=int, default=ACC_LIMIT,
+                    help="with --accuracy: the first N items of each task")
     for name in ("nsamples", "seqlen", "epochs", "eval_windows", "eval_seqlen", "seed"):
         ap.add_argument(f"--{name}", type=int, default=None,
                         help="overrides the suite's default budget")
@@ -484,11 +708,20 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no row of suite {args.suite} matches --only={args.only}", file=sys.stderr)
         return 2
-    steps = plan(rows, budget_for, results_dir)
-    todo = [s for s in steps if s[2] in ("todo", "stale")]
+    acc = None
+    if args.accuracy:
+        if args.acc_limit < 1:
+            print(f"--acc_limit must be >= 1, got {args.acc_limit}", file=sys.stderr)
+            return 2
+        acc = AccuracySpec(tuple(t.strip() for t in args.acc_tasks.split(",") if t.strip()),
+                           args.acc_limit)
+    steps = plan(rows, budget_for, results_dir, acc)
+    todo = [s for s in steps if s[2] in ("todo", "stale", "accuracy")]
     print(f"study: {len(steps)} rows ({sum(s[2] == 'done' for s in steps)} done, "
           f"{sum(s[2] == 'reuse' for s in steps)} reusable, {len(todo)} to run, "
-          f"{sum(s[2] == 'pending' for s in steps)} pending); estimated "
+          f"{sum(s[2] == 'pending' for s in steps)} pending"
+          + (f", {sum(s[2] == 'accuracy' for s in steps)} accuracy-only passes of "
+             f"{len(acc.tasks)} tasks x {acc.limit} items" if acc else "") + "); estimated "
           f"{_fmt_s(sum(s[3] for s in todo))} on this machine; results in {results_dir}",
           flush=True)
     for row, b, status, est in steps:
@@ -500,6 +733,7 @@ def main(argv=None) -> int:
         return 0
 
     texts = Texts(SUITE_BUDGETS[rows[0].suite].model)
+    taskset = TaskSet(acc) if acc is not None else None
     t_start = time.time()
     remaining = sum(s[3] for s in todo)
     skipped, failed = [], []
@@ -511,7 +745,8 @@ def main(argv=None) -> int:
             skipped.append(row.id)
             continue
         try:
-            remaining = _run_step(row, b, est, key, results_dir, texts, remaining, t_start)
+            remaining = _run_step(row, b, est, key, results_dir, texts, remaining, t_start,
+                                  taskset)
         except Exception as e:  # one broken row must not cost the others
             failed.append(row.id)
             print(f"ROW {row.id}: FAILED: {type(e).__name__}: {str(e).splitlines()[0]}",
@@ -532,12 +767,15 @@ def main(argv=None) -> int:
 
 
 def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Path,
-              texts: Texts, remaining: float, t_start: float) -> float:
-    """Runs, reuses or skips one row (this process holds its lock); returns the estimate left."""
+              texts: Texts, remaining: float, t_start: float,
+              taskset: TaskSet | None = None) -> float:
+    """Runs, reuses or skips one row (this process holds its lock); returns the estimate left.
+    With ``taskset``, a row without that accuracy gets it (an accuracy-only pass when its
+    perplexities are already there)."""
     results = load_results(results_dir)  # re-read: another process may have produced this key
     status = row_status(row, b, results)
     path = result_path(results_dir, row)
-    if status in ("done", "pending"):
+    if status == "pending":
         return remaining
     if status == "reuse":
         src = next(r for r in results.values() if _canon(r.get("key")) == key)
@@ -545,16 +783,37 @@ def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Pa
                    reused_from=src.get("reused_from", src["row"]))
         _write_json(path, rec)
         print(f"ROW {row.id}: same key as {rec['reused_from']}, reused", flush=True)
-        return remaining
+        results[row.id] = rec
+        status = "done"
+    if status == "done":
+        rec = results[row.id]
+        if taskset is None or has_accuracy(rec, taskset.spec):
+            return remaining
+        print(f"ROW {row.id}: accuracy-only pass ({taskset.spec.limit} items x "
+              f"{len(taskset.spec.tasks)} tasks; calibrating again with "
+              f"{Budget(**rec['budget']).text(row.method != 'fp')}), estimate {_fmt_s(est)}, "
+              f"about {_fmt_s(remaining)} left", flush=True)
+        t0 = time.time()
+        rec = add_accuracy(row, b, rec, texts, taskset)
+        _write_json(path, rec)
+        chk, a = rec["accuracy_check"], rec["accuracy"]
+        print(f"RESULT {row.id}: accuracy average {100 * a['average']['acc']:.2f}% "
+              f"({a['items']} items, {a['seconds']:.1f} s); check: first {chk['windows']} "
+              f"wiki-eval windows {'identical' if chk['identical'] else 'DIFFER'} (max abs NLL "
+              f"difference {chk['max_abs_diff']}); pass {time.time() - t0:.1f} s (estimate "
+              f"{_fmt_s(est)}); elapsed {_fmt_s(time.time() - t_start)}", flush=True)
+        return max(0.0, remaining - est)
     if status == "stale":
         os.replace(path, path.with_name(path.name + ".prev"))
         print(f"ROW {row.id}: the file on disk has another budget; kept as "
               f"{path.name}.prev and rerunning", flush=True)
     print(f"ROW {row.id}: running ({row.budget(b).text(row.method != 'fp')}), estimate "
           f"{_fmt_s(est)}, about {_fmt_s(remaining)} left for the rows to run", flush=True)
-    rec = run_one(row, b, texts, est)
+    rec = run_one(row, b, texts, est) if taskset is None else run_one(row, b, texts, est, taskset)
     _write_json(path, rec)
     ppl = "  ".join(f"{n} {e['perplexity']:.3f}" for n, e in rec["eval"].items())
+    if "accuracy" in rec:
+        ppl += f"  accuracy average {100 * rec['accuracy']['average']['acc']:.2f}%"
     print(f"RESULT {row.id}: {ppl}  calib {rec['calib_seconds']:.1f} s, row "
           f"{rec['wall_seconds']:.1f} s (estimate {_fmt_s(est)}); elapsed "
           f"{_fmt_s(time.time() - t_start)}", flush=True)

@@ -328,3 +328,141 @@ def test_a_failing_row_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
             "of the block size 16") in out
     assert "study: 1 rows failed (ablations.block.block=16); see the tracebacks above" in out
     assert not list(tmp_path.glob(".*.lock"))
+
+
+# ----------------------------------------------------------------------------- zero-shot accuracy
+
+def _accuracy(correct: dict, limit: int = 4) -> dict:
+    per = {t: {"n": len(c), "acc": sum(c) / len(c), "acc_stderr": 0.25, "correct": list(c)}
+           for t, c in correct.items()}
+    accs = [p["acc"] for p in per.values()]
+    return {"tasks": list(correct), "limit": limit, "per_task": per,
+            "average": {"acc": sum(accs) / len(accs), "tasks": len(accs)},
+            "items": sum(len(c) for c in correct.values()), "seconds": 1.0}
+
+
+QUANT = {"a": [1, 1, 0, 0], "b": [1, 0], "c": [1]}   # "c": not in the baseline, left out
+BASE = {"a": [1, 1, 1, 0], "b": [1, 1, 0]}           # "b": only its first 2 items are paired
+
+
+def test_paired_recovery_numbers():
+    import math
+
+    pr = study.paired_recovery(QUANT, BASE)
+    # a: q 1/2, f 3/4, d = [0, 0, -1, 0]: var 1/4 -> SE sqrt(1/16) = 1/4
+    # b: q 1/2, f 1,   d = [0, -1]:       var 1/2 -> SE sqrt(1/4)  = 1/2
+    assert pr["tasks"] == ["a", "b"] and pr["items"] == 6
+    assert pr["per_task"]["a"] == {"n": 4, "acc": 0.5, "base_acc": 0.75, "diff": -0.25,
+                                   "diff_se": 0.25}
+    assert pr["per_task"]["b"] == {"n": 2, "acc": 0.5, "base_acc": 1.0, "diff": -0.5,
+                                   "diff_se": 0.5}
+    assert pr["average"] == 0.5 and pr["base_average"] == 0.875 and pr["diff"] == -0.375
+    assert pr["diff_se"] == pytest.approx(math.sqrt(1 / 16 + 1 / 4) / 2, abs=1e-15)
+    assert pr["recovery"] == pytest.approx(4 / 7, abs=1e-15)
+    # q - R f with R = 4/7: a -> [3, 3, -4, 0] / 7, var 11/49; b -> [3, -4] / 7, var 1/2;
+    # sqrt(11/49/4 + 1/2/2) / 2 / (7/8) = 4 sqrt(15) / 49
+    assert pr["recovery_se"] == pytest.approx(4 * math.sqrt(15) / 49, abs=1e-15)
+    same = study.paired_recovery(BASE, BASE)
+    assert same["recovery"] == 1.0 and same["recovery_se"] == 0.0 and same["diff_se"] == 0.0
+    assert study.paired_recovery({"x": [1]}, BASE) is None
+    assert study.paired_recovery({"a": [1, 1]}, {"a": [0, 0]}) is None  # baseline average 0
+
+
+def test_determinism_check_and_has_accuracy():
+    chk = study.determinism_check([2.5, 3.25, 9.0], [2.5, 3.0])
+    assert chk == {"windows": 2, "stored_window_nll": [2.5, 3.25],
+                   "recomputed_window_nll": [2.5, 3.0], "max_abs_diff": 0.25, "identical": False}
+    assert study.determinism_check([1.0, 2.0], [1.0, 2.0])["identical"] is True
+    assert study.determinism_check([], [1.0])["identical"] is False
+    spec = study.AccuracySpec(("a", "b"), 4)
+    assert study.has_accuracy({"accuracy": _accuracy({"a": [1], "b": [0]})}, spec)
+    assert not study.has_accuracy({"accuracy": _accuracy({"a": [1], "b": [0]}, limit=5)}, spec)
+    assert not study.has_accuracy({"accuracy": _accuracy({"a": [1]})}, spec)
+    assert not study.has_accuracy({}, spec) and not study.has_accuracy(None, spec)
+
+
+def test_accuracy_table_recovery_and_plot(results_dir, tmp_path):
+    import plots
+
+    for row_id, correct in (("headline.fp32.fp", BASE), ("headline.W4A4KV16.rtn", QUANT)):
+        path = results_dir / f"{row_id}.json"
+        rec = json.loads(path.read_text())
+        rec["accuracy"] = _accuracy(correct)
+        path.write_text(json.dumps(rec))
+    results = study.load_results(results_dir)
+    lines = report.accuracy_table(results, "W4A4KV16")
+    assert lines[0] == ("| method | a acc % | b acc % | average acc % | Δ vs FP (pp ± SE) | "
+                        "recovery % (± SE) | items |")
+    assert "| fp | 75.0 ± 25.0 | 66.7 ± 25.0 | 70.8 | – | 100 (baseline) | 7 |" in lines
+    assert ("| rtn | 50.0 (-25.0 ± 25.0) | 50.0 (-50.0 ± 50.0) | 50.0 | -37.5 ± 28.0 | "
+            "57.1 ± 31.6 | 6 |") in lines
+    assert "| batquant | no accuracy yet |  |  |  |  |  |" in lines
+    assert report.accuracy_ranking(results, "W4A4KV16") == "rtn 57.1%"
+    assert report.accuracy_ranking(results, "W4A8KV16") is None
+    text = report.render(results_dir, tmp_path / "plots", tmp_path / "RESULTS.md")
+    assert "## Zero-shot accuracy" in text and "Order by recovery: rtn 57.1%." in text
+    out = plots.plot_accuracy(results, tmp_path / "accuracy.png")
+    assert out is not None and out.stat().st_size > 10_000
+    del results["headline.fp32.fp"]
+    assert plots.plot_accuracy(results, tmp_path / "none.png") is None
+
+
+def test_plan_marks_rows_without_accuracy(results_dir):
+    spec = study.AccuracySpec(("a",), 2)
+    rows = [r for r in study.headline_rows() if r.id in
+            ("headline.fp32.fp", "headline.W4A4KV16.rtn", "headline.W4A4KV16.gptq")]
+    steps = {r.id: (status, est) for r, _, status, est in
+             study.plan(rows, lambda r: BUDGET, results_dir, spec)}
+    # rate: 2.048 s / 1024 tokens = 2 s per 1k tokens; 2 check windows of 512 tokens;
+    # 2 items x 1.6 s; rtn's stored calibration took 12 s
+    assert steps["headline.W4A4KV16.rtn"] == ("accuracy",
+                                             pytest.approx(8.0 + 12.0 + 2.048 + 3.2, abs=1e-9))
+    assert steps["headline.fp32.fp"][0] == "accuracy"
+    gptq = study.estimate_seconds(rows[2], BUDGET, 2.0) + 3.2
+    assert steps["headline.W4A4KV16.gptq"] == ("todo", pytest.approx(gptq, abs=1e-9))
+    assert [s for _, _, s, _ in study.plan(rows, lambda r: BUDGET, results_dir)] == \
+        ["done", "done", "todo"]
+
+
+def test_accuracy_only_pass_keeps_key_and_perplexity(results_dir, monkeypatch, capsys):
+    import compare
+
+    seen = []
+
+    def fake_run_row(model, windows, method, setting, evals, *, epochs, seed, hparams,
+                     eval_seqlen, eval_max_tokens, measure=None):
+        seen.append((method, setting, windows.shape if windows is not None else None, epochs,
+                     seed, list(evals), eval_max_tokens))
+        return {"calib_seconds": 5.0, "layers": [], "trainable_params": 0,
+                "eval": {"wiki-eval": {"window_nll": [2.0, 2.5]}},
+                "measured": _accuracy({"a": [1, 0]}, limit=2)}
+
+    class FakeTexts:
+        def windows(self, b):
+            import numpy as np
+            return np.zeros((b.nsamples, b.seqlen), np.int32)
+
+        def ids(self, name):
+            return name
+
+    monkeypatch.setattr(compare, "run_row", fake_run_row)
+    path = results_dir / "headline.W4A4KV16.rtn.json"
+    before = json.loads(path.read_text())
+    before["eval"]["wiki-eval"]["window_nll"] = [2.0, 2.75]
+    path.write_text(json.dumps(before))
+    row = _rows()["headline.W4A4KV16.rtn"]
+    taskset = study.TaskSet(study.AccuracySpec(("a",), 2))
+    key = study._canon(study.row_key(row, BUDGET))
+    study._run_step(row, BUDGET, 10.0, key, results_dir, FakeTexts(), 10.0, 0.0, taskset)
+    after = json.loads(path.read_text())
+    assert seen == [("rtn", "W4A4KV16", (4, 64), 1, 0, ["wiki-eval"], 1024)]
+    assert {k: v for k, v in after.items() if k not in ("accuracy", "accuracy_check")} == before
+    assert after["accuracy"]["per_task"]["a"]["correct"] == [1, 0]
+    chk = after["accuracy_check"]
+    assert (chk["windows"], chk["max_abs_diff"], chk["identical"]) == (2, 0.25, False)
+    assert chk["calib_seconds"] == 5.0
+    assert "check: first 2 wiki-eval windows DIFFER (max abs NLL difference 0.25)" in \
+        capsys.readouterr().out
+    seen.clear()  # the same spec again: nothing to do
+    study._run_step(row, BUDGET, 10.0, key, results_dir, FakeTexts(), 10.0, 0.0, taskset)
+    assert seen == []
