@@ -1,6 +1,6 @@
 """Cost of one calibration step against the full-precision forward of the same layer and batch.
 
-    .venv/bin/python experiments/bench_calib_step.py [--batch=4] [--seqlen=256] \\
+    .venv/bin/python -m experiments.bench_calib_step [--batch=4] [--seqlen=256] \\
         [--variants='[{}, {"clip": "none"}, {"transform": "block_affine"}]']
 
 Real SmolLM2-135M layer weights (layer 0), random hidden states of the residual stream's scale.

@@ -1,7 +1,7 @@
 """Per-step time of data-parallel calibration on 1, 2 and 4 devices for one global batch.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
-        python experiments/bench_distributed.py --hidden=256 --intermediate=768 --seqlen=128 \\
+        python -m experiments.bench_distributed --hidden=256 --intermediate=768 --seqlen=128 \\
         --nsamples=16 --batch_size=8 --steps=10
 
 For each mesh (data:1, data:2, data:4 over the first devices) one decoder layer of a random

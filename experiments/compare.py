@@ -1,7 +1,7 @@
 """Method comparison on SmolLM2-135M: calibrate each method on the same windows, then measure
 perplexity on the evaluation split. One JSON per (method, setting) under experiments/results/.
 
-    .venv/bin/python experiments/compare.py --methods=rtn,gptq,brq,batquant --setting=W4A4KV16 \
+    .venv/bin/python -m experiments.compare --methods=rtn,gptq,brq,batquant --setting=W4A4KV16 \
         --nsamples=32 --seqlen=512 --epochs=2 --eval_max_tokens=16384
 
 The full-precision row is measured once per evaluation budget (method "fp"). Calibration data is
@@ -17,8 +17,6 @@ import pathlib
 import sys
 import time
 
-import jax.numpy as jnp
-import numpy as np
 
 from batquant_jax import data, perplexity
 from batquant_jax.calibration import quantize_model

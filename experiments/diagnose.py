@@ -1,7 +1,7 @@
 """Why a lower layer loss does not reach perplexity: per-layer diagnosis of one calibration.
 
-    .venv/bin/python experiments/diagnose.py --method=batquant --tag=mse
-    .venv/bin/python experiments/diagnose.py --method=batquant --tag=token_mse \\
+    .venv/bin/python -m experiments.diagnose --method=batquant --tag=mse
+    .venv/bin/python -m experiments.diagnose --method=batquant --tag=token_mse \\
         --hparams='{"loss": "token_mse"}'
 
 Decisions are made on the calibration text only: wiki-calib is cut in two, the first 90% of its

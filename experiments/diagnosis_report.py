@@ -1,6 +1,6 @@
 """The "Diagnosis" section of RESULTS.md, built from experiments/results/diagnose/*.json alone.
 
-    .venv/bin/python experiments/report.py        # renders it with the rest of RESULTS.md
+    .venv/bin/python -m experiments.report        # renders it with the rest of RESULTS.md
 
 Every run there is one ``experiments/diagnose.py`` calibration with per-layer statistics and a
 perplexity on the held-back end of wiki-calib ("dev"), the only text decisions are made on.
@@ -67,14 +67,14 @@ def probe_table(probes: dict) -> list[str]:
 
 
 def _ratio(a: dict, b: dict, text: str) -> str:
-    from report import _interval, paired_nll, verdict
+    from experiments.report import interval, paired_nll, verdict
     if text not in a or text not in b:
         return "–"
     p = paired_nll(a[text]["window_nll"], b[text]["window_nll"])
     if p is None:
         return "–"
     mean, se, _ = p
-    return f"{_interval(mean, se)} {verdict(mean, se)}"
+    return f"{interval(mean, se)} {verdict(mean, se)}"
 
 
 def _base(runs: dict, run: dict) -> dict | None:

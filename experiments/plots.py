@@ -1,10 +1,10 @@
 """Figures for experiments/RESULTS.md (matplotlib, Agg), written under experiments/results/plots/.
 
-    .venv/bin/python experiments/plots.py                          # all three figures
-    .venv/bin/python experiments/plots.py --skip_hist              # only those drawn from JSON
-    .venv/bin/python experiments/plots.py --checkpoint=/tmp/smollm2-batquant   # learned GPK from
+    .venv/bin/python -m experiments.plots                          # all three figures
+    .venv/bin/python -m experiments.plots --skip_hist              # only those drawn from JSON
+    .venv/bin/python -m experiments.plots --checkpoint=/tmp/smollm2-batquant   # learned GPK from
                                                                    # a calibrate.py output
-    .venv/bin/python experiments/report.py                         # then refresh RESULTS.md
+    .venv/bin/python -m experiments.report                         # then refresh RESULTS.md
 
 perplexity.png     perplexity by method and setting on both texts (from the study's JSON files);
 accuracy.png       zero-shot accuracy recovery by method and setting, ±1 paired SE, and average
@@ -36,10 +36,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from experiments import study  # noqa: E402
 
-import study  # noqa: E402
+HERE = pathlib.Path(__file__).resolve().parent
 
 PLOTS_DIR = HERE / "results" / "plots"
 DPI = 100

@@ -1,6 +1,6 @@
 """Per-layer probe on the calibration split: final layer MSE of several method variants.
 
-    .venv/bin/python experiments/probe_layers.py --layers=0,1,2,11 --variants='[["brq", {}],
+    .venv/bin/python -m experiments.probe_layers --layers=0,1,2,11 --variants='[["brq", {}],
         ["batquant", {}], ["batquant", {"clip_init": 8.0}]]'
 
 Uses only wiki-calib windows (never the evaluation split): inputs of each probed layer are the

@@ -1,7 +1,7 @@
 """Regenerates experiments/RESULTS.md from the study's JSON files alone (no number is typed here).
 
-    .venv/bin/python experiments/report.py
-    .venv/bin/python experiments/report.py --results_dir=/tmp/study_smoke --out=/tmp/RESULTS.md
+    .venv/bin/python -m experiments.report
+    .venv/bin/python -m experiments.report --results_dir=/tmp/study_smoke --out=/tmp/RESULTS.md
 
 Tables: the headline comparison per setting (perplexity on wiki-eval and on the Shakespeare text,
 gap to full precision ``ppl / ppl_fp - 1``, share of RTN's gap recovered
@@ -22,11 +22,9 @@ import os
 import pathlib
 import sys
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from experiments import diagnosis_report, study
 
-import study  # noqa: E402
-import diagnosis_report  # noqa: E402
+HERE = pathlib.Path(__file__).resolve().parent
 
 OUT = HERE / "RESULTS.md"
 PLOTS = {
@@ -307,7 +305,7 @@ def paired_nll(wa: list[float], wb: list[float]) -> tuple[float, float, int] | N
     return mean, math.sqrt(var / n), n
 
 
-def _interval(mean: float, se: float) -> str:
+def interval(mean: float, se: float) -> str:
     """'ratio [low, high]': the perplexity ratio exp(mean) and its ±2 SE interval."""
     return f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"
 
@@ -340,7 +338,7 @@ def claim_table(results: dict, setting: str, method: str = "batquant") -> list[s
                 cells += ["not run" if rec is None else "no per-window NLL", ""]
                 continue
             m, se, n = pr
-            cells += [f"{_interval(m, se)} (n={n})", verdict(m, se)]
+            cells += [f"{interval(m, se)} (n={n})", verdict(m, se)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -364,7 +362,7 @@ def seed_table(results: dict, method: str = "batquant", base: str = "brq") -> li
                 cells += [_num(_ppl(a, t)), _num(_ppl(b, t)), "–", "not run" if not (a and b) else "–"]
                 continue
             m, se, _ = pr
-            cells += [_num(_ppl(a, t)), _num(_ppl(b, t)), _interval(m, se), verdict(m, se)]
+            cells += [_num(_ppl(a, t)), _num(_ppl(b, t)), interval(m, se), verdict(m, se)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -1,13 +1,13 @@
 """The headline table and the ablations of BATQuant on SmolLM2-135M, as one resumable command.
 
-    .venv/bin/python experiments/study.py --suite=headline        # 15 rows, then plots + report
-    .venv/bin/python experiments/study.py --suite=ablations       # 31 rows, 21 computed
-    .venv/bin/python experiments/study.py --suite=all --dry_run   # rows, budgets, estimates, status
-    .venv/bin/python experiments/study.py --suite=ablations --only=clip,init   # some groups
-    .venv/bin/python experiments/study.py --suite=headline --only=rtn,batquant --nsamples=4 \
+    .venv/bin/python -m experiments.study --suite=headline        # 15 rows, then plots + report
+    .venv/bin/python -m experiments.study --suite=ablations       # 31 rows, 21 computed
+    .venv/bin/python -m experiments.study --suite=all --dry_run   # rows, budgets, estimates, status
+    .venv/bin/python -m experiments.study --suite=ablations --only=clip,init   # some groups
+    .venv/bin/python -m experiments.study --suite=headline --only=rtn,batquant --nsamples=4 \
         --seqlen=64 --epochs=1 --eval_windows=2 --results_dir=/tmp/study_smoke   # end-to-end check
-    .venv/bin/python experiments/study.py --report_only           # redraw plots, rewrite RESULTS.md
-    .venv/bin/python experiments/study.py --suite=headline --accuracy --no_report  # + accuracy
+    .venv/bin/python -m experiments.study --report_only           # redraw plots, rewrite RESULTS.md
+    .venv/bin/python -m experiments.study --suite=headline --accuracy --no_report  # + accuracy
 
 After the rows it draws the figures (experiments/plots.py) and writes experiments/RESULTS.md
 (experiments/report.py) from every JSON in the results folder; --no_report skips that.
@@ -55,7 +55,6 @@ import time
 import traceback
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # compare.run_row
 
 RESULTS_DIR = HERE / "results" / "study"
 SETTINGS = ("W4A4KV16", "W4A8KV16")
@@ -579,7 +578,7 @@ def _accuracy_measure(texts: Texts, taskset: TaskSet | None, row: Row):
 def run_one(row: Row, budget: Budget, texts: Texts, estimate: float,
             taskset: TaskSet | None = None) -> dict:
     """Calibrates and evaluates one row -> its JSON record (with "accuracy" when ``taskset``)."""
-    from compare import run_row
+    from experiments.compare import run_row
 
     b = row.budget(budget)
     t0, cpu0 = time.time(), time.process_time()
@@ -610,7 +609,7 @@ def add_accuracy(row: Row, budget: Budget, rec: dict, texts: Texts, taskset: Tas
     the first CHECK_WINDOWS wiki-eval windows as a check that the model is the same one, scores
     the tasks, and returns the record with "accuracy" and "accuracy_check" added (its key,
     perplexities and timings unchanged)."""
-    from compare import run_row
+    from experiments.compare import run_row
 
     b = Budget(**rec["budget"]) if "budget" in rec else row.budget(budget)
     t0 = time.time()
@@ -823,8 +822,7 @@ def _run_step(row: Row, b: Budget, est: float, key: str, results_dir: pathlib.Pa
 def write_report(results_dir: pathlib.Path) -> int:
     """Figures into <results_dir>/../plots, then RESULTS.md (next to this file for the default
     results folder, else inside results_dir)."""
-    import plots
-    import report
+    from experiments import plots, report
 
     plots_dir = results_dir.resolve().parent / "plots"
     out = report.OUT if results_dir.resolve() == RESULTS_DIR.resolve() else results_dir / "RESULTS.md"

@@ -5,18 +5,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 import sys
 
 import pytest
 
 from batquant_jax import data
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-import report  # noqa: E402
-import study  # noqa: E402
+from experiments import report, study
 
 BUDGET = study.Budget(nsamples=4, seqlen=64, epochs=1, eval_windows=2)
 
@@ -301,7 +296,7 @@ def test_seed_table_pairs_each_seed(tmp_path):
         _write(tmp_path, rec)
     lines = report.seed_table(study.load_results(tmp_path))
     mean, se, _ = report.paired(a, b, "wiki-eval")
-    ratio = report._interval(mean, se)
+    ratio = report.interval(mean, se)
     assert ratio == f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"
     assert f"| 1 | 30.00 | 31.00 | {ratio} | better | 50.00 | 52.00 | – | – |" in lines
     assert "| 0 | – | – | – | not run | – | – | – | not run |" in lines
@@ -382,7 +377,7 @@ def test_determinism_check_and_has_accuracy():
 
 
 def test_accuracy_table_recovery_and_plot(results_dir, tmp_path):
-    import plots
+    from experiments import plots
 
     for row_id, correct in (("headline.fp32.fp", BASE), ("headline.W4A4KV16.rtn", QUANT)):
         path = results_dir / f"{row_id}.json"
@@ -425,7 +420,7 @@ def test_plan_marks_rows_without_accuracy(results_dir):
 
 
 def test_accuracy_only_pass_keeps_key_and_perplexity(results_dir, monkeypatch, capsys):
-    import compare
+    from experiments import compare
 
     seen = []
 
