@@ -22,7 +22,6 @@ the work.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import pathlib
@@ -229,17 +228,11 @@ def _sizes_line(s: dict) -> str:
 
 
 def _perplexity(model, ids, cfg: CalibrateConfig, mesh=None) -> float:
-    from batquant_jax.models import forward_nll
-    batch = 1
-    if mesh is not None:  # one window per device of the data axis
-        from batquant_jax.distributed import DataParallel
-        DataParallel(mesh).put_module(model)
-        batch = int(mesh.shape["data"])
-    res = perplexity.evaluate_perplexity(
-        functools.partial(forward_nll, model), ids, seqlen=cfg.eval_seqlen,
-        max_tokens=cfg.eval_max_tokens, batch_size=batch, progress=perplexity.progress_printer(),
-        mesh=mesh)
-    return res.perplexity
+    from batquant_jax import pipeline
+    res = pipeline.perplexities(model, {"eval": ids}, seqlen=cfg.eval_seqlen,
+                                max_tokens=cfg.eval_max_tokens, mesh=mesh,
+                                progress=perplexity.progress_printer())
+    return res["eval"].perplexity
 
 
 def _mesh(cfg: CalibrateConfig):

@@ -15,54 +15,23 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 
-from batquant_jax import data, perplexity
-from batquant_jax.calibration import quantize_model
-from batquant_jax.models import forward_nll, load_model
+from batquant_jax import data, pipeline
+from batquant_jax.models import load_model
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def _ppl(model, eval_ids, seqlen, max_tokens):
-    import functools
-    res = perplexity.evaluate_perplexity(functools.partial(forward_nll, model), eval_ids,
-                                         seqlen=seqlen, max_tokens=max_tokens, batch_size=1)
-    return res
 
 
 def run_row(model_name: str, windows, method: str, setting: str, evals: dict, *, epochs: int,
             seed: int, hparams: dict, eval_seqlen: int, eval_max_tokens: int,
             measure=None) -> dict:
-    """Calibrates one (method, setting) on ``windows`` (int32 [N, T]) and evaluates it on every
-    text of ``evals`` ({name: int32 token ids}); method "fp" skips calibration.
-
-    Returns {"calib_seconds", "layers": [LayerReport dicts], "trainable_params",
-    "eval": {name: {"perplexity", "nll_mean", "tokens", "windows", "seconds", "window_nll"}}},
-    plus "measured": measure(model) when ``measure`` is given (e.g. zero-shot accuracy of the
-    calibrated model, in memory).
-    """
-    from batquant_jax.qlayers import num_trainable
-
-    model = load_model(model_name, with_tokenizer=False).model
-    t0 = time.time()
-    layers, params = [], 0
-    if method != "fp":
-        model, res = quantize_model(model, windows, method, setting, epochs=epochs, seed=seed,
-                                    **hparams)
-        layers = [vars(r) for r in res.layers]
-        params = sum(num_trainable(layer) for layer in model.layers)
-    calib_s = time.time() - t0
-    out = {"calib_seconds": calib_s, "layers": layers, "trainable_params": int(params), "eval": {}}
-    for name, ids in evals.items():
-        ppl = _ppl(model, ids, eval_seqlen, eval_max_tokens)
-        out["eval"][name] = {"perplexity": ppl.perplexity, "nll_mean": ppl.nll_mean,
-                             "tokens": ppl.tokens, "windows": ppl.windows, "seconds": ppl.seconds,
-                             "window_nll": list(ppl.window_nll)}
-    if measure is not None:
-        out["measured"] = measure(model)
-    return out
+    """One (method, setting): ``pipeline.quantize_and_evaluate`` of ``model_name`` on
+    ``windows`` (int32 [N, T]) and every text of ``evals``; method "fp" skips calibration."""
+    return pipeline.quantize_and_evaluate(model_name, windows, method, setting, evals,
+                                          eval_seqlen=eval_seqlen,
+                                          eval_max_tokens=eval_max_tokens, measure=measure,
+                                          epochs=epochs, seed=seed, **hparams)
 
 
 def main(argv=None) -> int:
