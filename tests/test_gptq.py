@@ -1,5 +1,6 @@
 """Tests for batquant_jax.gptq: Hessian accumulation, RTN and MX-aware GPTQ (static groups)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -208,26 +209,35 @@ def test_argument_checks_are_mx_own():
     assert gptq.rtn_quantize(W, block_size=np.int64(32)).block_size == 32
 
 
-def test_quantlinear_records_its_hessian_with_hessian_update(monkeypatch):
-    # Before the fix QuantLinear summed X^T X inline (a second Hessian function beside
-    # hessian_update) and distributed.hessian_sum (a third) was used nowhere.
+def test_group_statistics_use_hessian_update_on_captured_inputs(monkeypatch):
+    # Before the redesign QuantLinear summed X^T X inside its forward; now the group heads only
+    # capture their inputs and calibration applies the one Hessian function (hessian_update)
+    # to the transformed inputs, outside the linears.
     from flax import nnx
 
     from batquant_jax import distributed
+    from batquant_jax.calibration import CalibConfig, LayerCalibrator
     from batquant_jax.models import LlamaConfig
     from batquant_jax.models.llama import DecoderLayer
-    from batquant_jax.qlayers import SETTINGS, group_heads, quantize_layer, set_recording
+    from batquant_jax.qlayers import group_heads, quantize_layer
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
-    layer = quantize_layer(DecoderLayer(config, nnx.Rngs(0)), "brq", SETTINGS["W4A4KV16"],
-                           record_hessian=True)
-    set_recording(layer, True)
-    seen, real = [], gptq.hessian_update
-    monkeypatch.setattr(gptq, "hessian_update", lambda H, x: seen.append(x) or real(H, x))
-    layer(jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 64)), jnp.float32))
+    layer = quantize_layer(DecoderLayer(config, nnx.Rngs(0)), "brq", "W4A4KV16")
+    h = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 64)), jnp.float32)
+    calls, real = [], gptq.hessian_update
+    monkeypatch.setattr(gptq, "hessian_update", lambda H, x: calls.append(x.shape) or real(H, x))
+    stats = LayerCalibrator(CalibConfig(method="brq", batch_size=2), 2).group_stats(layer, h[None])
+    assert calls == [(2, 8, 64), (2, 8, 64), (2, 8, 64), (2, 8, 128)]  # traced once per group
     heads = group_heads(layer)
-    assert len(seen) == len(heads) == 4
-    for x, q in zip(seen, heads.values()):
-        want = real(gptq.hessian_init(x.shape[-1]), x)
-        assert np.array_equal(np.asarray(q.hessian[...]), np.asarray(want))
+    qkv_in = layer.input_layernorm(h)
+    h1 = h + layer.self_attn(qkv_in)
+    ug_in = layer.post_attention_layernorm(h1)
+    d_in = jax.nn.silu(layer.mlp.gate_proj(ug_in)) * layer.mlp.up_proj(ug_in)
+    for g, x in (("qkv", qkv_in), ("ug", ug_in), ("d", d_in)):
+        want = real(gptq.hessian_init(x.shape[-1]), heads[g].transform(x))
+        np.testing.assert_allclose(np.asarray(stats[g][0]), np.asarray(want), rtol=1e-5,
+                                   atol=1e-4)
+        np.testing.assert_allclose(np.asarray(stats[g][1]),
+                                   np.asarray(jnp.max(jnp.abs(x).reshape(-1, x.shape[-1]), 0)),
+                                   rtol=1e-6)
     assert not hasattr(distributed, "hessian_sum")
