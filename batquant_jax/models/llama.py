@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.nnx as nnx
 import jax
@@ -232,6 +232,35 @@ def _positions(positions: jax.Array | None, batch: int, length: int) -> jax.Arra
     return positions
 
 
+class KVCache(NamedTuple):
+    """One attention layer's keys and values for incremental decoding (a pytree).
+
+    k, v: `[B, S, num_kv_heads, head_dim]`, S slots preallocated; keys are stored after RoPE.
+    end: int32 scalar, the number of slots written so far (the next token goes to slot `end`).
+    Which slots a query may read is the caller's mask (see `LlamaForCausalLM.extend`).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        """Zero cache of `length` slots for `batch` rows."""
+        shape = (int(batch), int(length), config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
+        """k, v: `[B, T, num_kv_heads, head_dim]` written to slots end .. end + T - 1.
+
+        The caller keeps end + T <= S (an update past the end would be clamped by XLA).
+        """
+        start = (0, self.end, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+                       jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
+                       self.end + k.shape[1])
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE; scores and softmax in float32."""
 
@@ -252,13 +281,20 @@ class Attention(nnx.Module):
             self.k_norm = nnx.data(None)
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, *, cache: KVCache | None = None):
         """x: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)) -> `[B, T, d]`.
 
         mask: bool `[B, T, T]` (query, key), True where the query may attend to the key; None is
         the causal mask. Several sequences can share one row this way (a shared prefix with
         branches, each branch attending to the prefix and to itself only).
+
+        cache: incremental decoding. The T new keys (after RoPE) and values are written to the
+        cache's slots end .. end + T - 1, the queries then attend to all S slots of the cache
+        through mask, which is required and has shape `[B, T, S]` (query, slot); returns
+        (`[B, T, d]`, the updated cache).
         """
+        if cache is not None and mask is None:
+            raise ValueError("attention with a KV cache needs a mask [B, T, S] over its slots")
         b, t, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(b, t, h, hd)
@@ -269,6 +305,9 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(_positions(positions, b, t), rope_inv_freq(self.config))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = q.reshape(b, t, kv, h // kv, hd)
+        if cache is not None:  # incremental decoding: attend to the cache's slots
+            cache = cache.append(k, v)
+            k, v = cache.k, cache.v
         scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * np.float32(hd ** -0.5)
         if mask is None:
@@ -278,6 +317,8 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        if cache is not None:
+            return self.o_proj(out), cache
         return self.o_proj(out)
 
 
@@ -304,11 +345,18 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs, dtype=dtype)
 
     def __call__(self, h: jax.Array, positions: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, *, cache: KVCache | None = None):
         """h: `[B, T, d]`, positions: `[T]` or `[B, T]` (default arange(T)), mask: bool
-        `[B, T, T]` or None (causal; see `Attention`) -> `[B, T, d]`."""
+        `[B, T, T]` or None (causal; see `Attention`) -> `[B, T, d]`.
+
+        With a `KVCache` (mask `[B, T, S]` then, see `Attention`) -> (`[B, T, d]`, new cache).
+        """
         if h.ndim != 3:
             raise ValueError(f"DecoderLayer expects hidden states [B, T, d], got shape {h.shape}")
+        if cache is not None:
+            a, cache = self.self_attn(self.input_layernorm(h), positions, mask, cache=cache)
+            h = h + a
+            return h + self.mlp(self.post_attention_layernorm(h)), cache
         h = h + self.self_attn(self.input_layernorm(h), positions, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -357,6 +405,31 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """tokens: `[B, T]` int -> logits `[B, T, V]` float32."""
         return self.head(self.hidden(tokens, positions))
+
+    def init_cache(self, batch: int, length: int) -> tuple[KVCache, ...]:
+        """Empty KV caches, one per layer, of `length` slots for `batch` rows (model dtype)."""
+        return tuple(KVCache.empty(self.config, batch, length, self.dtype)
+                     for _ in range(self.config.num_layers))
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: Sequence[KVCache], *, last_only: bool = False
+               ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """Runs `tokens` on top of `cache` (incremental decoding: prefill, then one token a step).
+
+        tokens: `[B, T]` int, written to slots end .. end + T - 1 of every layer's cache (S
+        slots, end + T <= S); positions: `[B, T]` (RoPE positions); mask: bool `[B, T, S]`
+        (query, slot), True where the query may read the slot (after the write). Returns
+        (logits `[B, T, V]` float32, or `[B, 1, V]` for the last token only with `last_only`,
+        the updated caches).
+        """
+        h = self.embed(tokens)
+        new = []
+        for layer, c in zip(self.layers, cache, strict=True):
+            h, c = layer(h, positions, mask, cache=c)
+            new.append(c)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h), tuple(new)
 
     def nll(self, tokens: jax.Array) -> jax.Array:
         """tokens: `[B, T]`, T >= 2 -> `[B, T-1]` float32 negative log-likelihood of tokens[:, 1:]."""

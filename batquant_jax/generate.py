@@ -1,0 +1,600 @@
+"""Text generation with a KV cache: ``python -m batquant_jax.generate`` and ``generate()``.
+
+    python -m batquant_jax.generate --model=smollm2-135m --prompt="What is MXFP4?" --chat
+    python -m batquant_jax.generate --checkpoint=/tmp/smollm2-batquant --prompt="Once upon a time" \\
+        --max_new_tokens=64 --temperature=0.7 --top_p=0.9 --seed=1
+
+The command prints the generated text on stdout as it comes (the prompt is not echoed), then
+one line on stderr with prefill and decode tokens/s. Bad input (an unknown model, a missing
+checkpoint, an empty prompt, a length past the model's context, a bad sampling flag, --chat for a
+tokenizer without a chat template) prints one ``error:`` line on stderr and exits with 2; Ctrl-C
+keeps what was printed and exits with 130.
+
+From Python (batched prompts, left padding, a stop at EOS per row):
+
+    from batquant_jax.generate import generate
+    out = generate(model, tokenizer, ["The capital of France is", "2 + 2 ="], max_new_tokens=32)
+    out.tokens, out.texts   # new token ids (EOS included when reached) and their text, per row
+
+How it runs: prompts are left padded to a common length P (rounded up to a multiple of 16), and
+one KV cache per layer is preallocated with S slots (P + max_new_tokens - 1, rounded up to a
+multiple of 64). A jitted prefill writes the prompts to slots 0 .. P-1 and samples the first
+token; a jitted decode step then writes one token per row at slot ``end`` and samples the next.
+Shapes are static, so the decode step compiles once per (batch, S, number of EOS ids, sampling)
+and never per token.
+Each row's RoPE positions start at 0 at its first real token; its pad slots are masked out of
+every query. Sampling (``Sampling``) is greedy at temperature 0, else softmax(logits / T)
+restricted to the top_k tokens and to the top_p probability mass, drawn with a PRNG key from
+``seed`` folded with the step number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import signal
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+from absl import app, flags
+
+from batquant_jax import cli
+
+PROMPT_MULTIPLE = 16  # prompt lengths are padded up to a multiple of this (fewer prefill shapes)
+CACHE_MULTIPLE = 64   # cache lengths are rounded up to a multiple of this (fewer decode shapes)
+
+
+class GenerateError(ValueError):
+    """A generation request that cannot run; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from logits. temperature 0 = greedy (top_k, top_p unused);
+    top_k 0 = no top-k cut; top_p 1 = no nucleus cut. Hashable: a static argument of the steps."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise GenerateError(f"--temperature must be a finite number >= 0 (0 = greedy), "
+                                f"got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerateError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):  # also false for nan
+            raise GenerateError(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+def sample_tokens(logits, key, sampling: Sampling):
+    """logits: `[B, V]` float, key: a PRNG key -> next tokens `[B]` int32.
+
+    Greedy: argmax. Otherwise logits / temperature, then every token below the top_k-th largest
+    logit is dropped (top_k > 0), then every token outside the smallest set of most likely tokens
+    whose probability reaches top_p (top_p < 1); one categorical draw per row with ``key``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits.astype(jnp.float32) / np.float32(sampling.temperature)
+    vocab = x.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = jax.lax.top_k(x, sampling.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if sampling.top_p < 1.0:
+        ranked = -jnp.sort(-x, axis=-1)  # descending
+        probs = jax.nn.softmax(ranked, axis=-1)
+        above = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked higher
+        cutoff = jnp.min(jnp.where(above < np.float32(sampling.top_p), ranked, jnp.inf),
+                         axis=-1, keepdims=True)  # the most likely token is always kept
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- jitted steps
+
+class DecodeState(NamedTuple):
+    """What one decode step reads and returns (a pytree; B rows, S cache slots).
+
+    cache: one `KVCache` per layer; token: `[B]` int32, the last token of each row (the next
+    step's input); pad: `[B]` int32, left pad slots of each row; done: `[B]` bool, the row has
+    produced an EOS; step: int32 scalar, tokens sampled so far; key: the PRNG key of the run.
+    """
+
+    cache: tuple
+    token: Any
+    pad: Any
+    done: Any
+    step: Any
+    key: Any
+
+
+def _is_eos(token, eos):
+    """token `[B]`, eos `[E]` (E may be 0) -> `[B]` bool."""
+    return (token[:, None] == eos[None, :]).any(axis=-1)
+
+
+def _prefill_fn(graphdef, treedef, leaves, cache, tokens, pad, key, eos, *, sampling):
+    """tokens `[B, P]` (left padded, pad `[B]`) into an empty cache of S slots -> (DecodeState
+    holding the first sampled token, its logits `[B, V]` float32)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    length = tokens.shape[1]
+    slots = jnp.arange(cache[0].k.shape[1], dtype=jnp.int32)
+    query = jnp.arange(length, dtype=jnp.int32)
+    positions = jnp.maximum(query[None, :] - pad[:, None], 0)
+    mask = (slots[None, None, :] <= query[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
+    logits, cache = model.extend(tokens, positions, mask, cache, last_only=True)
+    logits = logits[:, 0]
+    token = sample_tokens(logits, jax.random.fold_in(key, 0), sampling)
+    state = DecodeState(cache=cache, token=token, pad=pad, done=_is_eos(token, eos),
+                        step=jnp.ones((), jnp.int32), key=key)
+    return state, logits
+
+
+def _decode_fn(graphdef, treedef, leaves, state: DecodeState, eos, pad_id, *, sampling):
+    """One token per row at slot ``end`` of the cache -> (next DecodeState, logits `[B, V]`).
+    Rows already done get ``pad_id`` and stay done."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    slot = state.cache[0].end
+    slots = jnp.arange(state.cache[0].k.shape[1], dtype=jnp.int32)
+    positions = (slot - state.pad)[:, None]
+    mask = ((slots[None, :] <= slot) & (slots[None, :] >= state.pad[:, None]))[:, None, :]
+    logits, cache = model.extend(state.token[:, None], positions, mask, state.cache)
+    logits = logits[:, 0]
+    token = sample_tokens(logits, jax.random.fold_in(state.key, state.step), sampling)
+    token = jnp.where(state.done, pad_id, token)
+    done = state.done | _is_eos(token, eos)
+    return DecodeState(cache=cache, token=token, pad=state.pad, done=done, step=state.step + 1,
+                       key=state.key), logits
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted prefill and decode step of one model structure (its graphdef and state tree).
+
+    prefill(leaves, cache, tokens, pad, key, eos, sampling=) and
+    decode(leaves, state, eos, pad_id, sampling=) are ``jax.jit`` functions (``_cache_size()``
+    counts their compilations); the cache, resp. the DecodeState, is donated.
+    """
+
+    prefill: Any
+    decode: Any
+    compiled: set = dataclasses.field(default_factory=set)
+
+
+@functools.lru_cache(maxsize=8)
+def _steps(graphdef, treedef) -> Steps:
+    import jax
+    return Steps(
+        prefill=jax.jit(functools.partial(_prefill_fn, graphdef, treedef),
+                        static_argnames=("sampling",), donate_argnums=(1,)),
+        decode=jax.jit(functools.partial(_decode_fn, graphdef, treedef),
+                       static_argnames=("sampling",), donate_argnums=(1,)))
+
+
+def split_model(model) -> tuple[Steps, list]:
+    """(the model's jitted steps, its current state as a flat list of arrays). Split at every
+    run, so that weights changed in place since the last run are used; the jitted steps are
+    shared by every model of the same structure."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _steps(graphdef, treedef), leaves
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_MULTIPLE
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """B token lists -> (tokens `[B, P]` int32 right-aligned, pad `[B]` int32 slots before each
+    row's first token), P = the longest prompt rounded up to ``multiple``."""
+    length = _round_up(max(len(p) for p in prompts), multiple)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    pad = np.zeros(len(prompts), np.int32)
+    for i, p in enumerate(prompts):
+        pad[i] = length - len(p)
+        tokens[i, pad[i]:] = np.asarray(p, np.int32)
+    return tokens, pad
+
+
+# ----------------------------------------------------------------------------- generation loop
+
+@dataclasses.dataclass
+class Generation:
+    """The result of one generation over B prompts.
+
+    tokens: B lists of new token ids (EOS included when reached; at most max_new_tokens);
+    texts: B decoded strings (special tokens skipped), or None without a tokenizer;
+    prompt_lengths: B prompt lengths; finished: B flags, True where the row reached EOS.
+    prefill_tokens: real prompt tokens over all rows; decode_tokens: new tokens produced by decode
+    steps (each row's first comes from the prefill); *_seconds: wall time without compilation;
+    compile_seconds: compilation and one warm-up run of each step for shapes not run before
+    (zero when every shape ran before).
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    prompt_lengths: list[int]
+    finished: list[bool]
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    compile_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else math.nan
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else math.nan
+
+
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int) -> None:
+    """GenerateError unless every prompt is non-empty and fits with max_new_tokens new tokens
+    into the model's context of ``max_positions``."""
+    if not prompts:
+        raise GenerateError("no prompts given")
+    if max_new_tokens <= 0:
+        raise GenerateError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerateError(f"prompt {i} is empty (no tokens)")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > max_positions:
+        raise GenerateError(f"prompt of {longest} tokens + --max_new_tokens {max_new_tokens} = "
+                            f"{longest + max_new_tokens} exceeds the model's context of "
+                            f"{max_positions} positions")
+
+
+def _warm_up(steps: Steps, name: str, args, kwargs) -> float:
+    """Runs ``steps.<name>`` once on throwaway copies of ``args`` unless these argument shapes
+    ran before -> seconds spent. Compilation and the slow first run of a new executable then
+    stay out of the timed calls."""
+    import jax
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), args)
+    signature = (name, str(shapes), tuple(sorted(kwargs.items())))
+    if signature in steps.compiled:
+        return 0.0
+    start = time.perf_counter()
+    leaves, donated, *rest = args
+    donated = jax.tree.map(lambda a: a.copy(), donated)
+    jax.block_until_ready(getattr(steps, name)(leaves, donated, *rest, **kwargs))
+    steps.compiled.add(signature)
+    return time.perf_counter() - start
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: Sampling = Sampling(), seed: int = 0, eos_ids: Sequence[int] = (),
+                 pad_id: int = 0, on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 prompt_multiple: int = PROMPT_MULTIPLE, cache_multiple: int = CACHE_MULTIPLE
+                 ) -> Generation:
+    """Generates up to ``max_new_tokens`` tokens after each of B token-id prompts.
+
+    model: a LlamaForCausalLM (full precision or quantized); prompts: B non-empty lists of ids;
+    eos_ids: ids that end a row (its later tokens are not returned; the loop ends when every
+    row has ended); pad_id: the id used for padding (never seen by a real token).
+    on_step(tokens `[B]` int32, live `[B]` bool) is called after each step with the tokens just
+    sampled; live marks the rows whose token is real (not ended before this step).
+    Raises GenerateError on a bad request (see ``check_request``) or bad sampling.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    sampling.validate()
+    check_request(prompts, max_new_tokens, int(model.config.max_position_embeddings))
+    steps, leaves = split_model(model)
+    tokens, pad = left_pad(prompts, pad_id, prompt_multiple)
+    batch, length = tokens.shape
+    slots = _round_up(length + max_new_tokens - 1, cache_multiple)
+    eos = jnp.asarray(np.asarray(list(eos_ids), np.int32).reshape(-1))
+    pad_token = jnp.asarray(pad_id, jnp.int32)
+    key = jax.random.key(seed)
+    cache = model.init_cache(batch, slots)
+    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
+
+    kwargs = {"sampling": sampling}
+    compile_s = _warm_up(steps, "prefill", (leaves, cache, tokens, pad, key, eos), kwargs)
+    start = time.perf_counter()
+    state, _ = steps.prefill(leaves, cache, tokens, pad, key, eos, **kwargs)
+    out = [np.asarray(state.token)]
+    done = np.asarray(state.done)
+    prefill_s = time.perf_counter() - start
+    live = np.ones(batch, bool)
+    if on_step is not None:
+        on_step(out[-1], live)
+    decode_s = 0.0
+    if max_new_tokens > 1 and not done.all():
+        compile_s += _warm_up(steps, "decode", (leaves, state, eos, pad_token), kwargs)
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        live = ~done
+        start = time.perf_counter()
+        state, _ = steps.decode(leaves, state, eos, pad_token, **kwargs)
+        out.append(np.asarray(state.token))
+        done = np.asarray(state.done)
+        decode_s += time.perf_counter() - start
+        if on_step is not None:
+            on_step(out[-1], live)
+
+    table = np.stack(out, axis=1)  # [B, N]
+    eos_set = set(int(e) for e in np.asarray(eos))
+    rows, finished = [], []
+    for row in table.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_set), None)
+        rows.append(row if end is None else row[:end])
+        finished.append(end is not None)
+    return Generation(tokens=rows, texts=None, prompt_lengths=[len(p) for p in prompts],
+                      finished=finished, prefill_tokens=int(sum(len(p) for p in prompts)),
+                      prefill_seconds=prefill_s, decode_tokens=int(sum(len(r) - 1 for r in rows)),
+                      decode_seconds=decode_s, compile_seconds=compile_s)
+
+
+# ----------------------------------------------------------------------------- text level
+
+def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
+    """A prompt's token ids; with ``chat`` the text is one user message in the tokenizer's chat
+    template, followed by the assistant's turn. GenerateError on an empty prompt or a tokenizer
+    without a chat template."""
+    if not isinstance(text, str) or not text.strip():
+        raise GenerateError(f"--prompt is empty; give the text to continue (got {text!r})")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerateError("--chat: this model's tokenizer carries no chat template; "
+                                "drop --chat to continue the prompt as plain text")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
+
+
+def special_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a tokenizer: its eos_token_id (none if unset); its pad token, else
+    its EOS, else 0."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, chat: bool = False,
+             eos_ids: Sequence[int] | None = None, on_step=None) -> Generation:
+    """Batched generation for research code: B prompts (strings, or token-id lists) -> Generation
+    with each row's new token ids (up to and including its EOS) and text.
+
+    tokenizer: encodes string prompts (``chat`` applies its chat template) and decodes the
+    results; may be None when the prompts are token ids (texts is then None). eos_ids: default
+    the tokenizer's EOS. Greedy at temperature 0. See ``generate_ids`` for on_step.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise GenerateError("string prompts need a tokenizer")
+        ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    else:
+        ids = [[int(t) for t in p] for p in prompts]
+    default_eos, pad_id = special_ids(tokenizer) if tokenizer is not None else ((), 0)
+    result = generate_ids(model, ids, max_new_tokens=max_new_tokens,
+                          sampling=Sampling(float(temperature), int(top_k), float(top_p)),
+                          seed=seed, eos_ids=default_eos if eos_ids is None else eos_ids,
+                          pad_id=pad_id, on_step=on_step)
+    if tokenizer is not None:
+        result.texts = [tokenizer.decode(r, skip_special_tokens=True) for r in result.tokens]
+    return result
+
+
+class TextStream:
+    """Turns token ids into text as they arrive: ``push(ids)`` returns the text that is new and
+    complete (a partial UTF-8 character is held back until its last byte comes)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def _new(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (text.endswith("\ufffd") and not final) or not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        return self._new(final=False)
+
+    def flush(self) -> str:
+        """The rest of the text (a trailing partial character included)."""
+        return self._new(final=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """What to generate (the flags). checkpoint, when set, overrides model."""
+
+    model: str = "smollm2-135m"
+    checkpoint: str | None = None
+    prompt: str = ""
+    chat: bool = False
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
+
+    def validate(self) -> None:
+        """Checks that need no model (the context length is checked once it is loaded)."""
+        if not self.prompt.strip():
+            raise GenerateError(f"--prompt is empty; give the text to continue (got {self.prompt!r})")
+        if self.max_new_tokens <= 0:
+            raise GenerateError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.sampling.validate()
+        if self.checkpoint is None and not self.model.strip():
+            raise GenerateError("--model must name a model (an alias or a path), got ''")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("model", GenerateConfig.model,
+                        "model alias (smollm2-135m), Hugging Face folder or GGUF file")
+    flags.DEFINE_string("checkpoint", None, "a quantized checkpoint folder (from "
+                        "batquant_jax.calibrate) instead of --model")
+    flags.DEFINE_string("prompt", "", "the text to continue (or, with --chat, the user message)")
+    flags.DEFINE_bool("chat", False, "wrap the prompt in the tokenizer's chat template")
+    flags.DEFINE_integer("max_new_tokens", GenerateConfig.max_new_tokens,
+                         "most tokens to generate (fewer when EOS comes first)")
+    flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
+    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens; 0 = all")
+    flags.DEFINE_float("top_p", 1.0, "sample among the most likely tokens holding this "
+                       "probability mass; 1 = all")
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling")
+
+
+def config_from_flags(f: flags.FlagValues = FLAGS) -> GenerateConfig:
+    return GenerateConfig(model=f.model, checkpoint=f.checkpoint or None, prompt=f.prompt,
+                          chat=f.chat, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                          top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+
+
+def _log(msg: str) -> None:
+    print(f"generate: {msg}", file=sys.stderr, flush=True)
+
+
+def _out(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Holds Ctrl-C back while a piece of text is written and recorded, then raises it: the
+    text on screen at an interruption is then exactly the text recorded, none lost or repeated.
+    Does nothing unless Ctrl-C is Python's usual KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description) of ``cfg``; the loaders' errors, or GenerateError when
+    there is no tokenizer."""
+    if cfg.checkpoint is not None:
+        from batquant_jax.checkpoint import load_quantized
+        model, tokenizer, meta = load_quantized(cfg.checkpoint)
+        if tokenizer is None:
+            raise GenerateError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
+        return model, tokenizer, f"checkpoint {cfg.checkpoint} ({meta.get('method')} {meta.get('setting')})"
+    from batquant_jax.models import load_model
+    loaded = load_model(cfg.model)
+    if loaded.tokenizer is None:
+        raise GenerateError(f"{cfg.model}: no tokenizer ({loaded.info.get('tokenizer_note', 'none found')})")
+    return loaded.model, loaded.tokenizer, f"{cfg.model} ({loaded.source})"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from batquant_jax.checkpoint import CheckpointError
+    from batquant_jax.models import ModelLoadError
+    return (GenerateError, ModelLoadError, CheckpointError)
+
+
+def main(argv: list[str]) -> None:
+    cli.sync_cpu_dispatch()  # before any computation
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    try:
+        _run(config_from_flags())
+    except KeyboardInterrupt:  # before generation started (loading, compiling)
+        cli.fail("interrupted", 130)
+
+
+def _run(cfg: GenerateConfig) -> None:
+    errors = (GenerateError,)
+    try:
+        cfg.validate()
+        errors = _user_errors()
+        if cfg.checkpoint:
+            from batquant_jax.checkpoint import quiet_orbax_logs
+            quiet_orbax_logs()
+        _log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
+        model, tokenizer, description = load(cfg)
+        ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
+        check_request([ids], cfg.max_new_tokens, int(model.config.max_position_embeddings))
+    except errors as e:
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    eos_ids, pad_id = special_ids(tokenizer)
+    _log(f"{description}: prompt of {len(ids)} tokens, up to {cfg.max_new_tokens} new")
+    stream = TextStream(tokenizer)
+
+    def on_step(tokens, live):
+        if live[0]:
+            with _hold_ctrl_c():
+                _out(stream.push(tokens[:1]))
+
+    try:
+        res = generate_ids(model, [ids], max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
+                           seed=cfg.seed, eos_ids=eos_ids, pad_id=pad_id, on_step=on_step)
+    except KeyboardInterrupt:
+        _out(stream.flush() + "\n")
+        cli.fail(f"interrupted after {len(stream.ids)} new tokens", 130)
+    _out(stream.flush() + "\n")
+    end = "EOS" if res.finished[0] else f"--max_new_tokens {cfg.max_new_tokens}"
+    _log(f"prefill {res.prefill_tokens} tokens in {res.prefill_seconds:.3f} s "
+         f"({res.prefill_tokens_per_second:.1f} tokens/s); decode {res.decode_tokens} tokens in "
+         f"{res.decode_seconds:.3f} s ({res.decode_tokens_per_second:.1f} tokens/s); "
+         f"compile and warm-up {res.compile_seconds:.1f} s; stopped at {end}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
