@@ -9,6 +9,7 @@ Modules (each readable alone):
   data         corpora (Wikipedia excerpt, user text) and the calibration sampler
   perplexity   the one perplexity protocol
   calibration  layer-wise calibration and quantize_model
+  kvquant      quantized KV cache: K/V in MX blocks along head_dim, transforms, packed storage
 
 Importing the package changes no global JAX option; the command-line entry points make CPU
 dispatch synchronous (cli.sync_cpu_dispatch), which long CPU runs of your own may want too.

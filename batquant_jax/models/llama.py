@@ -250,6 +250,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = nnx.data(None)
             self.k_norm = nnx.data(None)
+        self.kv_quant = nnx.data(None)  # a kvquant.KVQuant: quantized K/V after RoPE
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                  mask: jax.Array | None = None) -> jax.Array:
@@ -268,6 +269,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(_positions(positions, b, t), rope_inv_freq(self.config))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_quant is not None:
+            q, k, v = self.kv_quant(q, k, v)
         q = q.reshape(b, t, kv, h // kv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * np.float32(hd ** -0.5)
@@ -278,6 +281,8 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        if self.kv_quant is not None:  # V's transform inverse, per query head
+            out = self.kv_quant.attend_out(out.reshape(b, t, h, hd)).reshape(b, t, h * hd)
         return self.o_proj(out)
 
 
