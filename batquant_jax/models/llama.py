@@ -279,6 +279,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = nnx.data(None)
             self.k_norm = nnx.data(None)
+        self.kv_quant = nnx.data(None)  # a kvquant.KVQuant: quantized K/V after RoPE
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                  mask: jax.Array | None = None, *, cache: KVCache | None = None):
@@ -304,6 +305,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(_positions(positions, b, t), rope_inv_freq(self.config))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_quant is not None:
+            q, k, v = self.kv_quant(q, k, v)
         q = q.reshape(b, t, kv, h // kv, hd)
         if cache is not None:  # incremental decoding: attend to the cache's slots
             cache = cache.append(k, v)
@@ -317,6 +320,8 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        if self.kv_quant is not None:  # V's transform inverse, per query head
+            out = self.kv_quant.attend_out(out.reshape(b, t, h, hd)).reshape(b, t, h * hd)
         if cache is not None:
             return self.o_proj(out), cache
         return self.o_proj(out)
