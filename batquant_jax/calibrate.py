@@ -88,6 +88,7 @@ class CalibrateConfig:
     weight_decay: float = _LIB.weight_decay
     max_cond: float = _LIB.max_cond
     train_weight_quant: bool = _LIB.train_weight_quant
+    kv_transform: str = _LIB.kv_transform
     eval_data: str | None = None
     eval_seqlen: int = 512
     eval_max_tokens: int | None = 65536  # None: the whole corpus

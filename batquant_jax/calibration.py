@@ -139,8 +139,10 @@ def _make_step(tx_t, tx_c, objective: LossFn = mse_loss):
 
 
 def is_transform_param(path, value) -> bool:
-    """nnx filter: a learnable transform parameter (what ``tx`` optimizes)."""
-    return isinstance(value, nnx.Param) and "transform" in path
+    """nnx filter: a learnable transform parameter (what ``tx`` optimizes): of the linears'
+    input transforms, and of the key / value transforms of a KV-quantized setting."""
+    return isinstance(value, nnx.Param) and any(
+        p in ("transform", "k_transform", "v_transform") for p in path)
 
 
 def is_clip_param(path, value) -> bool:

@@ -246,6 +246,8 @@ class Generation:
     decode_tokens: int
     decode_seconds: float
     compile_seconds: float
+    kv_cache_bytes: int = 0  # the caches' stored bytes (packed codes + scales when KV-quantized)
+    kv_cache_float32_bytes: int = 0  # the same slots in float32
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -317,6 +319,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     pad_token = jnp.asarray(pad_id, jnp.int32)
     key = jax.random.key(seed)
     cache = model.init_cache(batch, slots)
+    cache_bytes = int(sum(c.nbytes for c in cache))
+    cache_f32 = int(sum(2 * 4 * np.prod(c.k.shape) for c in cache))
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
 
     kwargs = {"sampling": sampling}
@@ -354,7 +358,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     return Generation(tokens=rows, texts=None, prompt_lengths=[len(p) for p in prompts],
                       finished=finished, prefill_tokens=int(sum(len(p) for p in prompts)),
                       prefill_seconds=prefill_s, decode_tokens=int(sum(len(r) - 1 for r in rows)),
-                      decode_seconds=decode_s, compile_seconds=compile_s)
+                      decode_seconds=decode_s, compile_seconds=compile_s,
+                      kv_cache_bytes=cache_bytes, kv_cache_float32_bytes=cache_f32)
 
 
 # ----------------------------------------------------------------------------- text level
@@ -592,7 +597,9 @@ def _run(cfg: GenerateConfig) -> None:
     _log(f"prefill {res.prefill_tokens} tokens in {res.prefill_seconds:.3f} s "
          f"({res.prefill_tokens_per_second:.1f} tokens/s); decode {res.decode_tokens} tokens in "
          f"{res.decode_seconds:.3f} s ({res.decode_tokens_per_second:.1f} tokens/s); "
-         f"compile and warm-up {res.compile_seconds:.1f} s; stopped at {end}")
+         f"compile and warm-up {res.compile_seconds:.1f} s; KV cache {res.kv_cache_bytes:,} bytes "
+         f"({res.kv_cache_bytes / max(res.kv_cache_float32_bytes, 1):.1%} of float32); "
+         f"stopped at {end}")
 
 
 if __name__ == "__main__":

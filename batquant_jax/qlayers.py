@@ -237,6 +237,11 @@ def build_quantized_layer(layer: DecoderLayer, cfg: CalibConfig, index: int, *,
                            clip_init=cfg.clip_init)
     for q in quant_linears(layer).values():
         q.train_weight_quant = cfg.train_weight_quant
+    if cfg.spec.kv_fmt is not None:  # keys and values quantized after RoPE (kvquant.py)
+        from batquant_jax.kvquant import KVQuant
+        attn = layer.self_attn
+        attn.kv_quant = KVQuant(cfg.spec.kv_spec(), attn.num_heads, attn.num_kv_heads,
+                                attn.head_dim, transform=cfg.kv_transform)
     return layer
 
 
@@ -265,7 +270,7 @@ def group_heads(layer: DecoderLayer) -> dict[str, QuantLinear]:
 def is_trainable(path, value) -> bool:
     """nnx filter: the learnable transform and clipping parameters of a quantized layer."""
     return isinstance(value, nnx.Param) and any(
-        p in ("transform", "act_clip", "weight_clip") for p in path)
+        p in ("transform", "act_clip", "weight_clip", "k_transform", "v_transform") for p in path)
 
 
 def packed_weights(model) -> dict[str, mx.MXArray]:

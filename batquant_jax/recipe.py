@@ -107,11 +107,13 @@ class QuantSpec:
     scale_mode: str = "floor"
     rounding: str = "even"
     block_size: int = 32
+    kv_fmt: str | None = None  # keys (after RoPE) and values, per token along head_dim
 
     def __post_init__(self):
         one_of(self.w_fmt, tuple(mx.FORMATS), "w_fmt")
-        if self.a_fmt is not None:
-            one_of(self.a_fmt, tuple(mx.FORMATS), "a_fmt")
+        for name in ("a_fmt", "kv_fmt"):
+            if getattr(self, name) is not None:
+                one_of(getattr(self, name), tuple(mx.FORMATS), name)
         one_of(self.scale_mode, mx.SCALE_MODES, "scale_mode")
         one_of(self.rounding, mx.ROUNDINGS, "rounding")
         if self.block_size < 1:
@@ -124,11 +126,23 @@ class QuantSpec:
                     scale_mode=self.scale_mode, rounding=self.rounding)
 
 
+    def kv_spec(self):
+        """The ``kvquant.KVSpec`` of the keys and values (KV16: no quantization)."""
+        from batquant_jax.kvquant import KVSpec
+        return KVSpec(self.kv_fmt, self.kv_fmt, self.block_size, self.scale_mode, self.rounding)
+
+
+# W{weights}A{activations}KV{keys and values}: MXFP4 = 4, MXFP8 (E4M3) = 8, 16 = full precision
 SETTINGS = {
     "W4A4KV16": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4"),
     "W4A8KV16": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp8"),
     "W4A16": QuantSpec(w_fmt="mxfp4", a_fmt=None),
+    "W4A8KV8": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp8", kv_fmt="mxfp8"),
+    "W4A8KV4": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp8", kv_fmt="mxfp4"),
+    "W4A4KV8": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4", kv_fmt="mxfp8"),
+    "W4A4KV4": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4", kv_fmt="mxfp4"),
 }
+KV_TRANSFORMS = ("none", "block_hadamard", "learned")  # kvquant.TRANSFORMS
 
 
 # ----------------------------------------------------------------------------- methods
@@ -247,6 +261,10 @@ class CalibConfig:
     loss_weight: str = dataclasses.field(default="none", metadata=_help(
         "channel weights of the objective: " + ", ".join(LOSS_WEIGHTS) + " (next_norm: the "
         "gain of the RMSNorm that reads the layer's output)"))
+    kv_transform: str = dataclasses.field(default="none", metadata=_help(
+        "transform of keys and values along head_dim in the KV-quantized settings: "
+        + ", ".join(KV_TRANSFORMS) + " (learned: GPK started at block Hadamard, trained with "
+        "the layer; K's inverse goes to the queries, V's to the attention output)"))
     # the training objective sees RTN fake-quantized weights (True) or full-precision ones
     # (False: only the activation error is trained; GPTQ handles the weights afterwards)
     train_weight_quant: bool = dataclasses.field(default=True, metadata=_help(
@@ -267,6 +285,7 @@ class CalibConfig:
         one_of(self.loss_weight, LOSS_WEIGHTS, "loss_weight")
         one_of(self.scale_mode, mx.SCALE_MODES, "scale_mode")
         one_of(self.rounding, mx.ROUNDINGS, "rounding")
+        one_of(self.kv_transform, KV_TRANSFORMS, "kv_transform")
         if self.transform is not None:
             one_of(self.transform, tuple(TRANSFORMS), "transform")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:

@@ -101,6 +101,32 @@ def test_decode_step_logits_equal_full_forward_at_every_position(config):
     assert int(state.cache[0].end) == 16 + 20
 
 
+@pytest.mark.parametrize("kv, transform", [("KV4", "block_hadamard"), ("KV8", "none")])
+def test_packed_kv_cache_gives_the_full_forward_logits(kv, transform):
+    """KV-quantized attention: the cache stores K and V packed (MX codes + E8M0 scales) and the
+    decode logits are those of the full forward with the same fake-quantized K and V."""
+    from batquant_jax import mx
+    from batquant_jax.kvquant import kv_cache_bytes, set_kv_quant
+    m = _model(CFG_QWEN3)
+    set_kv_quant(m, kv, transform=transform)
+    steps, leaves = g.split_model(m)
+    tokens, pad = g.left_pad([SEQ[:7]], pad_id=0)
+    eos, pad_id = jnp.zeros((0,), jnp.int32), jnp.asarray(0, jnp.int32)
+    cache = m.init_cache(1, 64)
+    assert isinstance(cache[0].k, mx.MXArray) and isinstance(cache[0].v, mx.MXArray)
+    assert sum(c.nbytes for c in cache) == kv_cache_bytes(
+        kv, batch=1, seq_len=64, num_kv_heads=1, head_dim=32, num_layers=2)
+    state, logits = steps.prefill(leaves, cache, jnp.asarray(tokens), jnp.asarray(pad),
+                                  jax.random.key(0), eos, sampling=g.Sampling())
+    ref = full_logits(m, SEQ[:27])
+    worst = np.abs(np.asarray(logits)[0] - ref[6]).max()
+    for step in range(20):
+        state = state._replace(token=jnp.asarray([SEQ[7 + step]], jnp.int32))
+        state, logits = steps.decode(leaves, state, eos, pad_id, sampling=g.Sampling())
+        worst = max(worst, np.abs(np.asarray(logits)[0] - ref[7 + step]).max())
+    assert worst <= 1e-4, worst
+
+
 def test_attention_with_cache_needs_a_mask(model):
     layer = model.layers[0]
     x = jnp.zeros((1, 1, CFG.hidden_size))
@@ -295,7 +321,8 @@ def test_cli_streams_the_greedy_text(tiny):
     last = res.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"generate: prefill 4 tokens in [0-9.]+ s \([0-9.]+ tokens/s\); "
                         r"decode 11 tokens in [0-9.]+ s \([0-9.]+ tokens/s\); compile and "
-                        r"warm-up [0-9.]+ s; stopped at --max_new_tokens 12", last), last
+                        r"warm-up [0-9.]+ s; KV cache [0-9,]+ bytes \(100.0% of float32\); "
+                        r"stopped at --max_new_tokens 12", last), last
 
 
 def test_cli_ctrl_c_keeps_the_text_and_exits_130(tiny):

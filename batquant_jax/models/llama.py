@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from batquant_jax import mx
+
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _ROPE_TYPES = ("llama3", "linear")
 
@@ -236,29 +238,62 @@ class KVCache(NamedTuple):
     """One attention layer's keys and values for incremental decoding (a pytree).
 
     k, v: `[B, S, num_kv_heads, head_dim]`, S slots preallocated; keys are stored after RoPE.
+    In a KV-quantized setting (the attention holds a `kvquant.KVQuant`), k and v are
+    `mx.MXArray`s instead: the cache is stored packed (codes plus E8M0 scales, one block of 32
+    along head_dim per token) and dequantized for attention.
     end: int32 scalar, the number of slots written so far (the next token goes to slot `end`).
     Which slots a query may read is the caller's mask (see `LlamaForCausalLM.extend`).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
     end: jax.Array
 
     @classmethod
-    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        """Zero cache of `length` slots for `batch` rows."""
+    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32,
+              kv_spec=None) -> "KVCache":
+        """Zero cache of `length` slots for `batch` rows; packed where `kv_spec` (a
+        `kvquant.KVSpec`) quantizes keys / values."""
         shape = (int(batch), int(length), config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
-    def append(self, k: jax.Array, v: jax.Array) -> "KVCache":
-        """k, v: `[B, T, num_kv_heads, head_dim]` written to slots end .. end + T - 1.
+        def store(fmt):
+            if kv_spec is None or fmt is None:
+                return jnp.zeros(shape, dtype)
+            return mx.quantize(jnp.zeros(shape, jnp.float32), fmt, block_size=kv_spec.block_size)
+
+        k_fmt, v_fmt = (None, None) if kv_spec is None else (kv_spec.k_fmt, kv_spec.v_fmt)
+        return cls(store(k_fmt), store(v_fmt), jnp.zeros((), jnp.int32))
+
+    def append(self, k: jax.Array, v: jax.Array, kv_spec=None) -> "KVCache":
+        """k, v: `[B, T, num_kv_heads, head_dim]` written to slots end .. end + T - 1 (a packed
+        side quantized with `kv_spec`'s scale mode and rounding: k, v coming out of the
+        attention's KVQuant already lie on the MX grid, so their codes are exact).
 
         The caller keeps end + T <= S (an update past the end would be clamped by XLA).
         """
         start = (0, self.end, 0, 0)
-        return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
-                       jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
-                       self.end + k.shape[1])
+
+        def put(store, x):
+            if not isinstance(store, mx.MXArray):
+                return jax.lax.dynamic_update_slice(store, x.astype(store.dtype), start)
+            q = mx.quantize(x.astype(jnp.float32), store.fmt, block_size=store.block_size,
+                            scale_mode=kv_spec.scale_mode, rounding=kv_spec.rounding)
+            return dataclasses.replace(
+                store, codes=jax.lax.dynamic_update_slice(store.codes, q.codes, start),
+                scales=jax.lax.dynamic_update_slice(store.scales, q.scales, start))
+
+        return KVCache(put(self.k, k), put(self.v, v), self.end + k.shape[1])
+
+    def values(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) as arrays `[B, S, num_kv_heads, head_dim]` (a packed side dequantized)."""
+        def read(store):
+            return mx.dequantize(store) if isinstance(store, mx.MXArray) else store
+        return read(self.k), read(self.v)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored keys and values (codes and scales when packed)."""
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v))))
 
 
 class Attention(nnx.Module):
@@ -309,8 +344,8 @@ class Attention(nnx.Module):
             q, k, v = self.kv_quant(q, k, v)
         q = q.reshape(b, t, kv, h // kv, hd)
         if cache is not None:  # incremental decoding: attend to the cache's slots
-            cache = cache.append(k, v)
-            k, v = cache.k, cache.v
+            cache = cache.append(k, v, None if self.kv_quant is None else self.kv_quant.spec)
+            k, v = cache.values()
         scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * np.float32(hd ** -0.5)
         if mask is None:
@@ -413,8 +448,10 @@ class LlamaForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> tuple[KVCache, ...]:
         """Empty KV caches, one per layer, of `length` slots for `batch` rows (model dtype)."""
-        return tuple(KVCache.empty(self.config, batch, length, self.dtype)
-                     for _ in range(self.config.num_layers))
+        return tuple(KVCache.empty(self.config, batch, length, self.dtype,
+                                   None if layer.self_attn.kv_quant is None
+                                   else layer.self_attn.kv_quant.spec)
+                     for layer in self.layers)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: Sequence[KVCache], *, last_only: bool = False
