@@ -413,6 +413,37 @@ ABLATION_TITLES = {
 }
 
 
+def kv_table(results: dict) -> list[str]:
+    """The quantized-KV rows: per method and K/V transform, perplexity at W4A8KV16 / KV8 / KV4
+    and the change against the same method at KV16 (same evaluation windows), per text."""
+    rows = study.kv_rows()
+    by = {}
+    for r in rows:
+        rec = results.get(r.id)
+        if rec is None:  # a reused row: its twin holds the result
+            key = study._canon(study.row_key(r, study.SUITE_BUDGETS["kv"]))
+            rec = next((x for x in results.values() if study._canon(x.get("key")) == key), None)
+        kvt = dict(r.hparams).get("kv_transform", "none")
+        by[(r.method, kvt, r.setting)] = rec
+    head = ["method", "K/V transform"]
+    for t in study.EVAL_TEXTS:
+        head += [f"{t} KV16", "KV8", "KV8 vs KV16", "KV4", "KV4 vs KV16"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pairs = dict.fromkeys((r.method, dict(r.hparams).get("kv_transform", "none")) for r in rows)
+    for m, kvt in pairs:
+        line = [m, kvt]
+        base = by.get((m, "none", "W4A8KV16"))
+        for t in study.EVAL_TEXTS:
+            p16 = _ppl(base, t)
+            p8 = _ppl(by.get((m, kvt, "W4A8KV8")), t) if kvt == "none" else None
+            p4 = _ppl(by.get((m, kvt, "W4A8KV4")), t)
+            line += [_num(p16) if kvt == "none" else "(as above)", _num(p8),
+                     _pct(gap(p8, p16) if p8 and p16 else None), _num(p4),
+                     _pct(gap(p4, p16) if p4 and p16 else None)]
+        out.append("| " + " | ".join(line) + " |")
+    return out
+
+
 def render(results_dir, plots_dir=None, out_path=OUT) -> str:
     """RESULTS.md text from the JSON files in results_dir (and the PNGs in plots_dir, linked
     relative to out_path's folder)."""
@@ -434,6 +465,14 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
             if order:
                 out += [f"Order on {t}: {order}.", ""]
     out += accuracy_section(results)
+    out += ["## Quantized KV cache (W4A8 with KV8 / KV4)", "",
+            "Keys (after RoPE) and values quantized per token in blocks of 32 along head_dim "
+            "(KV8: MXFP8 E4M3, KV4: MXFP4), in calibration and evaluation; attention runs on "
+            "the dequantized values. 'vs KV16' is the perplexity change against the same "
+            "method at W4A8KV16. K/V transform: none, or a learned GPK transform along "
+            "head_dim (block-Hadamard start) trained with the layer, or a fixed block "
+            "Hadamard; K's inverse goes to the queries, V's to the attention output.", ""]
+    out += kv_table(results) + [""]
     out += ["## The paper's claim, baseline by baseline", "",
             "BATQuant against each baseline on the same evaluation windows. The ratio is "
             "exp(mean per-window NLL difference); the interval is ±2 standard errors of that "
