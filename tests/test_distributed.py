@@ -145,14 +145,14 @@ def _worker(argv):
 
 # ----------------------------------------------------------------------------- tests
 
-def _run(args, devices, timeout=240):
+def _run(args, devices, timeout=600):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, str(HERE)] + args, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(procs, timeout=240):
+def _wait(procs, timeout=600):
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-3000:]
