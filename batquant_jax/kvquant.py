@@ -63,7 +63,8 @@ class KVSpec:
         for name in ("k_fmt", "v_fmt"):
             fmt = getattr(self, name)
             if fmt is not None and fmt not in mx.FORMATS:
-                raise ValueError(f"{name} {fmt!r} is not an MX format; valid: None, {sorted(mx.FORMATS)}")
+                raise ValueError(f"{name} {fmt!r} is not an MX format; "
+                                 f"valid: None, {sorted(mx.FORMATS)}")
         if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
             raise ValueError(f"block_size must be a positive even int, got {self.block_size!r}")
         if self.scale_mode not in mx.SCALE_MODES:
@@ -104,7 +105,8 @@ def kv_spec(setting: str | KVSpec | None) -> KVSpec:
         raise ValueError(f"no KV format in {setting!r}; expected one of {sorted(KV_FORMATS)} or a "
                          "setting such as W4A4KV8")
     if m.group(1) not in KV_FORMATS:
-        raise ValueError(f"unknown KV format {m.group(1)!r} in {setting!r}; valid: {sorted(KV_FORMATS)}")
+        raise ValueError(f"unknown KV format {m.group(1)!r} in {setting!r}; "
+                         f"valid: {sorted(KV_FORMATS)}")
     return KV_FORMATS[m.group(1)]
 
 
@@ -212,15 +214,21 @@ class KVQuant(nnx.Module):
             k = jnp.einsum("btkd,kde->btke", k.astype(jnp.float32), m, precision=_HI).astype(k.dtype)
         mv = self.matrices("v")
         if mv is not None:
-            v = jnp.einsum("btkd,kde->btke", v.astype(jnp.float32), mv[0], precision=_HI).astype(v.dtype)
+            vt = jnp.einsum("btkd,kde->btke", v.astype(jnp.float32), mv[0], precision=_HI)
+            v = vt.astype(v.dtype)
         return q, k, v
 
     def quantize(self, k, v):
         """Fake quantization of (already transformed) k, v: [B, S, KV, hd], blocks along hd;
         straight-through gradient. A side whose format is None passes unchanged."""
         s = self.spec
-        fq = lambda x, fmt: x if fmt is None else mx.fake_quant(  # noqa: E731
-            x, fmt, axis=-1, block_size=s.block_size, scale_mode=s.scale_mode, rounding=s.rounding)
+
+        def fq(x, fmt):
+            if fmt is None:
+                return x
+            return mx.fake_quant(x, fmt, axis=-1, block_size=s.block_size,
+                                 scale_mode=s.scale_mode, rounding=s.rounding)
+
         return fq(k, s.k_fmt), fq(v, s.v_fmt)
 
     def __call__(self, q, k, v):
@@ -293,7 +301,8 @@ def kv_cache_bytes(spec: KVSpec | str | None, *, batch: int, seq_len: int, num_k
     """Bytes of K and V of a cache of `seq_len` tokens per sequence (per layer times num_layers);
     unquantized_bytes: element size of a full-precision side (2: KV16 as bfloat16)."""
     s = kv_spec(spec)
-    per = sum(bytes_per_vector(f, head_dim, s.block_size, unquantized_bytes) for f in (s.k_fmt, s.v_fmt))
+    per = sum(bytes_per_vector(f, head_dim, s.block_size, unquantized_bytes)
+              for f in (s.k_fmt, s.v_fmt))
     return num_layers * batch * seq_len * num_kv_heads * per
 
 

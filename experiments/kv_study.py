@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from batquant_jax import data, perplexity
-from batquant_jax.kvquant import is_kv_param, set_kv_quant
+from batquant_jax.kvquant import KVSpec, is_kv_param, set_kv_quant
 from batquant_jax.models import forward_nll, load_model
 
 LOSSES = {
@@ -78,7 +78,7 @@ def train_kv_transforms(model, calib: np.ndarray, args, log=print) -> list[dict]
         xb = x[: n * args.batch].reshape(n, args.batch, *x.shape[1:])
         yb = y[: n * args.batch].reshape(n, args.batch, *y.shape[1:])
 
-        def full_loss(p):
+        def full_loss(p, graphdef=graphdef, rest=rest, xb=xb, yb=yb):
             return float(sum(loss_at(graphdef, p, rest, xb[j], yb[j]) for j in range(n))) / n
 
         start = full_loss(params)
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--channel_scale", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baselines", type=int, default=1, help="0: only the learned row")
+    ap.add_argument("--detail", type=int, default=0,
+                    help="1: also K-only and V-only MXFP4 rows, and KV8 with the block Hadamard")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     t_all = time.perf_counter()
@@ -123,47 +125,56 @@ def main() -> None:
     calib_ids = data.tokenize_corpus(data.load_corpus("wiki-calib"), lm.tokenizer)
     calib = data.sample_windows(calib_ids, args.nsamples, args.calib_seqlen, args.seed)
 
-    def ppl() -> float:
+    rows = []
+
+    def evaluate(name):
+        t0 = time.perf_counter()
         r = perplexity.evaluate_perplexity(functools.partial(forward_nll, model), eval_ids,
                                            seqlen=args.seqlen, max_tokens=args.windows * args.seqlen,
                                            batch_size=2)
-        return r.perplexity
-
-    rows = []
+        rows.append({"row": name, "perplexity": r.perplexity, "window_nll": list(r.window_nll),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{name:34s} ppl {r.perplexity:.4f} [{rows[-1]['seconds']}s]", flush=True)
 
     def row(name, spec, transform, **kw):
         set_kv_quant(model, spec, transform, **kw)
-        t0 = time.perf_counter()
-        p = ppl()
-        rows.append({"row": name, "perplexity": p, "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{name:34s} ppl {p:.4f} [{rows[-1]['seconds']}s]", flush=True)
+        evaluate(name)
 
     if args.baselines:
         row("KV16 (full precision)", None, "none")
         row("KV8 none", "KV8", "none")
         row("KV4 none", "KV4", "none")
         row("KV4 block_hadamard", "KV4", "block_hadamard")
-
-    set_kv_quant(model, "KV4", "learned", channel_scale=bool(args.channel_scale))
-    t0 = time.perf_counter()
-    reports = train_kv_transforms(model, calib, args)
-    train_s = round(time.perf_counter() - t0, 1)
-    kept = sum(r["kept"] for r in reports)
-    print(f"trained in {train_s}s; {kept}/{len(reports)} layers kept their trained transform")
-    for layer in model.layers:  # fixed matrices: no solves in the evaluated program
-        layer.self_attn.kv_quant.freeze()
-    t0 = time.perf_counter()
-    p = ppl()
-    name = f"KV4 learned ({args.loss}, {args.steps} steps, lr {args.lr:g})"
-    rows.append({"row": name, "perplexity": p, "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"{name:34s} ppl {p:.4f} [{rows[-1]['seconds']}s]", flush=True)
+    if args.detail:
+        row("K4 only (V16) none", KVSpec("mxfp4", None), "none")
+        row("V4 only (K16) none", KVSpec(None, "mxfp4"), "none")
+        row("K4 only (V16) block_hadamard", KVSpec("mxfp4", None), "block_hadamard")
+        row("V4 only (K16) block_hadamard", KVSpec(None, "mxfp4"), "block_hadamard")
+        row("KV8 block_hadamard", "KV8", "block_hadamard")
+    reports, train_s = [], 0.0
+    if args.steps > 0:
+        set_kv_quant(model, "KV4", "learned", channel_scale=bool(args.channel_scale))
+        t0 = time.perf_counter()
+        reports = train_kv_transforms(model, calib, args)
+        train_s = round(time.perf_counter() - t0, 1)
+        kept = sum(r["kept"] for r in reports)
+        print(f"trained in {train_s}s; {kept}/{len(reports)} layers kept their trained transform")
+        for layer in model.layers:  # fixed matrices: no solves in the evaluated program
+            layer.self_attn.kv_quant.freeze()
+        evaluate(f"KV4 learned ({args.loss}, {args.steps} steps, lr {args.lr:g})")
+    base = [r for r in rows if r["row"] == "KV4 block_hadamard"]
+    for r in rows:  # paired over the same windows: mean NLL difference and its standard error
+        if base and r is not base[0] and r["row"].startswith("KV4"):
+            d = np.asarray(r["window_nll"]) - np.asarray(base[0]["window_nll"])
+            se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+            print(f"{r['row']} - KV4 block_hadamard: mean window NLL {d.mean():+.4f} +- {se:.4f} "
+                  f"(SE, {d.size} windows)")
     total = round(time.perf_counter() - t_all, 1)
     print(f"total {total}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "layers": reports, "train_seconds": train_s,
                        "total_seconds": total}, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,10 @@
 """Quantized KV cache building blocks: KVSpec, KVQuant, the attention hook, packed storage."""
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from batquant_jax import mx
 from batquant_jax.kvquant import (KV_FORMATS, KVQuant, KVSpec, bytes_per_vector, is_kv_param,
@@ -108,9 +108,11 @@ def test_transform_without_quantization_keeps_logits(transform, per_head, channe
     q2g = q2.reshape(2, 6, KV, H // KV, HD)
     s_ref = jnp.einsum("btkgd,bskd->bkgts", qg, k)
     s_new = jnp.einsum("btkgd,bskd->bkgts", q2g, k2)
-    np.testing.assert_allclose(np.asarray(s_new), np.asarray(s_ref), atol=1e-4 * float(jnp.abs(s_ref).max()))
+    np.testing.assert_allclose(np.asarray(s_new), np.asarray(s_ref),
+                               atol=1e-4 * float(jnp.abs(s_ref).max()))
     v_back = nnx.jit(lambda m, o: m.attend_out(o))(mods[0], jnp.repeat(v2, H // KV, axis=2))
-    np.testing.assert_allclose(np.asarray(v_back), np.asarray(jnp.repeat(v, H // KV, axis=2)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v_back), np.asarray(jnp.repeat(v, H // KV, axis=2)),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["KV4", "KV8"])
@@ -184,7 +186,8 @@ def test_packed_storage_round_trip_and_bytes(name, dtype):
     assert bytes_per_vector(spec.k_fmt, HD) == per
     total = kv_cache_bytes(spec, batch=2, seq_len=10, num_kv_heads=KV, head_dim=HD)
     assert total == kp.nbytes + vp.nbytes == 2 * 10 * KV * 2 * per
-    assert kv_cache_bytes("KV16", batch=2, seq_len=10, num_kv_heads=KV, head_dim=HD) == 2 * 10 * KV * 2 * HD * 2
+    kv16 = kv_cache_bytes("KV16", batch=2, seq_len=10, num_kv_heads=KV, head_dim=HD)
+    assert kv16 == 2 * 10 * KV * 2 * HD * 2  # bfloat16
 
 
 def test_pack_unquantized_side_passes_through():
@@ -200,7 +203,8 @@ def test_freeze_keeps_outputs_and_drops_parameters():
     mats = transform_matrices(kvq)
     m, minv = mats[0]
     assert m.shape == minv.shape == (KV, HD, HD)
-    np.testing.assert_allclose(np.asarray(m @ minv), np.broadcast_to(np.eye(HD), (KV, HD, HD)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m @ minv), np.broadcast_to(np.eye(HD), (KV, HD, HD)),
+                               atol=1e-5)
     assert float(jnp.abs(m[0] - m[1]).max()) > 1e-2  # one transform per KV head
     assert kvq.num_params > 0
     kvq.freeze()
@@ -210,7 +214,8 @@ def test_freeze_keeps_outputs_and_drops_parameters():
         np.testing.assert_array_equal(np.asarray(kvq.matrices(w)[1]), np.asarray(b))
     q2, k2, v2 = kvq.rotate(q, k, v)  # the fixed matrices are what rotate uses
     hi = jax.lax.Precision.HIGHEST
-    np.testing.assert_array_equal(np.asarray(k2), np.asarray(jnp.einsum("btkd,kde->btke", k, m, precision=hi)))
+    np.testing.assert_array_equal(np.asarray(k2),
+                                  np.asarray(jnp.einsum("btkd,kde->btke", k, m, precision=hi)))
     np.testing.assert_array_equal(np.asarray(v2), np.asarray(
         jnp.einsum("btkd,kde->btke", v, mats[1][0], precision=hi)))
     q_ref = jnp.einsum("btkgd,ked->btkge", q.reshape(2, 6, KV, H // KV, HD), minv, precision=hi)
