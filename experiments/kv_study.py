@@ -1,6 +1,6 @@
 """KV cache quantization on a full-precision model: wiki-eval perplexity of KV16 / KV8 / KV4.
 
-    PYTHONPATH=. .venv/bin/python experiments/kv_study.py [--windows=8 --seqlen=512]
+    .venv/bin/python -m experiments.kv_study [--windows=8 --seqlen=512]
         [--steps=32 --batch=2 --nsamples=16 --calib_seqlen=256 --lr=1e-2 --loss=token_mse]
         [--channel_scale=1] [--baselines=1] [--json=out.json]
 
