@@ -435,6 +435,25 @@ class TaskSet:
         return self._tasks
 
 
+def pad_predictions(score_fn):
+    """``score_fn`` (zeroshot.make_score_fn) with the prediction slots of every call padded to
+    the row length (or kept, when a call has more): the extra slots predict token 0 from
+    position 0 and are dropped. The scorer then compiles one program per row length instead of
+    one per (row length, slot count) -- for a quantized model each compilation took minutes on
+    the busy 2 cores, more than scoring 30 items of a task."""
+    import numpy as np
+
+    def call(tokens, positions, segments, pred_index, targets):
+        p = pred_index.shape[1]
+        want = max(tokens.shape[1], p)
+        if want > p:
+            pad = ((0, 0), (0, want - p))
+            pred_index, targets = np.pad(pred_index, pad), np.pad(targets, pad)
+        lp, greedy = score_fn(tokens, positions, segments, pred_index, targets)
+        return lp[:, :p], greedy[:, :p]
+    return call
+
+
 def measure_accuracy(model, tokenizer, taskset: TaskSet, max_len: int, log=None) -> dict:
     """Zero-shot accuracy of an in-memory model (batquant_jax.zeroshot, lm-eval 0.4.13 scoring):
     {"tasks", "limit", "per_task": {name: {"n", "acc", "acc_stderr", ["acc_norm",
@@ -443,7 +462,7 @@ def measure_accuracy(model, tokenizer, taskset: TaskSet, max_len: int, log=None)
     from batquant_jax import zeroshot
 
     t0 = time.time()
-    score_fn = zeroshot.make_score_fn(model)
+    score_fn = pad_predictions(zeroshot.make_score_fn(model))
     per_task = {}
     for task in taskset.tasks():
         res = zeroshot.evaluate_task(score_fn, tokenizer, task, max_len=max_len)
