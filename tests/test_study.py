@@ -466,3 +466,25 @@ def test_accuracy_only_pass_keeps_key_and_perplexity(results_dir, monkeypatch, c
     seen.clear()  # the same spec again: nothing to do
     study._run_step(row, BUDGET, 10.0, key, results_dir, FakeTexts(), 10.0, 0.0, taskset)
     assert seen == []
+
+
+def test_pad_predictions_pads_slots_to_the_row_length_and_drops_them():
+    import numpy as np
+
+    seen = []
+
+    def fake(tokens, positions, segments, pred_index, targets):
+        seen.append(pred_index.shape)
+        return pred_index * 10 + targets, targets == 7
+
+    fn = study.pad_predictions(fake)
+    tok = np.zeros((2, 8), np.int32)
+    pidx = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    tgt = np.array([[7, 0, 7], [1, 7, 2]], np.int32)
+    lp, greedy = fn(tok, tok, tok, pidx, tgt)
+    assert seen == [(2, 8)]
+    assert lp.tolist() == [[17, 20, 37], [41, 57, 62]]
+    assert greedy.tolist() == [[True, False, True], [False, True, False]]
+    wide = np.zeros((2, 16), np.int32)  # more slots than row positions: left as they are
+    fn(tok, tok, tok, wide, wide)
+    assert seen[-1] == (2, 16)
