@@ -401,6 +401,7 @@ def test_accuracy_table_recovery_and_plot(results_dir, tmp_path):
     assert report.accuracy_ranking(results, "W4A8KV16") is None
     text = report.render(results_dir, tmp_path / "plots", tmp_path / "RESULTS.md")
     assert "## Zero-shot accuracy" in text and "Order by recovery: rtn 57.1%." in text
+    assert "Rows measured before" not in text  # no record came from an accuracy-only pass
     out = plots.plot_accuracy(results, tmp_path / "accuracy.png")
     assert out is not None and out.stat().st_size > 10_000
     del results["headline.fp32.fp"]
@@ -488,3 +489,16 @@ def test_pad_predictions_pads_slots_to_the_row_length_and_drops_them():
     wide = np.zeros((2, 16), np.int32)  # more slots than row positions: left as they are
     fn(tok, tok, tok, wide, wide)
     assert seen[-1] == (2, 16)
+
+
+def test_accuracy_checks_lines():
+    rec = {"env": {"commit": "aaa1111"},
+           "accuracy_check": {"identical": False, "max_abs_diff": 0.0574, "windows": 2,
+                              "env": {"commit": "bbb2222"}}}
+    same = {"env": {"commit": "ccc3333"},
+            "accuracy_check": {"identical": True, "max_abs_diff": 0.0, "windows": 2,
+                               "env": {"commit": "ccc3333"}}}
+    lines = report.accuracy_checks({"headline.W4A4KV16.gptq": rec, "headline.W4A8KV16.rtn": same})
+    assert lines == ["gptq W4A4KV16: max abs NLL difference 0.057 (stored at code aaa1111, "
+                     "again at bbb2222)",
+                     "rtn W4A8KV16: bitwise identical (stored at code ccc3333, again at ccc3333)"]
