@@ -415,11 +415,11 @@ def test_plan_marks_rows_without_accuracy(results_dir):
     steps = {r.id: (status, est) for r, _, status, est in
              study.plan(rows, lambda r: BUDGET, results_dir, spec)}
     # rate: 2.048 s / 1024 tokens = 2 s per 1k tokens; 2 check windows of 512 tokens;
-    # 2 items x 1.6 s; rtn's stored calibration took 12 s
+    # 2 items x 3 s; rtn's stored calibration took 12 s
     assert steps["headline.W4A4KV16.rtn"] == ("accuracy",
-                                             pytest.approx(8.0 + 12.0 + 2.048 + 3.2, abs=1e-9))
+                                             pytest.approx(8.0 + 12.0 + 2.048 + 6.0, abs=1e-9))
     assert steps["headline.fp32.fp"][0] == "accuracy"
-    gptq = study.estimate_seconds(rows[2], BUDGET, 2.0) + 3.2
+    gptq = study.estimate_seconds(rows[2], BUDGET, 2.0) + 6.0
     assert steps["headline.W4A4KV16.gptq"] == ("todo", pytest.approx(gptq, abs=1e-9))
     assert [s for _, _, s, _ in study.plan(rows, lambda r: BUDGET, results_dir)] == \
         ["done", "done", "todo"]
