@@ -200,11 +200,14 @@ def accuracy_checks(results: dict) -> list[str]:
     re-calibrated model gave the stored wiki-eval NLLs again."""
     lines = []
     for row in study.headline_rows():
-        chk = (results.get(row.id) or {}).get("accuracy_check")
+        rec = results.get(row.id) or {}
+        chk = rec.get("accuracy_check")
         if chk:
-            lines.append(f"{row.label} {row.setting}: first {chk['windows']} wiki-eval windows "
+            code = (f" (stored at code {rec.get('env', {}).get('commit') or '?'}, again at "
+                    f"{chk.get('env', {}).get('commit') or '?'})")
+            lines.append(f"{row.label} {row.setting}: "
                          + ("bitwise identical" if chk["identical"] else
-                            f"differ (max abs NLL difference {chk['max_abs_diff']:.3g})"))
+                            f"max abs NLL difference {chk['max_abs_diff']:.2g}") + code)
     return lines
 
 
@@ -235,8 +238,13 @@ def accuracy_section(results: dict) -> list[str]:
     checks = accuracy_checks(results)
     if checks:
         out += ["Rows measured before the accuracy table were calibrated again for it "
-                "(same budget, seed and hyper-parameters); the re-calibrated model's first "
-                "wiki-eval windows against the stored ones: " + "; ".join(checks) + ".", ""]
+                "(same budget, seed and hyper-parameters; fp: loaded again), and the first "
+                "wiki-eval windows of the model that was scored were compared with the stored "
+                "per-window NLLs: " + "; ".join(checks) + ". A difference of ~1e-7 is float "
+                "rounding of a changed model code path; a larger one means the library's "
+                "calibration changed since the row was stored, so the accuracy belongs to a "
+                "calibration with today's code on the same budget, not to the exact model "
+                "whose perplexity is in the table above.", ""]
     return out
 
 

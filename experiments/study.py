@@ -426,8 +426,8 @@ def claim(results_dir, key: str) -> pathlib.Path | None:
 ACC_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande", "lambada")
 ACC_LIMIT = 30
 CHECK_WINDOWS = 2  # wiki-eval windows re-evaluated to check that a re-calibration is the same
-ACC_S_PER_ITEM = 1.6   # seconds per item of ACC_TASKS, compilation included, FP model on the
-                       # 2 shared CPU cores (BUILD_NOTES.md)
+ACC_S_PER_ITEM = 3.0   # seconds per item of ACC_TASKS, compilation included, on the 2 shared
+                       # CPU cores at load 7-10: FP 1.75, quantized 2.1-3.9 (BUILD_NOTES.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +459,25 @@ class TaskSet:
         return self._tasks
 
 
+def pad_predictions(score_fn):
+    """``score_fn`` (zeroshot.make_score_fn) with the prediction slots of every call padded to
+    the row length (or kept, when a call has more): the extra slots predict token 0 from
+    position 0 and are dropped. The scorer then compiles one program per row length instead of
+    one per (row length, slot count) -- for a quantized model each compilation took minutes on
+    the busy 2 cores, more than scoring 30 items of a task."""
+    import numpy as np
+
+    def call(tokens, positions, segments, pred_index, targets):
+        p = pred_index.shape[1]
+        want = max(tokens.shape[1], p)
+        if want > p:
+            pad = ((0, 0), (0, want - p))
+            pred_index, targets = np.pad(pred_index, pad), np.pad(targets, pad)
+        lp, greedy = score_fn(tokens, positions, segments, pred_index, targets)
+        return lp[:, :p], greedy[:, :p]
+    return call
+
+
 def measure_accuracy(model, tokenizer, taskset: TaskSet, max_len: int, log=None) -> dict:
     """Zero-shot accuracy of an in-memory model (batquant_jax.zeroshot, lm-eval 0.4.13 scoring):
     {"tasks", "limit", "per_task": {name: {"n", "acc", "acc_stderr", ["acc_norm",
@@ -467,7 +486,7 @@ def measure_accuracy(model, tokenizer, taskset: TaskSet, max_len: int, log=None)
     from batquant_jax import zeroshot
 
     t0 = time.time()
-    score_fn = zeroshot.make_score_fn(model)
+    score_fn = pad_predictions(zeroshot.make_score_fn(model))
     per_task = {}
     for task in taskset.tasks():
         res = zeroshot.evaluate_task(score_fn, tokenizer, task, max_len=max_len)

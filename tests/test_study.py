@@ -396,6 +396,7 @@ def test_accuracy_table_recovery_and_plot(results_dir, tmp_path):
     assert report.accuracy_ranking(results, "W4A8KV16") is None
     text = report.render(results_dir, tmp_path / "plots", tmp_path / "RESULTS.md")
     assert "## Zero-shot accuracy" in text and "Order by recovery: rtn 57.1%." in text
+    assert "Rows measured before" not in text  # no record came from an accuracy-only pass
     out = plots.plot_accuracy(results, tmp_path / "accuracy.png")
     assert out is not None and out.stat().st_size > 10_000
     del results["headline.fp32.fp"]
@@ -409,11 +410,11 @@ def test_plan_marks_rows_without_accuracy(results_dir):
     steps = {r.id: (status, est) for r, _, status, est in
              study.plan(rows, lambda r: BUDGET, results_dir, spec)}
     # rate: 2.048 s / 1024 tokens = 2 s per 1k tokens; 2 check windows of 512 tokens;
-    # 2 items x 1.6 s; rtn's stored calibration took 12 s
+    # 2 items x 3 s; rtn's stored calibration took 12 s
     assert steps["headline.W4A4KV16.rtn"] == ("accuracy",
-                                             pytest.approx(8.0 + 12.0 + 2.048 + 3.2, abs=1e-9))
+                                             pytest.approx(8.0 + 12.0 + 2.048 + 6.0, abs=1e-9))
     assert steps["headline.fp32.fp"][0] == "accuracy"
-    gptq = study.estimate_seconds(rows[2], BUDGET, 2.0) + 3.2
+    gptq = study.estimate_seconds(rows[2], BUDGET, 2.0) + 6.0
     assert steps["headline.W4A4KV16.gptq"] == ("todo", pytest.approx(gptq, abs=1e-9))
     assert [s for _, _, s, _ in study.plan(rows, lambda r: BUDGET, results_dir)] == \
         ["done", "done", "todo"]
@@ -461,3 +462,38 @@ def test_accuracy_only_pass_keeps_key_and_perplexity(results_dir, monkeypatch, c
     seen.clear()  # the same spec again: nothing to do
     study._run_step(row, BUDGET, 10.0, key, results_dir, FakeTexts(), 10.0, 0.0, taskset)
     assert seen == []
+
+
+def test_pad_predictions_pads_slots_to_the_row_length_and_drops_them():
+    import numpy as np
+
+    seen = []
+
+    def fake(tokens, positions, segments, pred_index, targets):
+        seen.append(pred_index.shape)
+        return pred_index * 10 + targets, targets == 7
+
+    fn = study.pad_predictions(fake)
+    tok = np.zeros((2, 8), np.int32)
+    pidx = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    tgt = np.array([[7, 0, 7], [1, 7, 2]], np.int32)
+    lp, greedy = fn(tok, tok, tok, pidx, tgt)
+    assert seen == [(2, 8)]
+    assert lp.tolist() == [[17, 20, 37], [41, 57, 62]]
+    assert greedy.tolist() == [[True, False, True], [False, True, False]]
+    wide = np.zeros((2, 16), np.int32)  # more slots than row positions: left as they are
+    fn(tok, tok, tok, wide, wide)
+    assert seen[-1] == (2, 16)
+
+
+def test_accuracy_checks_lines():
+    rec = {"env": {"commit": "aaa1111"},
+           "accuracy_check": {"identical": False, "max_abs_diff": 0.0574, "windows": 2,
+                              "env": {"commit": "bbb2222"}}}
+    same = {"env": {"commit": "ccc3333"},
+            "accuracy_check": {"identical": True, "max_abs_diff": 0.0, "windows": 2,
+                               "env": {"commit": "ccc3333"}}}
+    lines = report.accuracy_checks({"headline.W4A4KV16.gptq": rec, "headline.W4A8KV16.rtn": same})
+    assert lines == ["gptq W4A4KV16: max abs NLL difference 0.057 (stored at code aaa1111, "
+                     "again at bbb2222)",
+                     "rtn W4A8KV16: bitwise identical (stored at code ccc3333, again at ccc3333)"]
