@@ -295,6 +295,11 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
     from batquant_jax.calibration import CalibrationResult, LayerReport, quantize_model
     from batquant_jax.models import load_model
     loaded = load_model(cfg.model)
+    spec = calib_cfg.spec
+    if spec.kv_fmt is not None and loaded.config.head_dim % spec.block_size:
+        raise ConfigError(f"--setting {cfg.setting} quantizes keys and values in blocks of "
+                          f"{spec.block_size} along head_dim, but {cfg.model} has head_dim "
+                          f"{loaded.config.head_dim}")
     max_pos = int(loaded.config.max_position_embeddings)
     for name in ("seqlen",) + (("eval_seqlen",) if eval_text is not None else ()):
         if getattr(cfg, name) > max_pos:

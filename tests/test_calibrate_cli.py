@@ -178,6 +178,10 @@ def test_rerun_with_other_flags_is_refused(reference):
      "--g1 * --g2 (the transform block) must be one of 16, 32, 64, 128, got 8 * 3 = 24"),
     (dict(nsamples=2), calibrate.ConfigError, "--nsamples (2) must be >= --batch_size (4)"),
     (dict(seqlen=256), calibrate.ConfigError, "--seqlen 256 exceeds the model's context of 128"),
+    (dict(setting="W4A8KV4"), calibrate.ConfigError, "--setting W4A8KV4 quantizes keys and "
+     "values in blocks of 32 along head_dim, but "),
+    (dict(kv_transform="rotate"), calibrate.ConfigError,
+     "--kv_transform=rotate is unknown; valid: none, block_hadamard, learned"),
     (dict(model="/nonexistent/model"), ModelLoadError, "model path /nonexistent/model does not exist"),
     (dict(calib_data="/nonexistent.txt"), data.DataError, "corpus '/nonexistent.txt' not found"),
 ])

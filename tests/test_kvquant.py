@@ -220,3 +220,41 @@ def test_freeze_keeps_outputs_and_drops_parameters():
         jnp.einsum("btkd,kde->btke", v, mats[1][0], precision=hi)))
     q_ref = jnp.einsum("btkgd,ked->btkge", q.reshape(2, 6, KV, H // KV, HD), minv, precision=hi)
     np.testing.assert_array_equal(np.asarray(q2), np.asarray(q_ref.reshape(q.shape)))
+
+
+def test_kv_setting_trains_the_kv_transform_and_round_trips(tmp_path):
+    """W4A8KV4 with a learned K/V transform: the layer built from the recipe holds a KVQuant
+    whose transform parameters are transform parameters for the optimizer and get gradients
+    from the layer objective; quantize_model + a checkpoint restore the model exactly (the
+    skeleton rebuilds the KVQuant from the recipe)."""
+    from batquant_jax import checkpoint
+    from batquant_jax.calibration import is_transform_param, quantize_model
+    from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_nll
+    from batquant_jax.qlayers import build_quantized_layer
+    from batquant_jax.recipe import CalibConfig, token_mse_loss
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=64)
+    fp = LlamaForCausalLM(cfg, nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 64, (4, 32)).astype(np.int32)
+    x = fp.embed(jnp.asarray(tokens))
+    y = fp.layers[0](x)
+    layer = build_quantized_layer(nnx.clone(fp.layers[0]),
+                                  CalibConfig(setting="W4A8KV4", kv_transform="learned"), 0)
+    kvq = layer.self_attn.kv_quant
+    assert isinstance(kvq, KVQuant) and (kvq.spec.k_fmt, kvq.spec.v_fmt) == ("mxfp4", "mxfp4")
+    g, tp, rest = nnx.split(layer, is_transform_param, ...)
+    grads = jax.grad(lambda tp: token_mse_loss(nnx.merge(g, tp, rest)(x), y))(tp)
+    kv = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(grads)
+          if "k_transform" in map(str, p) or "v_transform" in map(str, p)}
+    assert sorted(kv) == ["self_attn/kv_quant/k_transform/0/A", "self_attn/kv_quant/k_transform/0/B",
+                          "self_attn/kv_quant/v_transform/0/A", "self_attn/kv_quant/v_transform/0/B"]
+    assert all(float(jnp.max(jnp.abs(v[...]))) > 0 for v in kv.values())
+    model, res = quantize_model(fp, tokens, "batquant", "W4A8KV4", kv_transform="learned",
+                                epochs=1, log=lambda m: None)
+    checkpoint.save_quantized(tmp_path / "ck", model, res)
+    loaded, _, meta = checkpoint.load_quantized(tmp_path / "ck")
+    assert (meta["calib_config"]["setting"], meta["calib_config"]["kv_transform"]) == (
+        "W4A8KV4", "learned")
+    assert isinstance(loaded.layers[0].self_attn.kv_quant, KVQuant)
+    t = jnp.asarray(tokens[:2])
+    assert bool(jnp.all(forward_nll(model, t) == forward_nll(loaded, t)))
