@@ -146,17 +146,18 @@ def accuracy_table(results: dict, setting: str) -> list[str]:
     fp = results.get("headline.fp32.fp")
     base = study.correctness(fp)
     tasks = accuracy_tasks(results)
-    head = (["method"] + [f"{t} acc %" for t in tasks]
+    head = (["method", "wiki-eval ppl"] + [f"{t} acc %" for t in tasks]
             + ["average acc %", "Δ vs FP (pp ± SE)", "recovery % (± SE)", "items"])
 
     def cells(row, rec):
         acc = rec.get("accuracy")
+        ppl = _num(_ppl(rec, "wiki-eval"))
         if not acc:
-            return ["no accuracy yet"] + [""] * (len(head) - 2)
+            return [ppl, "no accuracy yet"] + [""] * (len(head) - 3)
         per = acc["per_task"]
         pr = None if base is None or row.method == "fp" else study.paired_recovery(
             study.correctness(rec), base)
-        out = []
+        out = [ppl]
         for t in tasks:
             if t not in per:
                 out.append("–")
@@ -220,7 +221,7 @@ def accuracy_section(results: dict) -> list[str]:
     if acc:
         out += [f"The first {acc['limit']} items of each of {', '.join(acc['tasks'])} "
                 "(lm-eval 0.4.13 scoring, `batquant_jax.zeroshot`), on the model in memory "
-                "right after calibration. Per task: acc % (for quantized rows, in brackets the "
+                "right after calibration; wiki-eval ppl repeats the headline table's. Per task: acc % (for quantized rows, in brackets the "
                 "paired difference to FP in points ± its standard error over the task's items). "
                 "Average = mean over tasks. Recovery = average / FP average on the same items; "
                 "its standard error is the delta method on paired per-item outcomes: "

@@ -386,12 +386,12 @@ def test_accuracy_table_recovery_and_plot(results_dir, tmp_path):
         path.write_text(json.dumps(rec))
     results = study.load_results(results_dir)
     lines = report.accuracy_table(results, "W4A4KV16")
-    assert lines[0] == ("| method | a acc % | b acc % | average acc % | Δ vs FP (pp ± SE) | "
+    assert lines[0] == ("| method | wiki-eval ppl | a acc % | b acc % | average acc % | Δ vs FP (pp ± SE) | "
                         "recovery % (± SE) | items |")
-    assert "| fp | 75.0 ± 25.0 | 66.7 ± 25.0 | 70.8 | – | 100 (baseline) | 7 |" in lines
-    assert ("| rtn | 50.0 (-25.0 ± 25.0) | 50.0 (-50.0 ± 50.0) | 50.0 | -37.5 ± 28.0 | "
+    assert "| fp | 20.00 | 75.0 ± 25.0 | 66.7 ± 25.0 | 70.8 | – | 100 (baseline) | 7 |" in lines
+    assert ("| rtn | 80.00 | 50.0 (-25.0 ± 25.0) | 50.0 (-50.0 ± 50.0) | 50.0 | -37.5 ± 28.0 | "
             "57.1 ± 31.6 | 6 |") in lines
-    assert "| batquant | no accuracy yet |  |  |  |  |  |" in lines
+    assert "| batquant | 30.00 | no accuracy yet |  |  |  |  |  |" in lines
     assert report.accuracy_ranking(results, "W4A4KV16") == "rtn 57.1%"
     assert report.accuracy_ranking(results, "W4A8KV16") is None
     text = report.render(results_dir, tmp_path / "plots", tmp_path / "RESULTS.md")
