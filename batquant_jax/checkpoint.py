@@ -51,7 +51,8 @@ from batquant_jax import mx
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
-from batquant_jax.qlayers import PackedWeight, QuantLinear, build_quantized_layer, packed_weights
+from batquant_jax.qlayers import (PackedWeight, QuantLinear, build_quantized_layer, packed_weights,
+                                  quant_linears, quant_modules)
 from batquant_jax.recipe import CalibConfig
 
 # /1 kept the packed weights apart from the model state and rebuilt float copies at load
@@ -334,12 +335,6 @@ def set_state_arrays(module, items: Mapping[str, dict], where: str) -> None:
                                                    scales=entry["scales"]))
 
 
-def mx_meta(q: mx.MXArray) -> dict:
-    """JSON description of an MXArray (everything but its leaves)."""
-    return {"fmt": q.fmt, "axis": q.axis, "shape": list(q.shape), "block_size": q.block_size,
-            "codes": list(q.codes.shape), "scales": list(q.scales.shape)}
-
-
 def weight_sizes(qweights: Mapping[str, mx.MXArray]) -> dict:
     """Storage of the quantized linear weights vs the same weights in float32 / bfloat16."""
     n = sum(int(np.prod(q.shape)) for q in qweights.values())
@@ -371,7 +366,7 @@ def quantized_layer(config: LlamaConfig, cfg: CalibConfig, index: int) -> Decode
     """A deployed DecoderLayer skeleton of ``cfg``'s method: zero weights, zero packed codes
     and scales, built as calibration builds it (the target a stored state restores into)."""
     layer = build_quantized_layer(DecoderLayer(config, None), cfg, index)
-    for q in _quant_modules(layer):
+    for q in quant_modules(layer):
         q.deploy_placeholder()
     return layer
 
@@ -384,15 +379,12 @@ def skeleton(config: LlamaConfig, cfg: CalibConfig) -> LlamaForCausalLM:
     return model
 
 
-def _quant_modules(module) -> list[QuantLinear]:
-    return [m for _, m in nnx.iter_modules(module) if isinstance(m, QuantLinear)]
-
-
 def weight_bytes(model) -> dict:
     """Resident bytes of a model's state arrays (the sum of their nbytes), the packed weights
     apart, against the same model with every array in float32 and in bfloat16."""
-    packed = sum(w.nbytes for w in packed_weights(model).values())
-    n_packed = sum(int(np.prod(w.shape)) for w in packed_weights(model).values())
+    weights = packed_weights(model).values()
+    packed = sum(w.nbytes for w in weights)
+    n_packed = sum(int(np.prod(w.shape)) for w in weights)
     rest = [v for _, v in nnx.to_flat_state(nnx.state(model))
             if not isinstance(v.get_value(), mx.MXArray)]
     rest_bytes = sum(int(np.asarray(v.get_value()).nbytes) for v in rest)
@@ -412,18 +404,17 @@ def _check_saveable(model: LlamaForCausalLM, result) -> None:
     if not isinstance(result, CalibrationResult):
         raise ValueError(f"save_quantized: result must be the CalibrationResult that "
                          f"quantize_model returned, got {type(result).__name__}")
-    undeployed = [f"layers.{i}.{name}" for i, layer in enumerate(model.layers)
-                  for name, q in _named_quant(layer) if not q.deployed]
-    plain = [f"layers.{i}" for i, layer in enumerate(model.layers) if not _named_quant(layer)]
+    linears = [{n: q for n, q in quant_linears(layer).items() if isinstance(q, QuantLinear)}
+               for layer in model.layers]
+    plain = [f"layers.{i}" for i, qs in enumerate(linears) if not qs]
+    undeployed = [f"layers.{i}.{n}" for i, qs in enumerate(linears)
+                  for n, q in qs.items() if not q.deployed]
     if plain or undeployed:
         what = plain or undeployed
-        raise ValueError(f"save_quantized: {len(what)} {'layer(s) are not quantized' if plain else 'linear(s) are not deployed'}"
-                         f" ({', '.join(what[:4])}{', ...' if len(what) > 4 else ''}); save the "
-                         "model that quantize_model returned")
-
-
-def _named_quant(layer) -> list[tuple[str, QuantLinear]]:
-    return [(str(path[-1]), m) for path, m in nnx.iter_modules(layer) if isinstance(m, QuantLinear)]
+        problem = "layer(s) are not quantized" if plain else "linear(s) are not deployed"
+        raise ValueError(f"save_quantized: {len(what)} {problem} ({', '.join(what[:4])}"
+                         f"{', ...' if len(what) > 4 else ''}); save the model that "
+                         "quantize_model returned")
 
 
 def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
@@ -514,7 +505,7 @@ def load_quantized(out_dir, *, packed: bool = True) -> tuple[LlamaForCausalLM, A
     model, trees, meta = _read(out)
     set_state_arrays(model, trees, str(out))
     if not packed:
-        for q in _quant_modules(model):
+        for q in quant_modules(model):
             q.unpack()
     tokenizer = None
     if (out / TOKENIZER_DIR).is_dir():
@@ -528,8 +519,8 @@ def load_quantized(out_dir, *, packed: bool = True) -> tuple[LlamaForCausalLM, A
 class ResumeStore:
     """Per-layer state of an unfinished run under ``out_dir/resume``.
 
-    progress.json is the commit point: {"flags", "layers_done", "reports", "checksums" ({"layer_000": {array: sha256}, ..., "inputs_{n-1}": ...}),
-    "elapsed_s", ...}. A layer counts as done only once progress.json says so.
+    progress.json is the commit point: {"flags", "layers_done", "reports", "checksums"
+    ({"layer_000": {array: sha256}, ..., "inputs_{n-1}": ...}), "elapsed_s", ...}. A layer counts as done only once progress.json says so.
     """
 
     def __init__(self, out_dir):

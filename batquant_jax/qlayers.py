@@ -31,7 +31,7 @@ from batquant_jax.transforms import Transform, fit_block
 
 __all__ = ["QuantLinear", "QuantSpec", "MethodSpec", "METHODS", "SETTINGS", "GROUPS",
            "LINEAR_NAMES", "fit_block", "make_transform", "quantize_layer", "build_quantized_layer", "quant_linears",
-           "group_heads", "set_capture", "packed_weights", "is_trainable", "num_trainable"]
+           "quant_modules", "group_heads", "set_capture", "packed_weights", "is_trainable", "num_trainable"]
 
 
 class FrozenWeight(nnx.Variable):
@@ -260,6 +260,11 @@ def quant_linears(layer: DecoderLayer) -> dict[str, QuantLinear]:
         for name in names:
             out[name] = getattr(container, name)
     return out
+
+
+def quant_modules(module) -> list[QuantLinear]:
+    """Every QuantLinear inside ``module`` (a model, a layer, any NNX module), in tree order."""
+    return [m for _, m in nnx.iter_modules(module) if isinstance(m, QuantLinear)]
 
 
 def group_heads(layer: DecoderLayer) -> dict[str, QuantLinear]:

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from batquant_jax import checkpoint, cli
+from batquant_jax.qlayers import quant_modules
 from batquant_jax import generate as gen
 from experiments.bench_generate import TEXT
 
@@ -69,9 +70,8 @@ def main(argv=None) -> int:
     ids = tok.encode(TEXT * (1 + args.prompt_tokens // 60))[: args.prompt_tokens]
     eval_ids = data.tokenize_corpus(data.load_corpus("wiki-eval"), tok)
     unpacked = nnx.clone(packed)
-    for _, m in nnx.iter_modules(unpacked):
-        if hasattr(m, "unpack") and getattr(m, "deployed", False):
-            m.unpack()
+    for q in quant_modules(unpacked):
+        q.unpack()
     out = {}
     for name, model in (("packed", packed), ("dequantized", unpacked)):
         sizes = checkpoint.weight_bytes(model)
