@@ -59,7 +59,7 @@ def load_for_scoring(cfg: AccuracyConfig) -> tuple[Any, Any, str, int]:
     """-> (model, tokenizer, description, max positions) for ``cfg.checkpoint`` or ``cfg.model``."""
     if cfg.checkpoint is not None:
         from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint)
+        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
         if tokenizer is None:
             raise AccuracyError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
         desc = (f"checkpoint {cfg.checkpoint} ({meta['method']} {meta['setting']} of "

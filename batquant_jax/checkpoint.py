@@ -50,6 +50,7 @@ from flax import nnx
 from batquant_jax import mx
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
+from batquant_jax.kvquant import freeze_all
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from batquant_jax.qlayers import (PackedWeight, QuantLinear, build_quantized_layer, packed_weights,
                                   quant_linears, quant_modules)
@@ -493,13 +494,17 @@ def read_arrays(out_dir) -> dict[str, np.ndarray]:
             for k, v in _flatten(tree).items()}
 
 
-def load_quantized(out_dir, *, packed: bool = True) -> tuple[LlamaForCausalLM, Any, dict]:
+def load_quantized(out_dir, *, packed: bool = True,
+                   freeze_kv: bool = False) -> tuple[LlamaForCausalLM, Any, dict]:
     """Rebuilds a quantized model from ``out_dir`` alone -> (model, tokenizer or None, metadata).
 
     The skeleton (``skeleton``: the recorded model config, every layer quantized with the
     recorded recipe) is filled with the stored state; each QuantLinear keeps its packed
     MXArray, dequantized inside the jitted forward. ``packed=False`` dequantizes every weight
     once at load instead (float32; the same outputs, 7.5x the weight memory).
+    ``freeze_kv=True`` fixes learned or Hadamard K/V transforms as their matrices
+    (`kvquant.freeze_all`: the same outputs to float rounding, no per-call solves); for
+    evaluation and generation, since the frozen model no longer fits the skeleton.
     """
     out = pathlib.Path(out_dir)
     model, trees, meta = _read(out)
@@ -507,6 +512,8 @@ def load_quantized(out_dir, *, packed: bool = True) -> tuple[LlamaForCausalLM, A
     if not packed:
         for q in quant_modules(model):
             q.unpack()
+    if freeze_kv:
+        freeze_all(model)
     tokenizer = None
     if (out / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer

@@ -98,7 +98,7 @@ def get_nll_fn(cfg: EvalConfig) -> EvalModel:
 
     if cfg.checkpoint is not None:
         from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint)
+        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
         if tokenizer is None:
             raise ConfigError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
         return EvalModel(nll_fn=functools.partial(forward_nll, model), tokenizer=tokenizer,

@@ -536,7 +536,7 @@ def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
     there is no tokenizer."""
     if cfg.checkpoint is not None:
         from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint)
+        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
         if tokenizer is None:
             raise GenerateError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
         return model, tokenizer, f"checkpoint {cfg.checkpoint} ({meta.get('method')} {meta.get('setting')})"

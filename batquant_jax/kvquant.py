@@ -330,6 +330,17 @@ def set_kv_quant(model, spec: KVSpec | str | None, transform: str = "none", *,
     return out
 
 
+def freeze_all(model) -> int:
+    """`KVQuant.freeze` on every KVQuant of `model` that still has a transform (fixed M, M^{-1}:
+    no solves per forward; for evaluation and generation, after which the model's state no
+    longer matches a checkpoint skeleton). Returns how many were frozen."""
+    todo = [m for _, m in nnx.iter_modules(model) if isinstance(m, KVQuant)
+            and (m.k_transform is not None or m.v_transform is not None)]
+    for m in todo:
+        m.freeze()
+    return len(todo)
+
+
 def kv_params(module) -> nnx.State:
     """The learnable KV transform parameters of a model / layer / KVQuant (an nnx filter result:
     `nnx.Param` leaves under a `k_transform` / `v_transform` path)."""
@@ -342,5 +353,5 @@ def is_kv_param(path, value) -> bool:
 
 
 __all__ = ["KVSpec", "KV_FORMATS", "TRANSFORMS", "KVQuant", "kv_spec", "transform_matrices",
-           "pack_kv", "unpack_kv", "bytes_per_vector", "kv_cache_bytes", "set_kv_quant", "kv_params",
+           "pack_kv", "unpack_kv", "bytes_per_vector", "kv_cache_bytes", "set_kv_quant", "freeze_all", "kv_params",
            "is_kv_param"]

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from batquant_jax import data, perplexity
-from batquant_jax.kvquant import KVSpec, is_kv_param, set_kv_quant
+from batquant_jax.kvquant import KVSpec, freeze_all, is_kv_param, set_kv_quant
 from batquant_jax.models import forward_nll, load_model
 
 LOSSES = {
@@ -159,8 +159,7 @@ def main() -> None:
         train_s = round(time.perf_counter() - t0, 1)
         kept = sum(r["kept"] for r in reports)
         print(f"trained in {train_s}s; {kept}/{len(reports)} layers kept their trained transform")
-        for layer in model.layers:  # fixed matrices: no solves in the evaluated program
-            layer.self_attn.kv_quant.freeze()
+        freeze_all(model)  # fixed matrices: no solves in the evaluated program
         evaluate(f"KV4 learned ({args.loss}, {args.steps} steps, lr {args.lr:g})")
     base = [r for r in rows if r["row"] == "KV4 block_hadamard"]
     for r in rows:  # paired over the same windows: mean NLL difference and its standard error

@@ -9,7 +9,7 @@ from flax import nnx
 from batquant_jax import mx
 from batquant_jax.kvquant import (KV_FORMATS, KVQuant, KVSpec, bytes_per_vector, is_kv_param,
                                   kv_cache_bytes, kv_spec, pack_kv, set_kv_quant, transform_matrices,
-                                  unpack_kv)
+                                  unpack_kv, freeze_all)
 from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_logits
 
 CFG = LlamaConfig(arch="llama", vocab_size=128, hidden_size=128, intermediate_size=256,
@@ -258,3 +258,9 @@ def test_kv_setting_trains_the_kv_transform_and_round_trips(tmp_path):
     assert isinstance(loaded.layers[0].self_attn.kv_quant, KVQuant)
     t = jnp.asarray(tokens[:2])
     assert bool(jnp.all(forward_nll(model, t) == forward_nll(loaded, t)))
+    frozen, _, _ = checkpoint.load_quantized(tmp_path / "ck", freeze_kv=True)
+    fkv = frozen.layers[0].self_attn.kv_quant
+    assert (fkv.num_params, fkv.k_transform, fkv.v_transform) == (0, None, None)
+    np.testing.assert_allclose(np.asarray(forward_nll(frozen, t)), np.asarray(forward_nll(model, t)),
+                               rtol=1e-5)
+    assert freeze_all(frozen) == 0 and freeze_all(loaded) == 1
