@@ -33,16 +33,33 @@ dispatch synchronous (cli.sync_cpu_dispatch), which long CPU runs of your own ma
 
 __version__ = "0.2.0"
 
-from batquant_jax import mx, transforms  # noqa: E402
-from batquant_jax.calibration import CalibrationResult, quantize_model  # noqa: E402
-from batquant_jax.checkpoint import load_quantized, save_quantized  # noqa: E402
-from batquant_jax.models import (LlamaConfig, LlamaForCausalLM, forward_logits,  # noqa: E402
-                                 forward_nll, load_model)
-from batquant_jax.qlayers import QuantLinear  # noqa: E402
-from batquant_jax.recipe import METHODS, SETTINGS, CalibConfig, QuantSpec  # noqa: E402
+import importlib
 
-__all__ = [
-    "mx", "transforms", "quantize_model", "CalibrationResult", "save_quantized",
-    "load_quantized", "LlamaConfig", "LlamaForCausalLM", "load_model", "forward_logits",
-    "forward_nll", "QuantLinear", "CalibConfig", "QuantSpec", "METHODS", "SETTINGS",
-]
+# The public names, each with the module it lives in. They are imported on first use (PEP 562),
+# so `import batquant_jax` stays cheap and `python -m batquant_jax.<module>` does not find its
+# own module imported already by the package.
+_PUBLIC = {
+    "mx": None, "transforms": None,
+    "quantize_model": "calibration", "CalibrationResult": "calibration",
+    "save_quantized": "checkpoint", "load_quantized": "checkpoint",
+    "LlamaConfig": "models", "LlamaForCausalLM": "models", "load_model": "models",
+    "forward_logits": "models", "forward_nll": "models",
+    "QuantLinear": "qlayers",
+    "CalibConfig": "recipe", "QuantSpec": "recipe", "METHODS": "recipe", "SETTINGS": "recipe",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'batquant_jax' has no attribute {name!r}")
+    module = _PUBLIC[name]
+    value = (importlib.import_module(f"batquant_jax.{name}") if module is None else
+             getattr(importlib.import_module(f"batquant_jax.{module}"), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

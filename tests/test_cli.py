@@ -22,6 +22,20 @@ def test_import_leaves_jax_options_at_their_defaults():
     assert res.stdout.split() == ["True", "True"]
 
 
+def test_public_names_load_on_first_use():
+    code = ("import sys, batquant_jax as bq\n"
+            "print(sorted(m for m in sys.modules if m.startswith('batquant_jax.')))\n"
+            "print(bq.quantize_model.__module__, bq.mx.__name__, bq.SETTINGS is "
+            "sys.modules['batquant_jax.recipe'].SETTINGS)\n"
+            "print(all(hasattr(bq, n) for n in bq.__all__), set(bq.__all__) <= set(dir(bq)))\n"
+            "try:\n    bq.nope\nexcept AttributeError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "[]", "batquant_jax.calibration batquant_jax.mx True", "True True",
+        "module 'batquant_jax' has no attribute 'nope'"]
+
+
 @pytest.mark.parametrize("module", [calibrate, evaluate])
 def test_entry_points_make_cpu_dispatch_synchronous_first(module, monkeypatch):
     calls = []

@@ -176,8 +176,10 @@ def test_sample_windows_reproducible():
 def test_cli_prepare_stats(tmp_path):
     (tmp_path / "enwiki-excerpt.xml.bz2").write_bytes(bz2.compress(_xml(PAGES)))
     env = dict(os.environ, BATQUANT_CACHE=str(tmp_path))
-    out = subprocess.run([os.sys.executable, "-m", "batquant_jax.data", "--prepare", "--stats"],
-                         capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    res = subprocess.run([os.sys.executable, "-m", "batquant_jax.data", "--prepare", "--stats"],
+                         capture_output=True, text=True, env=env, check=True)
+    assert "Warning" not in res.stderr  # runpy's "found in sys.modules" once the package imported it
+    out = res.stdout.splitlines()
     assert out[0].startswith("data: processed Wikipedia excerpt (wiki-calib: 9 articles")
     assert out[2].startswith("wiki-eval: 1 articles, 38 chars")
     assert json.loads((tmp_path / "wiki-splits.v1.json").read_text())["wiki-eval"]["titles"] == [
