@@ -9,6 +9,13 @@ import pytest
 from batquant_jax import calibrate, cli, evaluate
 
 
+def _fresh_python(code: str) -> list[str]:
+    """stdout lines of ``code`` run by a new interpreter (which must exit 0)."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.splitlines()
+
+
 def test_import_leaves_jax_options_at_their_defaults():
     # Before the fix `import batquant_jax` set jax_cpu_enable_async_dispatch to False for the
     # whole process. A fresh interpreter: the suite's own process has it set (conftest.py).
@@ -17,9 +24,7 @@ def test_import_leaves_jax_options_at_their_defaults():
             "import batquant_jax, batquant_jax.calibration, batquant_jax.checkpoint\n"
             "import batquant_jax.calibrate, batquant_jax.evaluate\n"
             "print(before, jax.config.read('jax_cpu_enable_async_dispatch'))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["True", "True"]
+    assert _fresh_python(code) == ["True True"]
 
 
 def test_public_names_load_on_first_use():
@@ -29,9 +34,7 @@ def test_public_names_load_on_first_use():
             "sys.modules['batquant_jax.recipe'].SETTINGS)\n"
             "print(all(hasattr(bq, n) for n in bq.__all__), set(bq.__all__) <= set(dir(bq)))\n"
             "try:\n    bq.nope\nexcept AttributeError as e:\n    print(e)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == [
+    assert _fresh_python(code) == [
         "[]", "batquant_jax.calibration batquant_jax.mx True", "True True",
         "module 'batquant_jax' has no attribute 'nope'"]
 
