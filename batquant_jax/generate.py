@@ -486,15 +486,19 @@ def define_flags() -> None:
                         "model alias (smollm2-135m), Hugging Face folder or GGUF file")
     flags.DEFINE_string("checkpoint", None, "a quantized checkpoint folder (from "
                         "batquant_jax.calibrate) instead of --model")
-    flags.DEFINE_string("prompt", "", "the text to continue (or, with --chat, the user message)")
-    flags.DEFINE_bool("chat", False, "wrap the prompt in the tokenizer's chat template")
+    flags.DEFINE_string("prompt", GenerateConfig.prompt,
+                        "the text to continue (or, with --chat, the user message)")
+    flags.DEFINE_bool("chat", GenerateConfig.chat,
+                      "wrap the prompt in the tokenizer's chat template")
     flags.DEFINE_integer("max_new_tokens", GenerateConfig.max_new_tokens,
                          "most tokens to generate (fewer when EOS comes first)")
-    flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
-    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens; 0 = all")
-    flags.DEFINE_float("top_p", 1.0, "sample among the most likely tokens holding this "
-                       "probability mass; 1 = all")
-    flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling")
+    flags.DEFINE_float("temperature", GenerateConfig.temperature,
+                       "sampling temperature; 0 = greedy")
+    flags.DEFINE_integer("top_k", GenerateConfig.top_k,
+                         "sample among the k most likely tokens; 0 = all")
+    flags.DEFINE_float("top_p", GenerateConfig.top_p, "sample among the most likely tokens "
+                       "holding this probability mass; 1 = all")
+    flags.DEFINE_integer("seed", GenerateConfig.seed, "PRNG seed of the sampling")
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> GenerateConfig:

@@ -353,5 +353,5 @@ def is_kv_param(path, value) -> bool:
 
 
 __all__ = ["KVSpec", "KV_FORMATS", "TRANSFORMS", "KVQuant", "kv_spec", "transform_matrices",
-           "pack_kv", "unpack_kv", "bytes_per_vector", "kv_cache_bytes", "set_kv_quant", "freeze_all", "kv_params",
-           "is_kv_param"]
+           "pack_kv", "unpack_kv", "bytes_per_vector", "kv_cache_bytes", "set_kv_quant",
+           "freeze_all", "kv_params", "is_kv_param"]

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from batquant_jax import mx
-from batquant_jax.kvquant import (KV_FORMATS, KVQuant, KVSpec, bytes_per_vector, is_kv_param,
-                                  kv_cache_bytes, kv_spec, pack_kv, set_kv_quant, transform_matrices,
-                                  unpack_kv, freeze_all)
+from batquant_jax.kvquant import (KV_FORMATS, KVQuant, KVSpec, bytes_per_vector, freeze_all,
+                                  is_kv_param, kv_cache_bytes, kv_spec, pack_kv, set_kv_quant,
+                                  transform_matrices, unpack_kv)
 from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_logits
 
 CFG = LlamaConfig(arch="llama", vocab_size=128, hidden_size=128, intermediate_size=256,
