@@ -435,6 +435,13 @@ jax.tree_util.register_dataclass(
 )
 
 
+# The 16 E2M1 values by code (sign bit 3): decoding through this table with integer nibble ops is
+# exact under every compilation; XLA:CPU (jaxlib 0.10.2) constant-folds a bitcast of uint8 to
+# float4_e2m1fn wrongly when the codes are a compile-time constant (a closed-over model).
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
 def pack_nibbles(codes: jax.Array) -> jax.Array:
     """uint8 codes [..., n] (values < 16, n even) -> uint8 [..., n/2]; element 2j in the low nibble."""
     codes = jnp.asarray(codes)
@@ -553,8 +560,11 @@ def quantize_with_exponents(
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize_jit(mx: MXArray, dtype) -> jax.Array:
     f = FORMATS[mx.fmt]
-    if mx.fmt in _JAX_ELEMENTS:  # JAX's element type decodes the codes (exact, and faster)
-        el = lax.bitcast_convert_type(mx.codes, _JAX_ELEMENTS[mx.fmt]).astype(jnp.float32)
+    if mx.fmt in _JAX_ELEMENTS:  # a table (E2M1) or JAX's float8 types decode the codes exactly
+        if f.packed:  # never bitcast uint8 -> float4_e2m1fn: XLA:CPU constant-folds it wrongly
+            el = jnp.take(E2M1_VALUES, unpack_nibbles(mx.codes).astype(jnp.int32), mode="clip")
+        else:
+            el = lax.bitcast_convert_type(mx.codes, _JAX_ELEMENTS[mx.fmt]).astype(jnp.float32)
         el = el.reshape(mx.codes.shape[:-1] + (-1, mx.block_size))
         s1, s2 = _block_scale(mx.scales.astype(jnp.int32)[..., None] - 127)
         y = ((el * s1) * s2).reshape(el.shape[:-2] + (-1,))[..., : mx.length]
