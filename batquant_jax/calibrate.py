@@ -431,7 +431,7 @@ FLAGS = flags.FLAGS
 
 # help of the flags that are not CalibConfig fields (those carry their own help)
 _RUN_HELP = {
-    "model": "model alias (smollm2-135m), Hugging Face folder or GGUF file",
+    "model": "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file",
     "output_dir": "folder for the checkpoint (created; reruns resume)",
     "calib_data": "wiki-calib, or a UTF-8 text file or folder",
     "nsamples": "calibration windows",

@@ -52,6 +52,7 @@ from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.kvquant import freeze_all
 from batquant_jax.models.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
+from batquant_jax.models.stored import StoredWeight
 from batquant_jax.qlayers import (PackedWeight, QuantLinear, build_quantized_layer, packed_weights,
                                   quant_linears, quant_modules)
 from batquant_jax.recipe import CalibConfig
@@ -295,6 +296,8 @@ def _leaves(var) -> dict[tuple[str, ...], Any]:
     value = var.get_value()
     if isinstance(value, mx.MXArray):
         return {("codes",): value.codes, ("scales",): value.scales}
+    if isinstance(value, StoredWeight):  # a weight kept in its source encoding: stored dense
+        return {(): value.dense()}
     return {(): value}
 
 

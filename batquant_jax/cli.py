@@ -24,8 +24,27 @@ def sync_cpu_dispatch() -> None:
     their main; a library import leaves it alone. Scripts that run long CPU calibrations
     in-process can call it themselves.
     """
+    lean_cpu_schedule()
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+LEAN_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def lean_cpu_schedule() -> None:
+    """Asks XLA:CPU for its memory-minimising scheduler (adds ``LEAN_SCHEDULE_FLAG`` to
+    ``XLA_FLAGS`` unless the variable already names the option). Takes effect only before the
+    first JAX computation of the process, so the entry points call it first thing.
+
+    The default concurrency-optimised scheduler starts independent work early: a forward whose
+    weights are decoded per call (``models.stored``) then holds every layer's float32 weights at
+    once (XLA temp 6.2 GB for the 1.5B model instead of 0.9 GB). The results are the same.
+    """
+    import os
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags_now:
+        os.environ["XLA_FLAGS"] = f"{flags_now} {LEAN_SCHEDULE_FLAG}".strip()
 
 
 def quiet_backend_probe() -> None:

@@ -120,7 +120,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     """Perplexity of ``cfg.model`` on ``cfg.eval_data`` by the project's protocol.
 
     Returns {"perplexity", "tokens", "windows", "seqlen", "model", "eval_data", "seconds"
-    (model loading included), "eval_seconds"} and writes it to ``cfg.output_json`` when set.
+    (model loading included), "eval_seconds", "nll_mean", "window_nll" (each window's mean NLL,
+    for paired comparisons of two models)} and writes it to ``cfg.output_json`` when set.
     Raises ConfigError, data.DataError or the model loader's error (all ValueErrors with
     one-line messages) on bad input, ResultError for a non-finite perplexity or a failed write.
     """
@@ -147,7 +148,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     result = {"perplexity": res.perplexity, "tokens": res.tokens, "windows": res.windows,
               "seqlen": res.seqlen, "model": cfg.checkpoint or cfg.model, "eval_data": cfg.eval_data,
               "seconds": round(time.perf_counter() - start, 3),
-              "eval_seconds": round(res.seconds, 3)}
+              "eval_seconds": round(res.seconds, 3), "nll_mean": res.nll_mean,
+              "window_nll": list(res.window_nll)}
     if not math.isfinite(res.perplexity):
         raise ResultError(f"perplexity is {res.perplexity} over {res.tokens} tokens: the model's "
                           "predictions are not finite (a damaged checkpoint or an overflow); "
@@ -173,7 +175,7 @@ def define_flags() -> None:
     """Defines the command-line flags (only when run as a program: importing this module
     registers nothing, so other command lines may use the same flag names)."""
     flags.DEFINE_string("model", EvalConfig.model,
-                        "model alias (smollm2-135m), Hugging Face folder or GGUF file")
+                        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file")
     flags.DEFINE_string("eval_data", EvalConfig.eval_data,
                         "wiki-eval, wiki-calib, or a path to a UTF-8 text file or folder")
     flags.DEFINE_integer("seqlen", EvalConfig.seqlen, "tokens per window")

@@ -483,7 +483,7 @@ class GenerateConfig:
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("model", GenerateConfig.model,
-                        "model alias (smollm2-135m), Hugging Face folder or GGUF file")
+                        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file")
     flags.DEFINE_string("checkpoint", None, "a quantized checkpoint folder (from "
                         "batquant_jax.calibrate) instead of --model")
     flags.DEFINE_string("prompt", GenerateConfig.prompt,

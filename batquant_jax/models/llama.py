@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from batquant_jax import mx
+from batquant_jax.models.stored import StoredWeight, dense
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _ROPE_TYPES = ("llama3", "linear")
@@ -183,11 +184,22 @@ class Linear(nnx.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = nnx.Param(_normal(rngs, (self.out_features, self.in_features), dtype))
         self.bias = nnx.data(nnx.Param(jnp.zeros((self.out_features,), dtype)) if bias else None)
+        self.dtype = jnp.dtype(dtype)
+
+    def dense_weight(self) -> jax.Array:
+        """The weight `[out, in]` as an array of the layer's dtype (a `StoredWeight`, kept in
+        its file's encoding, is decoded here, inside whatever jit calls the layer)."""
+        return dense(self.weight.get_value(), self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
-        w = self.weight[...]
+        w = self.weight.get_value()
+        if isinstance(w, StoredWeight):
+            # tie the decode to x: otherwise XLA may hoist every layer's decode to the start of
+            # the program and hold all the float32 weights at once (10 GB for the 1.5B)
+            x, w = jax.lax.optimization_barrier((x, w))
+        w = dense(w, self.dtype)
         y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w)
         if self.bias is not None:
             y = y + self.bias[...]
@@ -200,13 +212,20 @@ class Embedding(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, rngs: nnx.Rngs | None = None, *,
                  dtype=jnp.float32):
         self.weight = nnx.Param(_normal(rngs, (int(num_embeddings), int(features)), dtype))
+        self.dtype = jnp.dtype(dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], tokens, axis=0)
+        w = self.weight.get_value()
+        if isinstance(w, StoredWeight):  # decode only the rows looked up
+            return w.take_rows(tokens, self.dtype)
+        return jnp.take(w, tokens, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied output head: h `[..., d]` -> `[..., V]`."""
-        w = self.weight[...]
+        w = self.weight.get_value()
+        if isinstance(w, StoredWeight):
+            h, w = jax.lax.optimization_barrier((h, w))
+        w = dense(w, self.dtype)
         return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w)
 
 
@@ -488,8 +507,10 @@ class LlamaForCausalLM(nnx.Module):
         """Builds the model from arrays keyed by Hugging Face names ("model.norm.weight", ...).
 
         Parameters are never initialised: the module is built abstractly, then every parameter is
-        set from `weights`. Raises ValueError on a missing, unexpected or mis-shaped tensor.
-        `lm_head.weight` is ignored when embeddings are tied; rotary buffers are ignored.
+        set from `weights` (read one at a time: a lazy Mapping keeps the peak at one tensor). A
+        `stored.StoredWeight` value is kept as it is and decoded inside the forward. Raises
+        ValueError on a missing, unexpected or mis-shaped tensor. `lm_head.weight` is ignored when
+        embeddings are tied; rotary buffers are ignored.
         """
         model = nnx.eval_shape(lambda: cls(config, None, dtype=dtype))
         names = hf_param_names(model)
@@ -504,7 +525,10 @@ class LlamaForCausalLM(nnx.Module):
             w = weights[name]
             if tuple(w.shape) != tuple(var.shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(var.shape)}")
-            var.set_value(jnp.asarray(np.asarray(w), dtype=dtype))
+            if isinstance(w, StoredWeight):  # kept in its file's encoding, decoded per call
+                var.set_value(w)
+            else:
+                var.set_value(jnp.asarray(np.asarray(w), dtype=dtype))
         return model
 
 

