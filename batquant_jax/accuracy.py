@@ -51,8 +51,13 @@ class AccuracyConfig:
         if self.token_budget < 1:
             raise AccuracyError(f"--token_budget must be >= 1, got {self.token_budget}")
         tasks_lib.check_task_specs(self.tasks)
-        if self.output_json and pathlib.Path(self.output_json).expanduser().is_dir():
-            raise AccuracyError(f"--output_json {self.output_json} is a folder; name a file")
+        if self.output_json:
+            from batquant_jax import cli
+            cli.check_output_path("--output_json", self.output_json,
+                                  {"--checkpoint": self.checkpoint,
+                                   "--baseline_json": self.baseline_json,
+                                   "--model": None if self.checkpoint else self.model},
+                                  AccuracyError)
 
 
 def load_for_scoring(cfg: AccuracyConfig) -> tuple[Any, Any, str, int]:

@@ -26,6 +26,7 @@ import hashlib
 import math
 import pathlib
 import platform
+import re
 import sys
 import time
 from typing import Callable
@@ -151,10 +152,18 @@ def _versions() -> dict:
             "batquant_jax": batquant_jax.__version__}
 
 
+# Exactly the names this command writes into --output_dir, and their temporaries: Orbax's
+# "<dir>.orbax-checkpoint-tmp-<n>", atomic_write's "<file>.<8 random chars>.tmp", the tokenizer's
+# ".tokenizer.tmp" and the lock's ".lock.<host>.<pid>.tmp". Anything else is the user's.
+_OWNED_NAMES = checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, lockfile.LOCK_FILE)
+_OWNED_TEMP = re.compile(
+    rf"^(?:(?:{checkpoint.CHECKPOINT_DIR}|{checkpoint.RESUME_DIR})\.orbax-checkpoint-tmp-\d+"
+    rf"|{re.escape(checkpoint.METADATA_FILE)}\.[a-z0-9_]{{8}}\.tmp"
+    rf"|\.{checkpoint.TOKENIZER_DIR}\.tmp|{re.escape(lockfile.LOCK_FILE)}\.[^/]+\.\d+\.tmp)$")
+
+
 def _owned(name: str) -> bool:
-    stem = name.lstrip(".").split(".")[0]
-    return stem in checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, "metadata",
-                                          lockfile.LOCK_FILE.lstrip("."))
+    return name in _OWNED_NAMES or bool(_OWNED_TEMP.match(name))
 
 
 def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:

@@ -12,8 +12,11 @@ and the model config. A finished output directory DIR holds:
                         each QuantLinear its online side (transform parameters and constants,
                         clipping logits) and bias -- never a float copy of a quantized weight
   DIR/metadata.json     "format" (FORMAT), the model config and recipe the skeleton is built
-                        from, how the run was made, and "checksums": the sha256 of every stored
-                        array ("qweights/layers/0/self_attn/q_proj/codes": hex), verified on load
+                        from, how the run was made, "checksums": the sha256 of every stored
+                        array ("qweights/layers/0/self_attn/q_proj/codes": hex),
+                        "file_checksums": the sha256 of every tokenizer file, and
+                        "metadata_sha256": the sha256 of all the other keys as canonical JSON;
+                        all verified on every load (a missing table is an error)
   DIR/tokenizer/        ``tokenizer.save_pretrained``
 
 While a run is calibrating, DIR/resume/ holds progress.json (the commit point, replaced
@@ -57,12 +60,15 @@ from batquant_jax.qlayers import (PackedWeight, QuantLinear, build_quantized_lay
                                   quant_linears, quant_modules)
 from batquant_jax.recipe import CalibConfig
 
-# /1 kept the packed weights apart from the model state and rebuilt float copies at load
-FORMAT = "batquant_jax.quantized/2"
+# /1 kept the packed weights apart from the model state and rebuilt float copies at load;
+# /2 did not protect metadata.json itself nor the tokenizer files
+FORMAT = "batquant_jax.quantized/3"
 CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
 RESUME_DIR, PROGRESS_FILE = "resume", "progress.json"
 ARTIFACT = (CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR)
 CHECKSUMS = "checksums"  # metadata / progress key: {"item/path/to/array": sha256 hex}
+FILE_CHECKSUMS = "file_checksums"  # metadata key: {"tokenizer/tokenizer.json": sha256 hex}
+META_DIGEST = "metadata_sha256"  # metadata key: sha256 of the canonical JSON of all other keys
 
 Flat = dict[tuple[str, ...], np.ndarray]
 
@@ -187,6 +193,45 @@ def tree_digests(items: Mapping[str, dict]) -> dict[str, str]:
     """{"item/a/b": sha256} of every array of ``save_tree``'s items."""
     return {"/".join((item,) + k): array_digest(v)
             for item, tree in items.items() for k, v in _flatten(tree).items()}
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of ``meta`` without its META_DIGEST key, as canonical JSON (sorted keys)."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
+
+
+def file_digests(out: pathlib.Path, folder: str) -> dict[str, str]:
+    """{"folder/relative/path": sha256} of every file under ``out/folder``."""
+    root = out / folder
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()} if root.is_dir() else {}
+
+
+def verify_metadata(out: pathlib.Path, meta: Mapping[str, Any]) -> None:
+    """CheckpointError (one line) unless metadata.json is as written (its own digest matches,
+    the array checksum table is present) and every file it lists has its recorded digest."""
+    where = out / METADATA_FILE
+    if meta.get(META_DIGEST) != meta_digest(meta):
+        raise CheckpointError(f"{where} was changed after it was written (its {META_DIGEST} "
+                              "does not match its contents); quantize the model again or restore "
+                              "the file")
+    sums = meta.get(CHECKSUMS)
+    if not isinstance(sums, dict) or not sums:
+        raise CheckpointError(f"{where} has no {CHECKSUMS!r} table; the arrays cannot be verified")
+    files = meta.get(FILE_CHECKSUMS)
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where} has no {FILE_CHECKSUMS!r} table")
+    now = file_digests(out, TOKENIZER_DIR)
+    for name in sorted(set(files) | set(now)):
+        if name not in now:
+            raise CheckpointError(f"{out / name} is missing (listed in {METADATA_FILE})")
+        if name not in files:
+            raise CheckpointError(f"{out / name} was not written with this checkpoint")
+        if now[name] != files[name]:
+            raise CheckpointError(f"{out / name} was changed after it was written (sha256 "
+                                  f"{now[name][:12]}, recorded {files[name][:12]})")
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -402,7 +447,7 @@ def weight_bytes(model) -> dict:
 
 # ----------------------------------------------------------------------------- final artifact
 
-def _check_saveable(model: LlamaForCausalLM, result) -> None:
+def _check_saveable(model: LlamaForCausalLM, result, tokenizer=None) -> None:
     """ValueError (one line) unless ``load_quantized`` can rebuild what save_quantized writes."""
     from batquant_jax.calibration import CalibrationResult
     if not isinstance(result, CalibrationResult):
@@ -419,6 +464,21 @@ def _check_saveable(model: LlamaForCausalLM, result) -> None:
         raise ValueError(f"save_quantized: {len(what)} {problem} ({', '.join(what[:4])}"
                          f"{', ...' if len(what) > 4 else ''}); save the model that "
                          "quantize_model returned")
+    # the checkpoint is rebuilt from (model.config, result.config): that skeleton must be this
+    # model, or it would load as another one (a W4A4 model saved with a W4A8 recipe)
+    try:
+        like = nnx.eval_shape(lambda: skeleton(model.config, result.config))
+        same = nnx.graphdef(like) == nnx.graphdef(model)
+    except (ValueError, TypeError, KeyError):
+        same = False
+    if not same:
+        c = result.config
+        raise ValueError(f"save_quantized: result.config (method {c.method}, setting {c.setting}) "
+                         "does not describe this model's quantized layers; pass the "
+                         "CalibrationResult that quantize_model returned with this model")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ValueError(f"save_quantized: tokenizer must be a Hugging Face tokenizer (with "
+                         f"save_pretrained) or None, got {type(tokenizer).__name__}")
 
 
 def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
@@ -429,10 +489,11 @@ def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
     tokenizer: saved beside it when given. metadata: extra JSON fields (how the run was made);
     "format", "model_config", "calib_config", "layers", "sizes" and "checksums" are filled in
     here. metadata.json is written last: it marks the checkpoint complete. Raises ValueError,
-    before anything is written, when ``result`` is not a CalibrationResult or the model holds a
-    linear that is not quantized and deployed.
+    before anything is written, when ``result`` is not a CalibrationResult, does not describe
+    the model (its recipe rebuilds another skeleton), the model holds a linear that is not
+    quantized and deployed, or ``tokenizer`` cannot be saved.
     """
-    _check_saveable(model, result)
+    _check_saveable(model, result, tokenizer)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
@@ -454,6 +515,8 @@ def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
     meta.update(format=FORMAT, model_config=dataclasses.asdict(model.config),
                 calib_config=dataclasses.asdict(result.config), loss=result.loss_name,
                 sizes=sizes, tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)})
+    meta[FILE_CHECKSUMS] = file_digests(out, TOKENIZER_DIR)
+    meta[META_DIGEST] = meta_digest(meta)
     write_json(out / METADATA_FILE, meta)
     _sync("save_quantized")
     return meta
@@ -476,6 +539,7 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{out} is a checkpoint of format {meta.get('format')!r}; this "
                               f"version reads {FORMAT!r} only: quantize the model again")
+    verify_metadata(out, meta)
     try:
         config = llama_config_from(meta["model_config"])
         cfg = calib_config_from(meta["calib_config"])
@@ -484,8 +548,7 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
                               f"({type(e).__name__}: {_one_line(e, 100)})") from None
     model = skeleton(config, cfg)
     targets = {k: _abstract(v) for k, v in state_arrays(model).items()}
-    # checkpoints written before checksums were recorded load unverified
-    trees = load_tree(out / CHECKPOINT_DIR, targets, meta.get(CHECKSUMS))
+    trees = load_tree(out / CHECKPOINT_DIR, targets, meta[CHECKSUMS])
     return model, trees, meta
 
 

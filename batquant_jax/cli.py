@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import sys
 
 from absl import flags
@@ -61,3 +63,32 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     return []
+
+
+def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None = None,
+                      error: type[Exception] = ValueError) -> None:
+    """Raises ``error`` (one line) unless ``path`` can become a file: not a folder, under a
+    writable folder, and neither one of ``inputs`` ({flag: path}, files or folders the run
+    reads) nor inside one."""
+    out = pathlib.Path(path).expanduser().absolute()
+    if out.is_dir():
+        raise error(f"{flag} {path} is a folder; name a file")
+    for name, src in (inputs or {}).items():
+        if not src:
+            continue
+        src_path = pathlib.Path(src).expanduser()
+        if not src_path.exists():
+            continue
+        src_path = src_path.resolve()
+        real = out.parent.resolve() / out.name
+        if real == src_path or src_path in real.parents:
+            where = "is" if real == src_path else "lies inside"
+            raise error(f"{flag} {path} {where} {name} {src}: writing it would damage an "
+                        "input; name a file elsewhere")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{flag} {path} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path} cannot be created: {parent} is not writable")

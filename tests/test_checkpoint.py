@@ -41,7 +41,7 @@ def test_round_trip_gives_identical_model(quantized, saved):
     loaded, tokenizer, meta = checkpoint.load_quantized(out)
     assert tokenizer is None and meta["method"] == "brq"
     assert meta["calib_config"] == dataclasses.asdict(quantized[1].config)
-    assert meta["format"] == "batquant_jax.quantized/2" and meta["loss"] == "token_mse"
+    assert meta["format"] == "batquant_jax.quantized/3" and meta["loss"] == "token_mse"
     assert sorted(os.listdir(out)) == ["checkpoint", "metadata.json"]
     tokens = jnp.asarray(TOKENS)
     assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
@@ -107,7 +107,7 @@ def test_old_format_is_refused_in_one_line(saved, tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_quantized(old)
     assert str(e.value) == (f"{old} is a checkpoint of format 'batquant_jax.quantized/1'; this "
-                            "version reads 'batquant_jax.quantized/2' only: quantize the model again")
+                            "version reads 'batquant_jax.quantized/3' only: quantize the model again")
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -176,6 +176,19 @@ def test_save_refuses_what_cannot_load(quantized, tmp_path):
         checkpoint.save_quantized(tmp_path / "b", half, res)
     assert str(e.value) == ("save_quantized: 1 layer(s) are not quantized (layers.1); save the "
                             "model that quantize_model returned")
+    # a W4A4 brq model with a W4A8 (or batquant) recipe would load as another model
+    for wrong in (dataclasses.replace(res.config, setting="W4A8KV16"),
+                  dataclasses.replace(res.config, method="batquant")):
+        with pytest.raises(ValueError) as e:
+            checkpoint.save_quantized(tmp_path / "c", model, dataclasses.replace(res, config=wrong))
+        assert str(e.value) == (
+            f"save_quantized: result.config (method {wrong.method}, setting {wrong.setting}) does "
+            "not describe this model's quantized layers; pass the CalibrationResult that "
+            "quantize_model returned with this model")
+    with pytest.raises(ValueError) as e:
+        checkpoint.save_quantized(tmp_path / "d", model, res, tokenizer="gpt2")
+    assert str(e.value) == ("save_quantized: tokenizer must be a Hugging Face tokenizer (with "
+                            "save_pretrained) or None, got str")
     assert sorted(os.listdir(tmp_path)) == []
 
 

