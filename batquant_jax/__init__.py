@@ -31,7 +31,7 @@ Importing the package changes no global JAX option; the command-line entry point
 dispatch synchronous (cli.sync_cpu_dispatch), which long CPU runs of your own may want too.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import importlib
 

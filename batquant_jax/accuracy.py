@@ -134,6 +134,10 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     names = [t.name for t in loaded_tasks]
     if len(set(names)) != len(names):
         raise AccuracyError(f"two tasks share a name in {names}; rename a .jsonl file")
+    if baseline is not None and not any("per_item" in (baseline["tasks"].get(n) or {})
+                                        for n in names):
+        raise AccuracyError(f"--baseline_json {cfg.baseline_json} shares no task with --tasks "
+                            f"({', '.join(names)}); nothing to compare")
     zeroshot.log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
     model, tokenizer, description, max_len = load_for_scoring(cfg)
     score_fn = zeroshot.make_score_fn(model)
@@ -163,8 +167,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if cfg.output_json:
         path = pathlib.Path(cfg.output_json).expanduser()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+            from batquant_jax.data import atomic_write  # never a half-written file
+            atomic_write(path, (json.dumps(out, indent=1) + "\n").encode("utf-8"))
         except OSError as e:
             raise WriteError(f"cannot write --output_json {path}: {e.strerror or e}") from None
         zeroshot.log(f"wrote {path}")

@@ -84,6 +84,8 @@ class _CalibrateConfigMethods:
     def validate(self) -> CalibConfig:
         """Checks that need no model or data; returns the CalibConfig. The method's
         hyper-parameters are checked by CalibConfig itself (errors worded as flags here)."""
+        if self.batch_size < 1:  # checked before calib_config() fits it to a method that does not train
+            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
         for name in ("lr", "clip_lr"):  # the library takes any positive rate (divergence tests)
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= MAX_LR):
@@ -278,6 +280,9 @@ def _kept(out_dir: pathlib.Path, n_layers: list[int]) -> str:
         progress = None
     done = int(progress.get("layers_done", 0)) if progress else 0
     total = f" of {n_layers[0]}" if n_layers else ""
+    if done and n_layers and done >= n_layers[0]:
+        return (f"interrupted; layers 1-{done}{total} are kept in {store.root}: rerun the same "
+                "command to evaluate and write the checkpoint")
     if done:
         return (f"interrupted; layers 1-{done}{total} are kept in {store.root}: rerun the same "
                 "command to resume from layer " + str(done + 1))

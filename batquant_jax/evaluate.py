@@ -149,8 +149,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     if cfg.output_json:
         out = pathlib.Path(cfg.output_json).expanduser()
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+            data.atomic_write(out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
         except OSError as e:
             raise ResultError(f"cannot write {out} ({e.strerror or e}); the result was "
                               f"{json.dumps(result)}") from None
@@ -209,6 +208,11 @@ def main(argv: list[str]) -> None:
         quiet_orbax_logs()
     if FLAGS.tasks is not None:  # zero-shot accuracy instead of perplexity (block below)
         return accuracy_main()
+    only_tasks = [f"--{n}" for n in ("limit", "baseline_json", "token_budget")
+                  if FLAGS[n].present]
+    if only_tasks:
+        cli.fail(f"{', '.join(only_tasks)} only apply with --tasks (zero-shot accuracy); "
+                 "perplexity takes --max_tokens")
     try:
         result = run_evaluation(config_from_flags())
     except _user_errors() as e:
@@ -229,7 +233,8 @@ def define_accuracy_flags() -> None:
                         "zero-shot accuracy on these comma-separated tasks (arc_easy, "
                         "arc_challenge, hellaswag, piqa, winogrande, boolq, lambada, or a .jsonl "
                         "file of {query, choices, gold} lines) instead of perplexity")
-    flags.DEFINE_integer("limit", 0, "with --tasks: the first N items of each task; 0 = all")
+    flags.DEFINE_integer("limit", 0, "with --tasks: the first N items of each task; 0 = all",
+                         lower_bound=0)
     flags.DEFINE_string("baseline_json", None,
                         "with --tasks: the --output_json of a full-precision run; adds recovery "
                         "= average acc / baseline average acc on the same items")

@@ -52,6 +52,9 @@ class GenerateError(ValueError):
     """A generation request that cannot run; the message is one line."""
 
 
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # logits / T is computed in float32
+
+
 class NonFiniteError(RuntimeError):
     """The model's logits were not finite (NaN / Inf): the sampled tokens would be meaningless.
     One-line message; the command exits with 1, as evaluate does for a non-finite perplexity."""
@@ -73,9 +76,9 @@ class Sampling:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise GenerateError(f"--temperature must be a finite number >= 0 (0 = greedy), "
-                                f"got {self.temperature}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise GenerateError(f"--temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
+                                f"(0 = greedy; sampling runs in float32), got {self.temperature}")
         if self.top_k < 0:
             raise GenerateError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):  # also false for nan
@@ -267,9 +270,11 @@ class Generation:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else math.nan
 
 
-def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int) -> None:
-    """GenerateError unless every prompt is non-empty and fits with max_new_tokens new tokens
-    into the model's context of ``max_positions``."""
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int,
+                  vocab_size: int | None = None) -> None:
+    """GenerateError unless every prompt is non-empty, holds ids of the vocabulary (when
+    ``vocab_size`` is given) and fits with max_new_tokens new tokens into the model's context
+    of ``max_positions``."""
     if not prompts:
         raise GenerateError("no prompts given")
     if max_new_tokens <= 0:
@@ -277,6 +282,12 @@ def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_pos
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty (no tokens)")
+    if vocab_size is not None:
+        for i, p in enumerate(prompts):
+            bad = [int(t) for t in p if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise GenerateError(f"prompt {i} holds token id {bad[0]}, outside the "
+                                    f"vocabulary [0, {vocab_size})")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > max_positions:
         raise GenerateError(f"prompt of {longest} tokens + --max_new_tokens {max_new_tokens} = "
@@ -320,7 +331,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     import jax.numpy as jnp
 
     sampling.validate()
-    check_request(prompts, max_new_tokens, int(model.config.max_position_embeddings))
+    check_request(prompts, max_new_tokens, int(model.config.max_position_embeddings),
+                  int(model.config.vocab_size))
     steps, leaves = split_model(model)
     tokens, pad = left_pad(prompts, pad_id, prompt_multiple)
     batch, length = tokens.shape

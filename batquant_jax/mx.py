@@ -393,7 +393,8 @@ class MXArray:
             raise ValueError(f"JAX has no element type for {self.fmt!r}; "
                              f"valid: {', '.join(_JAX_ELEMENTS)}")
         el = lax.bitcast_convert_type(self.codes, _JAX_ELEMENTS[self.fmt])
-        el = el.reshape(self.codes.shape[:-1] + (-1,))
+        per_byte = 2 if FORMATS[self.fmt].packed else 1  # an explicit size: a 0-row array too
+        el = el.reshape(self.codes.shape[:-1] + (self.codes.shape[-1] * per_byte,))
         return el, lax.bitcast_convert_type(self.scales, jnp.float8_e8m0fnu)
 
     @classmethod

@@ -308,6 +308,12 @@ class CalibConfig:
             raise RecipeError(f"clip_init must be a finite logit in [-{self.MAX_CLIP_LOGIT:g}, "
                               f"{self.MAX_CLIP_LOGIT:g}], got {self.clip_init}", "clip_init",
                               self.clip_init)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise RecipeError(f"weight_decay must be a finite number >= 0, got "
+                              f"{self.weight_decay}", "weight_decay", self.weight_decay)
+        if not (math.isfinite(self.max_cond) and self.max_cond >= 1):
+            raise RecipeError(f"max_cond must be a finite number >= 1 (a condition number), got "
+                              f"{self.max_cond}", "max_cond", self.max_cond)
         if not (math.isfinite(self.damp) and self.damp >= 0):
             raise RecipeError(f"damp must be a finite number >= 0, got {self.damp}", "damp",
                               self.damp)

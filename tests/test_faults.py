@@ -461,11 +461,34 @@ def test_overwrite_clears_a_corrupt_metadata_file(env, ref, tmp_path):
     ("--clip_init=nan", "--clip_init must be a finite logit in [-16, 16], got nan"),
     ("--lr=inf", "--lr must be a finite number in (0, 1], got inf"),
     ("--clip_lr=inf", "--clip_lr must be a finite number in (0, 1], got inf"),
+    ("--weight_decay=inf", "--weight_decay must be a finite number >= 0, got inf"),
+    ("--max_cond=nan", "--max_cond must be a finite number >= 1 (a condition number), got nan"),
+    ("--batch_size=0", "--batch_size must be >= 1, got 0"),  # rtn: the batch is otherwise cut
 ])
 def test_float_flags_are_checked_before_anything_loads(env, tmp_path, flag, message):
     res = run(env, "batquant_jax.calibrate", flags(env, tmp_path / "run") + [flag])
     assert (res.returncode, res.stderr) == (2, f"error: {message}\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks=piqa", "--limit=-1"], "flag --limit=-1: -1 is not a non-negative integer"),
+    (["--limit=5"], "--limit only apply with --tasks (zero-shot accuracy); perplexity takes "
+                    "--max_tokens"),
+    (["--baseline_json={base}", "--token_budget=64"], "--baseline_json, --token_budget only "
+     "apply with --tasks (zero-shot accuracy); perplexity takes --max_tokens"),
+    (["--tasks={task}", "--baseline_json={base}"], "--baseline_json {base} shares no task with "
+     "--tasks (mine); nothing to compare"),
+])
+def test_evaluate_flag_combinations_fail_before_any_work(env, tmp_path, args, message):
+    base = tmp_path / "fp.json"
+    base.write_text(json.dumps({"tasks": {"piqa": {"per_item": {"acc": [1, 0]}}}}))
+    task = tmp_path / "mine.jsonl"
+    task.write_text(json.dumps({"query": "a", "choices": ["b", "c"], "gold": 0}) + "\n")
+    args = [a.format(base=base, task=task) for a in args]
+    res = run(env, "batquant_jax.evaluate", ["--model=/no/such/model"] + args)
+    assert res.returncode == 2
+    assert last_error(res.stderr) == "error: " + message.format(base=base)
 
 
 def test_unwritable_output_dir_fails_before_the_model_loads(env, tmp_path):
@@ -509,20 +532,18 @@ def test_failed_result_write_keeps_the_result_in_the_error(env, ref, tmp_path, m
     from batquant_jax import evaluate
     cfg = evaluate.EvalConfig(checkpoint=str(ref[0]), eval_data=str(env["text"]), seqlen=32,
                               max_tokens=512, output_json=str(tmp_path / "ppl.json"))
-    real_write = pathlib.Path.write_text
 
-    def full(self, *args, **kw):
-        if self.name == "ppl.json":
-            raise OSError(28, "No space left on device")
-        return real_write(self, *args, **kw)
+    def full(fd):  # the disk fills while the result is flushed
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(evaluate.ResultError) as e:
         evaluate.run_evaluation(cfg)
     head = f"cannot write {tmp_path}/ppl.json (No space left on device); the result was "
     assert str(e.value).startswith(head) and "\n" not in str(e.value)
     result = json.loads(str(e.value)[len(head):])
     assert (result["tokens"], result["windows"], result["model"]) == (512, 16, str(ref[0]))
+    assert os.listdir(tmp_path) == []  # no 0-byte or partial ppl.json, no temporary file
 
 
 def test_lock_of_another_host_is_never_taken_over(tmp_path):
@@ -541,3 +562,23 @@ def test_lock_of_another_host_is_never_taken_over(tmp_path):
     with lockfile.FolderLock(tmp_path / "a" / "b") as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert sorted(os.listdir(tmp_path)) == []  # the folders it created are removed again
+
+
+def test_library_inputs_are_reported_as_given():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from batquant_jax import generate as g
+    from batquant_jax import mx
+    from batquant_jax.models import LlamaConfig
+    e, s = mx.quantize(jnp.zeros((0, 32))).to_jax()  # was ZeroDivisionError
+    assert (e.shape, s.shape) == ((0, 32), (0, 1))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_layers=1), nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^tokens must be an integer array \[B, T\], got "
+                                         r"float64\(1, 4\)$"):
+        model(np.zeros((1, 4), np.float64))  # was reported as float32, JAX's narrowed type
+    with pytest.raises(ValueError, match=r"^token id 64 is outside the vocabulary \[0, 64\)$"):
+        model(np.array([[1, 64]], np.int64))  # was silently clipped to the last row
+    with pytest.raises(g.GenerateError, match=r"^prompt 1 holds token id -3, outside the "
+                                              r"vocabulary \[0, 64\)$"):
+        g.generate_ids(model, [[1, 2], [-3]], max_new_tokens=2)

@@ -229,7 +229,7 @@ def test_sample_tokens_keeps_top_k_and_top_p_sets():
     (dict(max_new_tokens=0), "--max_new_tokens must be >= 1, got 0"),
     (dict(max_new_tokens=250), "prompt of 7 tokens + --max_new_tokens 250 = 257 exceeds the "
                                "model's context of 256 positions"),
-    (dict(sampling=g.Sampling(temperature=-1.0)), "--temperature must be a finite number >= 0"),
+    (dict(sampling=g.Sampling(temperature=-1.0)), "--temperature must be a number in [0, "),
     (dict(sampling=g.Sampling(temperature=float("nan"))), "--temperature must be"),
     (dict(sampling=g.Sampling(1.0, top_p=0.0)), "--top_p must be in (0, 1] (1 = off), got 0.0"),
     (dict(sampling=g.Sampling(1.0, top_k=-2)), "--top_k must be >= 0"),
@@ -350,9 +350,12 @@ def test_cli_ctrl_c_keeps_the_text_and_exits_130(tiny):
     (["--prompt=the cat", "--max_new_tokens=127"],
      "prompt of 2 tokens + --max_new_tokens 127 = 129 exceeds the model's context of 128 positions"),
     (["--prompt=the cat", "--temperature=-0.5"],
-     "--temperature must be a finite number >= 0 (0 = greedy), got -0.5"),
+     "--temperature must be a number in [0, 3.40282e+38] (0 = greedy; sampling runs in float32), got -0.5"),
     (["--prompt=the cat", "--temperature=nan"],
-     "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+     "--temperature must be a number in [0, 3.40282e+38] (0 = greedy; sampling runs in float32), got nan"),
+    (["--prompt=the cat", "--temperature=1e308"],
+     "--temperature must be a number in [0, 3.40282e+38] (0 = greedy; sampling runs in float32), "
+     "got 1e+308"),
     (["--prompt=the cat", "--top_p=0"], "--top_p must be in (0, 1] (1 = off), got 0.0"),
     (["--prompt=the cat", "--top_p=1.5"], "--top_p must be in (0, 1] (1 = off), got 1.5"),
     (["--prompt=the cat", "--top_k=-1"], "--top_k must be >= 0 (0 = off), got -1"),

@@ -438,9 +438,15 @@ class LlamaForCausalLM(nnx.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens: `[B, T]` int -> hidden states `[B, T, d]`."""
+        given = getattr(tokens, "dtype", None) or np.asarray(tokens).dtype  # before jnp narrows it
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}{tokens.shape}")
+            raise ValueError(f"tokens must be an integer array [B, T], got {given}{tokens.shape}")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # eager: ids are checkable
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
         return self.embed_tokens(tokens)
 
     def head(self, h: jax.Array) -> jax.Array:
