@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from batquant_jax.models import ModelLoadError, forward_logits, load_model
+from batquant_jax.models import ModelLoadError, forward_logits, forward_nll, load_model
 from batquant_jax.models.llama import LlamaConfig, rope_inv_freq
 from batquant_jax.models.loading import smollm2_gguf_path
 
@@ -255,8 +255,11 @@ def write_tiny_gguf(path, arch: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
-def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch):
+def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch, monkeypatch):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from batquant_jax.models import llama
+    monkeypatch.setattr(llama, "HEAD_CHUNK_ROWS", 64)
 
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
     hf_cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
@@ -291,8 +294,13 @@ def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch):
                               ("model.embed_tokens.weight", loaded.model.embed_tokens.weight)]:
                 np.testing.assert_array_equal(np.asarray(var.get_value()),
                                               tensors[name].numpy())  # transformers' own dequant
+            dense_nll = np.asarray(forward_nll(loaded.model, tokens))
         else:  # the same float32 weights, decoded inside the forward: the same logits
             np.testing.assert_array_equal(got, dense_logits)
+            # the NLL of a stored head runs over vocabulary chunks (online logsumexp; here 5
+            # chunks of 60 rows): the same to float32 rounding (this random model: NLL up to 300)
+            nll = np.asarray(forward_nll(loaded.model, tokens))
+            np.testing.assert_allclose(nll, dense_nll, rtol=1e-5, atol=1e-4)
 
 
 def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):

@@ -503,9 +503,13 @@ class LlamaForCausalLM(nnx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"nll needs tokens [B, T] with T >= 2, got shape {tokens.shape}")
-        logits = self.head(self.hidden(tokens)[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+        h = self.hidden(tokens)[:, :-1]
+        targets = tokens[:, 1:].astype(jnp.int32)
+        w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
+        if isinstance(w, StoredWeight):  # never the whole [V, d] head nor [B, T, V] logits
+            return _chunked_nll(self.norm(h), w, targets)
+        logp = jax.nn.log_softmax(self.head(h), axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], *,
@@ -536,6 +540,41 @@ class LlamaForCausalLM(nnx.Module):
             else:
                 var.set_value(jnp.asarray(np.asarray(w), dtype=dtype))
         return model
+
+
+HEAD_CHUNK_ROWS = 16384  # vocabulary rows of a stored head decoded at a time
+
+
+def _chunk_rows(vocab: int) -> int:
+    """The largest divisor of ``vocab`` that is at most HEAD_CHUNK_ROWS (151936 -> 9496)."""
+    return max(d for d in range(1, min(vocab, HEAD_CHUNK_ROWS) + 1) if vocab % d == 0)
+
+
+def _chunked_nll(h: jax.Array, w: StoredWeight, targets: jax.Array) -> jax.Array:
+    """-log softmax(h @ W.T)[target] over vocabulary chunks: a running max and sum of exps
+    (online logsumexp), with the head decoded one chunk at a time inside a scan.
+    h: `[B, T, d]` (after the final norm), targets: `[B, T]` -> `[B, T]` float32."""
+    vocab, rows = w.shape[0], _chunk_rows(w.shape[0])
+    data = w.data.reshape((vocab // rows, rows) + w.data.shape[1:])
+    hf = h.astype(jnp.float32)
+
+    def body(carry, chunk):
+        m, s, tgt = carry
+        i, block = chunk
+        hb, block = jax.lax.optimization_barrier((hf, block))
+        wc = StoredWeight(block, w.kind, (rows, w.shape[1])).dense()
+        logits = jnp.einsum("btd,vd->btv", hb, wc)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+        local = targets - i * rows
+        inside = (local >= 0) & (local < rows)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, rows - 1)[..., None], -1)[..., 0]
+        return (m_new, s, jnp.where(inside, picked, tgt)), None
+
+    init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), jnp.zeros(targets.shape, jnp.float32),
+            jnp.zeros(targets.shape, jnp.float32))
+    (m, s, tgt), _ = jax.lax.scan(body, init, (jnp.arange(vocab // rows), data))
+    return (m + jnp.log(s)) - tgt
 
 
 def hf_param_names(model: LlamaForCausalLM) -> dict[str, nnx.Param]:

@@ -270,16 +270,26 @@ class GGUFWeights(Mapping):
         shape = tuple(int(s) for s in reversed(t.shape))
         kind = t.tensor_type.name
         try:
+            raw = self._read(t)
             if self.stored and len(shape) == 2 and (kind in BLOCK_TYPES or kind in FLOAT_TYPES):
-                data = np.asarray(t.data).reshape(shape[0], -1).view(np.uint8)
-                w = StoredWeight.from_ggml(self._rows(name, data), kind, shape)
-                return w
-            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+                return StoredWeight.from_ggml(self._rows(name, raw.reshape(shape[0], -1)), kind,
+                                              shape)
+            w = gguf.quants.dequantize(raw.view(t.data.dtype).reshape(t.data.shape),
+                                       t.tensor_type)
             w = np.asarray(w, dtype=np.float32).reshape(shape)
         except Exception as e:
             raise ModelLoadError(f"{self.path}: tensor {t.name} is truncated or corrupt "
                                  f"({_one_line(e)})") from None
         return self._rows(name, w)
+
+    def _read(self, t) -> np.ndarray:
+        """The tensor's bytes, read from the file (not through the reader's memory map, whose
+        touched pages would stay resident beside the copy the model keeps)."""
+        with open(self.path, "rb") as f:
+            raw = os.pread(f.fileno(), int(t.n_bytes), int(t.data_offset))
+        if len(raw) != int(t.n_bytes):
+            raise ValueError(f"{len(raw)} of {int(t.n_bytes)} bytes at offset {int(t.data_offset)}")
+        return np.frombuffer(raw, np.uint8)
 
     def _rows(self, name: str, w: np.ndarray) -> np.ndarray:
         heads = next((h for suffix, h in self._unpermute.items() if name.endswith(suffix)), None)
