@@ -223,7 +223,11 @@ def verify_metadata(out: pathlib.Path, meta: Mapping[str, Any]) -> None:
     files = meta.get(FILE_CHECKSUMS)
     if not isinstance(files, dict):
         raise CheckpointError(f"{where} has no {FILE_CHECKSUMS!r} table")
-    now = file_digests(out, TOKENIZER_DIR)
+    try:
+        now = file_digests(out, TOKENIZER_DIR)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {out / TOKENIZER_DIR} ({e.strerror or e}: "
+                              f"{e.filename})") from None
     for name in sorted(set(files) | set(now)):
         if name not in now:
             raise CheckpointError(f"{out / name} is missing (listed in {METADATA_FILE})")
@@ -583,7 +587,13 @@ def load_quantized(out_dir, *, packed: bool = True,
     tokenizer = None
     if (out / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER_DIR), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER_DIR),
+                                                      local_files_only=True)
+        except Exception as e:  # unreadable or damaged files (their digests matched: a
+            # permission problem, or a tokenizer this transformers version cannot read)
+            raise CheckpointError(f"{out / TOKENIZER_DIR}: the tokenizer cannot be loaded "
+                                  f"({type(e).__name__}: {_one_line(e, 150)})") from None
     return model, tokenizer, meta
 
 

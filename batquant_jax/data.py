@@ -314,7 +314,10 @@ def prepare(root: pathlib.Path | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- public API
 
 def _read_utf8(path: pathlib.Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read text file {path} ({e.strerror or e})") from None
     if not data.strip():
         raise DataError(f"text file {path} is empty ({len(data)} bytes"
                         f"{', whitespace only' if data else ''}); need some UTF-8 text")
@@ -364,7 +367,10 @@ def load_corpus(name_or_path: str | os.PathLike) -> str:
     if path.is_file():
         return _read_utf8(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        try:
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        except OSError as e:
+            raise DataError(f"cannot read folder {path} ({e.strerror or e})") from None
         if not files:
             raise DataError(f"folder {path} has no text files; need at least one UTF-8 file in it")
         return "\n\n".join(_read_utf8(p) for p in files)

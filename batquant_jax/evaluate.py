@@ -206,6 +206,13 @@ def main(argv: list[str]) -> None:
     if FLAGS.checkpoint:
         from batquant_jax.checkpoint import quiet_orbax_logs
         quiet_orbax_logs()
+    try:
+        _main()
+    except KeyboardInterrupt:  # nothing is written before the result: nothing to keep
+        cli.fail("interrupted; no result was written", 130)
+
+
+def _main() -> None:
     if FLAGS.tasks is not None:  # zero-shot accuracy instead of perplexity (block below)
         return accuracy_main()
     only_tasks = [f"--{n}" for n in ("limit", "baseline_json", "token_budget")

@@ -406,8 +406,14 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise GenerateError("--chat: this model's tokenizer carries no chat template; "
                                 "drop --chat to continue the prompt as plain text")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a broken template raises jinja2's errors (or others)
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise GenerateError(f"--chat: the tokenizer's chat template does not render "
+                                f"({type(e).__name__}: {msg}); drop --chat or fix the "
+                                "template") from None
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(text))
 

@@ -582,3 +582,77 @@ def test_library_inputs_are_reported_as_given():
     with pytest.raises(g.GenerateError, match=r"^prompt 1 holds token id -3, outside the "
                                               r"vocabulary \[0, 64\)$"):
         g.generate_ids(model, [[1, 2], [-3]], max_new_tokens=2)
+
+
+def test_unreadable_inputs_are_one_line(env, ref, tmp_path, monkeypatch):
+    """Permission errors (simulated: the suite may run as root, which reads anything)."""
+    from batquant_jax import data
+    text = tmp_path / "calib.txt"
+    text.write_text("some words")
+    real_read = pathlib.Path.read_bytes
+
+    def denied(self):
+        if self.name in ("calib.txt", "tokenizer.json"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    with pytest.raises(data.DataError, match=rf"^cannot read text file {text} \(Permission "
+                                             r"denied\)$"):
+        data.load_corpus(str(text))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"^cannot read {ref[0]}/tokenizer \(Permission denied: "):
+        checkpoint.load_quantized(ref[0])
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    with pytest.raises(data.DataError, match=rf"^cannot read folder {tmp_path} \(Permission "
+                                             r"denied\)$"):
+        data.load_corpus(str(tmp_path))
+
+
+def test_broken_chat_template_is_one_line():
+    from batquant_jax import generate as g
+
+    class Tok:
+        chat_template = "{% for m in messages %}{{ m.content }"
+
+        def apply_chat_template(self, *a, **k):
+            import jinja2
+            return jinja2.Template(self.chat_template).render(messages=a[0])
+
+    with pytest.raises(g.GenerateError, match=r"^--chat: the tokenizer's chat template does not "
+                                              r"render \(TemplateSyntaxError: "):
+        g.encode_prompt(Tok(), "hello", chat=True)
+
+
+def test_ctrl_c_in_evaluate_is_one_line(env, ref, tmp_path):
+    import signal
+    out = tmp_path / "ppl.json"
+    proc = subprocess.Popen([sys.executable, "-m", "batquant_jax.evaluate",
+                             f"--checkpoint={ref[0]}", f"--eval_data={env['text']}",
+                             "--seqlen=32", "--max_tokens=0", f"--output_json={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env["env"])
+    seen = []
+    for line in proc.stderr:  # Ctrl-C once the command is loading the checkpoint
+        seen.append(line)
+        if line.startswith("evaluate: loading"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 130
+    assert last_error("".join(seen) + rest) == "error: interrupted; no result was written"
+    assert not out.exists()
+
+
+def test_too_many_samples_are_refused_before_allocating(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "available_memory", lambda: 8 << 30)
+    cfg = calibrate.CalibrateConfig(model=str(env["model"]), calib_data=str(env["text"]),
+                                    output_dir=str(tmp_path / "run"), nsamples=100_000_000,
+                                    seqlen=32, method="rtn")
+    with pytest.raises(calibrate.ConfigError) as e:
+        calibrate.run_calibration(cfg, log=lambda s: None, out=lambda s: None)
+    assert str(e.value) == ("--nsamples 100000000 x --seqlen 32 needs about 2288.8 GiB of "
+                            "calibration activations (hidden size 64); 8.0 GiB are available: "
+                            "lower --nsamples or --seqlen")
