@@ -203,8 +203,8 @@ def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:
     return kind, record
 
 
-def _summary(reports: list[dict]) -> str:
-    rows = [f"{'layer':>5}  {'mse rtn':>10}  {'init':>10}  {'trained':>10}  {'final':>10}  "
+def _summary(reports: list[dict], loss_name: str = "loss") -> str:
+    rows = [f"{'layer':>5}  {loss_name + ' rtn':>10}  {'init':>10}  {'trained':>10}  {'final':>10}  "
             f"{'steps':>5}  {'seconds':>7}"]
     for r in reports:
         rows.append(f"{r['index'] + 1:>5}  {r['loss_rtn']:>10.4g}  {r['loss_init']:>10.4g}  "
@@ -452,7 +452,7 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
                         "committed layer is kept: fix the cause and rerun the same command to "
                         "resume") from None
 
-    out(_summary(meta["layers"]))
+    out(_summary(meta["layers"], meta.get("loss", "loss")))
     out(_sizes_line(meta["sizes"]))
     if eval_result is not None:
         out(f"perplexity fp: {eval_result['perplexity_fp']:.4f}")

@@ -40,7 +40,8 @@ from batquant_jax.distributed import placement
 from batquant_jax.models.llama import LlamaForCausalLM
 from batquant_jax.qlayers import (GROUPS, build_quantized_layer, group_heads, quant_linears,
                                   quantize_layer, set_capture)
-from batquant_jax.recipe import (CLIPS, INITS, LOSS_WEIGHTS, LOSSES, METHODS, PROPAGATIONS,  # noqa: F401
+from batquant_jax.recipe import (CLIPS, CUSTOM_LOSS, INITS, LOSS_WEIGHTS, LOSSES, METHODS,  # noqa: F401
+                                 PROPAGATIONS,
                                  SCALE_INITS, SETTINGS, TRANSFORM_BLOCKS, TRANSFORMS,
                                  WEIGHT_QUANTIZERS, CalibConfig, mse_loss, token_mse_loss)
 from batquant_jax.transforms import smooth_init, transform_is_healthy
@@ -65,8 +66,9 @@ class LayerReport:
     seconds: float
     fell_back: bool = False  # training diverged or did not improve: earlier parameters kept
 
-    def line(self, n: int) -> str:
-        return (f"layer {self.index + 1}/{n}: mse rtn {self.loss_rtn:.4g} | init {self.loss_init:.4g}"
+    def line(self, n: int, loss_name: str = "loss") -> str:
+        return (f"layer {self.index + 1}/{n}: {loss_name} rtn {self.loss_rtn:.4g} | init "
+                f"{self.loss_init:.4g}"
                 f" -> trained {self.loss_trained:.4g} -> final {self.loss_final:.4g}"
                 f"{' (fell back)' if self.fell_back else ''} [{self.seconds:.1f}s]")
 
@@ -87,6 +89,10 @@ def _stderr(msg: str) -> None:
 
 
 def _loss_name(fn) -> str:
+    """A loss function's name; a ``functools.partial`` is named after what it wraps,
+    "partial(huber)"."""
+    if isinstance(fn, functools.partial):
+        return f"partial({_loss_name(fn.func)})"
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
@@ -182,6 +188,9 @@ class LayerCalibrator:
             raise ValueError(f"nsamples ({nsamples}) must be >= batch_size ({cfg.batch_size})")
         tx_t, tx_c = default_optimizers(cfg, cfg.epochs * self.steps_per_epoch)
         self.tx_t, self.tx_c = tx or tx_t, clip_tx or tx_c
+        if loss_fn is None and cfg.loss == CUSTOM_LOSS:
+            raise ValueError(f"loss {CUSTOM_LOSS!r} names an objective passed as loss_fn; pass "
+                             f"loss_fn, or one of {', '.join(LOSSES)}")
         self.loss_fn = loss_fn or LOSSES[cfg.loss]
         self.loss_name = cfg.loss if loss_fn is None else _loss_name(loss_fn)
         self.step_fn = _make_step(self.tx_t, self.tx_c, self.loss_fn)
@@ -379,6 +388,8 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquan
     ('<lambda>', 1)
     """
     cfg = CalibConfig(method=method, setting=setting, **hparams)
+    if loss_fn is not None:  # the recorded recipe says that its objective was not a named one
+        cfg = dataclasses.replace(cfg, loss=CUSTOM_LOSS)
     place = placement(mesh)
     place.check_batch(cfg.batch_size, "batch_size")
     if mesh is not None:
@@ -407,7 +418,7 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquan
         reports.append(rep)
         done = i + 1 - start_layer
         eta = (time.time() - t0) / done * (n_layers - i - 1)
-        log(rep.line(n_layers) + f" elapsed {time.time() - t0:.0f}s, eta {eta:.0f}s")
+        log(rep.line(n_layers, cal.loss_name) + f" elapsed {time.time() - t0:.0f}s, eta {eta:.0f}s")
         if on_layer_done is not None:
             on_layer_done(i, layer, xs, rep)
     return model, CalibrationResult(cfg, reports, time.time() - t0, cal.loss_name)

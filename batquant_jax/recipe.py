@@ -93,6 +93,8 @@ def token_mse_loss(out: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.
 # ``loss_fn(output, target) -> scalar`` to ``quantize_model``.
 LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "mse": mse_loss, "token_mse": token_mse_loss}
+# CalibConfig.loss of a run whose objective was a ``loss_fn`` passed to quantize_model
+CUSTOM_LOSS = "custom"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -280,7 +282,7 @@ class CalibConfig:
         if self.weight_quantizer is not None:
             one_of(self.weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
         one_of(self.clip, CLIPS, "clip")
-        one_of(self.loss, tuple(LOSSES), "loss")
+        one_of(self.loss, tuple(LOSSES) + (CUSTOM_LOSS,), "loss")
         one_of(self.scale_init, SCALE_INITS, "scale_init")
         one_of(self.loss_weight, LOSS_WEIGHTS, "loss_weight")
         one_of(self.scale_mode, mx.SCALE_MODES, "scale_mode")

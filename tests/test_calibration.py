@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -226,3 +227,22 @@ def test_flatquant_starts_from_random_orthogonal_factors():
     for p in (t.P1[...], t.P2[...]):
         np.testing.assert_allclose(np.asarray(p @ p.T), np.eye(p.shape[0]), atol=1e-5)
         assert float(jnp.max(jnp.abs(p - jnp.eye(p.shape[0])))) > 0.1  # not the identity
+
+
+def test_a_custom_objective_is_named_and_recorded_as_such():
+    import functools
+
+    def huber(out, y, delta=1.0):
+        return jnp.mean(optax.huber_loss(out, y, delta=delta))
+
+    lines = []
+    model = LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0))
+    tokens = np.arange(4 * 32).reshape(4, 32) % 256
+    _, res = quantize_model(model, tokens, "batquant", epochs=1,
+                            loss_fn=functools.partial(huber, delta=0.5), log=lines.append)
+    assert (res.loss_name, res.config.loss) == ("partial(huber)", "custom")
+    assert lines[0] == "layer objective: partial(huber)"
+    assert lines[-1].startswith("layer 1/1: partial(huber) rtn ")
+    with pytest.raises(ValueError, match="loss 'custom' names an objective passed as loss_fn"):
+        quantize_model(LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0)), tokens,
+                       "batquant", loss="custom", log=lambda s: None)
