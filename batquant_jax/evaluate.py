@@ -121,6 +121,11 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     start = time.perf_counter()
     _log(f"reading {cfg.eval_data}")
     text = data.load_corpus(cfg.eval_data)  # before the model: a bad path fails fast
+    from batquant_jax.models.loading import peek_context
+    context = peek_context(cfg.checkpoint or cfg.model, checkpoint=cfg.checkpoint is not None)
+    if context is not None and cfg.seqlen > context:  # before a load that may take minutes
+        raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's context of {context} "
+                          "positions")
     _log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
     evm = get_nll_fn(cfg)
     if cfg.seqlen > evm.max_positions:

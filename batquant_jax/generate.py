@@ -613,6 +613,11 @@ def _run(cfg: GenerateConfig) -> None:
         if cfg.checkpoint:
             from batquant_jax.checkpoint import quiet_orbax_logs
             quiet_orbax_logs()
+        from batquant_jax.models.loading import peek_context
+        context = peek_context(cfg.checkpoint or cfg.model, checkpoint=bool(cfg.checkpoint))
+        if context is not None and cfg.max_new_tokens >= context:  # a prompt needs 1 position
+            raise GenerateError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a "
+                                f"prompt in the model's context of {context} positions")
         _log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
         model, tokenizer, description = load(cfg)
         ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)

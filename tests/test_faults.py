@@ -656,3 +656,15 @@ def test_too_many_samples_are_refused_before_allocating(env, tmp_path, monkeypat
     assert str(e.value) == ("--nsamples 100000000 x --seqlen 32 needs about 2288.8 GiB of "
                             "calibration activations (hidden size 64); 8.0 GiB are available: "
                             "lower --nsamples or --seqlen")
+
+
+def test_context_limits_are_checked_before_the_model_loads(env, ref):
+    ev = run(env, "batquant_jax.evaluate", [f"--checkpoint={ref[0]}", f"--eval_data={env['text']}",
+                                            "--seqlen=256"])
+    assert ev.returncode == 2 and "evaluate: loading" not in ev.stderr
+    assert last_error(ev.stderr) == "error: --seqlen 256 exceeds the model's context of 128 positions"
+    gen = run(env, "batquant_jax.generate", [f"--model={env['model']}", "--prompt=the cat",
+                                             "--max_new_tokens=128"])
+    assert gen.returncode == 2 and "generate: loading" not in gen.stderr
+    assert last_error(gen.stderr) == ("error: --max_new_tokens 128 leaves no room for a prompt in "
+                                      "the model's context of 128 positions")

@@ -359,8 +359,9 @@ def test_cli_ctrl_c_keeps_the_text_and_exits_130(tiny):
     (["--prompt=the cat", "--top_p=0"], "--top_p must be in (0, 1] (1 = off), got 0.0"),
     (["--prompt=the cat", "--top_p=1.5"], "--top_p must be in (0, 1] (1 = off), got 1.5"),
     (["--prompt=the cat", "--top_k=-1"], "--top_k must be >= 0 (0 = off), got -1"),
-    (["--prompt=the cat", "--chat"], "--chat: this model's tokenizer carries no chat template; "
-                                     "drop --chat to continue the prompt as plain text"),
+    (["--prompt=the cat", "--chat", "--max_new_tokens=8"],
+     "--chat: this model's tokenizer carries no chat template; drop --chat to continue the "
+     "prompt as plain text"),
     (["--prompt=the cat", "extra"], "unexpected arguments ['extra']; all settings are --flags"),
 ])
 def test_cli_bad_input_exits_2(tiny, args, message):

