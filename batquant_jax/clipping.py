@@ -50,7 +50,26 @@ def _check(granularity: str, d: int, block: int) -> None:
         raise ValueError(f"d={d} must be a positive multiple of the block size {block}")
 
 
-class ActClip(nnx.Module):
+class _Clip(nnx.Module):
+    """What ActClip and WeightClip share: the logit pair and its ratios."""
+
+    def _logits(self, shape: tuple, init: float, granularity: str, enabled: bool) -> None:
+        self.granularity, self.enabled = granularity, enabled
+        if enabled:
+            self.a_max = nnx.Param(jnp.full(shape, init, jnp.float32))
+            self.a_min = nnx.Param(jnp.full(shape, init, jnp.float32))
+        else:
+            self.a_max = self.a_min = None
+
+    def ratios(self) -> tuple[jax.Array, jax.Array]:
+        """(sigmoid(a_max), sigmoid(a_min)), each of the logits' shape (ActClip: [d / block] or
+        []; WeightClip: [out, d / block] or [out])."""
+        if not self.enabled:
+            raise ValueError("clipping is disabled")
+        return jax.nn.sigmoid(self.a_max[...]), jax.nn.sigmoid(self.a_min[...])
+
+
+class ActClip(_Clip):
     """Learnable activation clipping for x: [..., d], ``d % block == 0``.
 
     granularity="block": logits a_max, a_min: [d / block], one pair per block position along d,
@@ -60,19 +79,8 @@ class ActClip(nnx.Module):
     def __init__(self, d: int, block: int = 32, init: float = DEFAULT_CLIP_INIT,
                  granularity: str = "block", enabled: bool = True):
         _check(granularity, d, block)
-        self.d, self.block, self.granularity, self.enabled = d, block, granularity, enabled
-        shape = (d // block,) if granularity == "block" else ()
-        if enabled:
-            self.a_max = nnx.Param(jnp.full(shape, init, jnp.float32))
-            self.a_min = nnx.Param(jnp.full(shape, init, jnp.float32))
-        else:
-            self.a_max = self.a_min = None
-
-    def ratios(self) -> tuple[jax.Array, jax.Array]:
-        """(sigmoid(a_max), sigmoid(a_min)), each [d / block] or []."""
-        if not self.enabled:
-            raise ValueError("clipping is disabled")
-        return jax.nn.sigmoid(self.a_max[...]), jax.nn.sigmoid(self.a_min[...])
+        self.d, self.block = d, block
+        self._logits((d // block,) if granularity == "block" else (), init, granularity, enabled)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., d] -> clamped x, same shape and dtype."""
@@ -87,7 +95,7 @@ class ActClip(nnx.Module):
         return clamp_to_ratios(x[..., None, :], r_max, r_min).reshape(x.shape)
 
 
-class WeightClip(nnx.Module):
+class WeightClip(_Clip):
     """Learnable weight clipping for W: [out, d], ``d % block == 0``.
 
     granularity="block": logits a_max, a_min: [out, d / block], one pair per (row, block);
@@ -100,19 +108,8 @@ class WeightClip(nnx.Module):
         if out <= 0:
             raise ValueError(f"out must be positive, got {out}")
         self.out, self.d, self.block = out, d, block
-        self.granularity, self.enabled = granularity, enabled
-        shape = (out, d // block) if granularity == "block" else (out,)
-        if enabled:
-            self.a_max = nnx.Param(jnp.full(shape, init, jnp.float32))
-            self.a_min = nnx.Param(jnp.full(shape, init, jnp.float32))
-        else:
-            self.a_max = self.a_min = None
-
-    def ratios(self) -> tuple[jax.Array, jax.Array]:
-        """(sigmoid(a_max), sigmoid(a_min)), each [out, d / block] or [out]."""
-        if not self.enabled:
-            raise ValueError("clipping is disabled")
-        return jax.nn.sigmoid(self.a_max[...]), jax.nn.sigmoid(self.a_min[...])
+        self._logits((out, d // block) if granularity == "block" else (out,), init, granularity,
+                     enabled)
 
     def __call__(self, w: jax.Array) -> jax.Array:
         """W: [out, d] -> clamped W, same shape and dtype."""

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -15,39 +14,7 @@ import pytest
 from batquant_jax import calibrate, checkpoint, data
 from batquant_jax.models import ModelLoadError
 
-N_LAYERS = 6
-WORDS = ("the a one every small large red blue cat dog bird fish tree river stone house sees eats "
-         "finds likes near under over with and but quickly slowly today").split()
-
-
-def make_tiny(folder: pathlib.Path) -> pathlib.Path:
-    """Random 6-layer Llama (hidden 64) + word-level tokenizer in ``folder``; returns a text file."""
-    from flax import nnx
-    from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig as HFConfig
-    from transformers import PreTrainedTokenizerFast
-
-    from batquant_jax.models import LlamaConfig, LlamaForCausalLM, hf_param_names
-    folder.mkdir(parents=True)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "."] + list(WORDS))},
-                                     unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
-    HFConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-             max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(str(folder))
-    ours = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=N_LAYERS,
-                       num_heads=4, num_kv_heads=2, head_dim=16)
-    rng = np.random.default_rng(0)
-    weights = {n: ((1.0 if "norm" in n else 0.0) + 0.15 * rng.standard_normal(v.shape)).astype(np.float32)
-               for n, v in hf_param_names(LlamaForCausalLM(ours, nnx.Rngs(0))).items()}
-    save_file(weights, str(folder / "model.safetensors"))
-    r = np.random.default_rng(1)
-    text = " ".join(" ".join(r.choice(WORDS, size=r.integers(4, 10))) + "." for _ in range(600))
-    path = folder.parent / "text.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+from conftest import N_LAYERS, make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pytest
 from batquant_jax import calibrate, checkpoint
 from batquant_jax.models import LlamaForCausalLM
 from batquant_jax.qlayers import LINEAR_NAMES as LINEARS
-from test_calibrate_cli import N_LAYERS, make_tiny
+from conftest import N_LAYERS, make_tiny
 
 WRAPPER = r'''
 import os, resource, runpy, signal, sys, time

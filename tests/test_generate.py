@@ -15,7 +15,7 @@ import pytest
 
 from batquant_jax import generate as g
 from batquant_jax.models import LlamaConfig, LlamaForCausalLM, forward_logits, load_model
-from test_calibrate_cli import make_tiny
+from conftest import make_tiny
 
 CFG = LlamaConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
