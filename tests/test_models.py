@@ -162,3 +162,22 @@ def test_llama3_rope_frequencies():
     np.testing.assert_array_equal(inv[wavelen < 16], base[wavelen < 16])  # high frequencies kept
     np.testing.assert_allclose(inv[wavelen > 64], base[wavelen > 64] / 8.0, rtol=1e-6)  # low ones / factor
     assert inv.dtype == np.float32 and inv.shape == (8,)
+
+
+def test_forward_from_input_embeddings_and_its_gradient():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from batquant_jax.models import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(num_layers=2), nnx.Rngs(0))
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    h = model.embed(ids)
+    np.testing.assert_array_equal(np.asarray(model.logits_from_embeddings(h)),
+                                  np.asarray(model(ids)))
+    g = jax.grad(lambda e: model.logits_from_embeddings(e)[0, -1, 7])(h)
+    assert g.shape == h.shape and bool(jnp.all(g[1] == 0)) and float(jnp.abs(g[0]).sum()) > 0
+    eps, d = 1e-2, jnp.zeros_like(h).at[0, 2, 5].set(1.0)  # central difference along one input
+    fd = (model.logits_from_embeddings(h + eps * d)[0, -1, 7]
+          - model.logits_from_embeddings(h - eps * d)[0, -1, 7]) / (2 * eps)
+    np.testing.assert_allclose(float(fd), float(g[0, 2, 5]), rtol=2e-2, atol=1e-4)

@@ -462,10 +462,21 @@ class LlamaForCausalLM(nnx.Module):
         positions: `[T]` or `[B, T]` (default arange(T)); mask: bool `[B, T, T]` (query, key)
         or None for causal attention (see `Attention`).
         """
-        h = self.embed(tokens)
+        return self.decode_embeddings(self.embed(tokens), positions, mask)
+
+    def decode_embeddings(self, h: jax.Array, positions: jax.Array | None = None,
+                          mask: jax.Array | None = None) -> jax.Array:
+        """The decoder layers on input embeddings h `[B, T, d]` (what `embed` returns, or any
+        vectors: gradient analysis, soft prompts) -> last layer output `[B, T, d]`."""
         for layer in self.layers:
             h = layer(h, positions, mask)
         return h
+
+    def logits_from_embeddings(self, h: jax.Array, positions: jax.Array | None = None
+                               ) -> jax.Array:
+        """Input embeddings `[B, T, d]` -> logits `[B, T, V]` float32; differentiable in h:
+        ``jax.grad(lambda h: model.logits_from_embeddings(h)[0, -1, t])(model.embed(ids))``."""
+        return self.head(self.decode_embeddings(h, positions))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """tokens: `[B, T]` int -> logits `[B, T, V]` float32."""
