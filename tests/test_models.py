@@ -165,11 +165,6 @@ def test_llama3_rope_frequencies():
 
 
 def test_forward_from_input_embeddings_and_its_gradient():
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from batquant_jax.models import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(num_layers=2), nnx.Rngs(0))
     ids = np.arange(12, dtype=np.int32).reshape(2, 6)
     h = model.embed(ids)
