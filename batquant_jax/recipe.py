@@ -198,6 +198,27 @@ METHODS = {
 }
 
 
+def register_method(name: str, spec: MethodSpec, *, replace: bool = False) -> None:
+    """Adds a method that ``quantize_model``, ``CalibConfig`` and the checkpoint loader know by
+    ``name``: any MethodSpec, its transform any kind of ``transforms.REGISTRY`` (register new
+    kinds with ``transforms.register``). ``replace=True`` redefines an existing name.
+
+    >>> register_method("brq64", MethodSpec(transform="block_hadamard", hadamard_size=64))
+    >>> CalibConfig(method="brq64").method_spec.hadamard_size
+    64
+    >>> del METHODS["brq64"]
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
+        raise RecipeError(f"a method name is letters, digits, '_', '.', '-', got {name!r}",
+                          "method", name)
+    if not isinstance(spec, MethodSpec):
+        raise RecipeError(f"spec must be a MethodSpec, got {type(spec).__name__}", "method", name)
+    if name in METHODS and not replace:
+        raise RecipeError(f"method {name!r} exists; pass replace=True to redefine it",
+                          "method", name)
+    METHODS[name] = spec
+
+
 # ----------------------------------------------------------------------------- one run
 
 def _help(text: str) -> dict:

@@ -148,7 +148,30 @@ def smooth_init(act_absmax, w_absmax, alpha: float = 0.5, lo: float = 1e-3, hi: 
 
 
 class Transform(nnx.Module):
-    """Base class: ``x -> (x / s) P`` and ``W -> (W * s) P^{-T}`` (s only when channel_scale)."""
+    """Base class: ``x -> (x / s) P`` and ``W -> (W * s) P^{-T}`` (s only when channel_scale).
+
+    A new kind subclasses it: set ``self.d`` (and ``self._init_scale(channel_scale)`` for a
+    channel scale), keep learnable parts as ``nnx.Param`` and fixed ones as ``Constant``, and
+    implement the three P hooks below (the base applies the scale and checks shapes); a
+    learnable kind also reports ``condition_number()``. ``register(name, builder)`` then makes it
+    a kind that methods name (``recipe.register_method``):
+
+    >>> class Negate(Transform):               # P = -I
+    ...     def __init__(self, d: int):
+    ...         self.d = d
+    ...     def apply_p(self, x):
+    ...         return -x
+    ...     def fold_p(self, w):
+    ...         return -w
+    ...     def fold_p_f64(self, w):
+    ...         return -w
+    >>> register("negate", lambda d, **_: Negate(d))
+    >>> t = build("negate", 64)
+    >>> x, w = jnp.ones((2, 64)), jnp.full((3, 64), 0.5)
+    >>> bool(jnp.allclose(t(x) @ t.fold(w).T, x @ w.T))
+    True
+    >>> del REGISTRY["negate"]
+    """
 
     d: int
     log_scale: nnx.Param | None = None
@@ -157,13 +180,13 @@ class Transform(nnx.Module):
         self.log_scale = nnx.Param(jnp.zeros((self.d,), jnp.float32)) if channel_scale else None
 
     # subclasses implement the P part on float32-or-wider arrays
-    def _forward(self, x):  # x: [..., d] -> x P
+    def apply_p(self, x):  # x: [..., d] -> x P
         raise NotImplementedError
 
-    def _fold(self, w):  # w: [out, d] -> w P^{-T}
+    def fold_p(self, w):  # w: [out, d] -> w P^{-T}
         raise NotImplementedError
 
-    def _fold_np(self, w: np.ndarray) -> np.ndarray:  # float64 twin of _fold
+    def fold_p_f64(self, w: np.ndarray) -> np.ndarray:  # float64 twin of _fold
         raise NotImplementedError
 
     def condition_number(self) -> jax.Array:
@@ -191,7 +214,7 @@ class Transform(nnx.Module):
         y = x
         if self.log_scale is not None:
             y = y * jnp.exp(-self.log_scale[...])
-        return self._forward(y).astype(x.dtype)
+        return self.apply_p(y).astype(x.dtype)
 
     def fold(self, w: jax.Array) -> jax.Array:
         """W: [out, d] -> (W * s) P^{-T}, same dtype; differentiable w.r.t. the parameters."""
@@ -200,7 +223,7 @@ class Transform(nnx.Module):
         v = w
         if self.log_scale is not None:
             v = v * jnp.exp(self.log_scale[...])
-        return self._fold(v).astype(w.dtype)
+        return self.fold_p(v).astype(w.dtype)
 
     def fold_f64(self, w) -> np.ndarray:
         """NumPy float64 ``(W * s) P^{-T}`` for export. W: [out, d]."""
@@ -209,7 +232,7 @@ class Transform(nnx.Module):
             raise ValueError(f"expected W: [out, {self.d}], got {w.shape}")
         if self.log_scale is not None:
             w = w * np.exp(_f64(self.log_scale))
-        return self._fold_np(w)
+        return self.fold_p_f64(w)
 
     def matrix(self) -> jax.Array:
         """Dense ``diag(1/s) P: [d, d]`` (testing / small d only)."""
@@ -258,15 +281,15 @@ class GPKTransform(Transform):
         self.B = nnx.Param(_noisy(np.tile(b[None], (self.k, 1, 1)), init_noise, rngs))
         self._init_scale(channel_scale)
 
-    def _forward(self, x):
+    def apply_p(self, x):
         xb = x.reshape(*x.shape[:-1], self.k, self.g2, self.g1)
         return _kron_apply(xb, self.B[...], self.A[...]).reshape(x.shape)
 
-    def _fold(self, w):
+    def fold_p(self, w):
         wb = w.reshape(w.shape[0], self.k, self.g2, self.g1)
         return _kron_fold(wb, self.B[...], self.A[...]).reshape(w.shape)
 
-    def _fold_np(self, w):
+    def fold_p_f64(self, w):
         wb = w.reshape(w.shape[0], self.k, self.g2, self.g1)
         return _kron_fold(wb, _f64(self.B), _f64(self.A), np).reshape(w.shape)
 
@@ -290,21 +313,21 @@ class BlockAffine(Transform):
         self.P = nnx.Param(_noisy(np.tile(p0[None], (self.k, 1, 1)), init_noise, rngs))
         self._init_scale(channel_scale)
 
-    def _forward(self, x):
+    def apply_p(self, x):
         # batched matmul with the block index leading ([k, tokens, b] @ [k, b, b]): about 2x
         # faster on CPU than the direct einsum (experiments/bench_transforms.py)
         xb = jnp.moveaxis(x.reshape(-1, self.k, self.block), 1, 0)
         y = jnp.matmul(xb, self.P[...], precision=_HI)
         return jnp.moveaxis(y, 0, 1).reshape(x.shape)
 
-    def _fold(self, w, p=None, xp=jnp):
+    def fold_p(self, w, p=None, xp=jnp):
         p = self.P[...] if p is None else p
         z = xp.transpose(w.reshape(w.shape[0], self.k, self.block), (1, 2, 0))  # [k, b, o]
         z = _solve(xp, p, z)  # P_i^{-1} W_i^T
         return xp.transpose(z, (2, 0, 1)).reshape(w.shape)
 
-    def _fold_np(self, w):
-        return self._fold(w, _f64(self.P), np)
+    def fold_p_f64(self, w):
+        return self.fold_p(w, _f64(self.P), np)
 
     def condition_number(self):
         return _cond(self.P[...])
@@ -338,15 +361,15 @@ class KroneckerTransform(Transform):
         self.P2 = nnx.Param(_noisy(make(self.n2), init_noise, rngs))
         self._init_scale(channel_scale)
 
-    def _forward(self, x):
+    def apply_p(self, x):
         xb = x.reshape(*x.shape[:-1], 1, self.n1, self.n2)
         return _kron_apply(xb, self.P1[...][None], self.P2[...]).reshape(x.shape)
 
-    def _fold(self, w):
+    def fold_p(self, w):
         wb = w.reshape(w.shape[0], 1, self.n1, self.n2)
         return _kron_fold(wb, self.P1[...][None], self.P2[...]).reshape(w.shape)
 
-    def _fold_np(self, w):
+    def fold_p_f64(self, w):
         wb = w.reshape(w.shape[0], 1, self.n1, self.n2)
         return _kron_fold(wb, _f64(self.P1)[None], _f64(self.P2), np).reshape(w.shape)
 
@@ -375,14 +398,14 @@ class BlockHadamard(Transform):
         self.size = block_hadamard_size(d, size)
         self.H = Constant(jnp.asarray(sylvester_hadamard(self.size), jnp.float32))
 
-    def _forward(self, x):
+    def apply_p(self, x):
         xb = x.reshape(*x.shape[:-1], self.d // self.size, self.size)
         return jnp.matmul(xb, self.H[...], precision=_HI).reshape(x.shape)
 
-    def _fold(self, w):
-        return self._forward(w)
+    def fold_p(self, w):
+        return self.apply_p(w)
 
-    def _fold_np(self, w):
+    def fold_p_f64(self, w):
         h = sylvester_hadamard(self.size)
         return (w.reshape(w.shape[0], -1, self.size) @ h).reshape(w.shape)
 
@@ -415,14 +438,14 @@ class RandomHadamard(Transform):
         self.H = Constant(jnp.asarray(h, jnp.float32))
         self.Q = Constant(jnp.asarray(q, jnp.float32))
 
-    def _forward(self, x):
+    def apply_p(self, x):
         xb = (x * self.signs[...]).reshape(*x.shape[:-1], 1, self.p, self.m)
         return _kron_apply(xb, self.H[...][None], self.Q[...]).reshape(x.shape)
 
-    def _fold(self, w):
-        return self._forward(w)
+    def fold_p(self, w):
+        return self.apply_p(w)
 
-    def _fold_np(self, w):
+    def fold_p_f64(self, w):
         signs, h, q = _random_hadamard_np(self.d, self.seed)
         wb = (w * signs).reshape(w.shape[0], self.p, self.m)
         # two BLAS matmuls: an unoptimized 3-operand einsum is a 5-deep loop (1.3 s per weight)
@@ -436,13 +459,13 @@ class IdentityTransform(Transform):
         _check_d(d)
         self.d = d
 
-    def _forward(self, x):
+    def apply_p(self, x):
         return x
 
-    def _fold(self, w):
+    def fold_p(self, w):
         return w
 
-    def _fold_np(self, w):
+    def fold_p_f64(self, w):
         return w.copy()
 
 
@@ -493,7 +516,8 @@ REGISTRY = {
 
 
 def register(kind: str, builder) -> None:
-    """Adds (or replaces) a transform kind of ``build``."""
+    """Adds (or replaces) a transform kind of ``build``: builder(d, **keywords) -> Transform,
+    taking every keyword of ``build`` (``**_`` for those it ignores)."""
     REGISTRY[kind] = builder
 
 
