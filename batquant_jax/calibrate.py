@@ -409,11 +409,9 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
         loss_name = calib_cfg.loss
         if start < n_layers:
             log(f"calibrating layers {start + 1}-{n_layers} with {cfg.method} at {cfg.setting}")
-            hp = {k: v for k, v in dataclasses.asdict(calib_cfg).items()
-                  if k not in ("method", "setting")}
-            _, res = quantize_model(model, windows, cfg.method, cfg.setting, log=log,
+            _, res = quantize_model(model, windows, calib_cfg, log=log,
                                     on_layer_done=on_layer_done, start_layer=start,
-                                    start_inputs=start_inputs, mesh=mesh, **hp)
+                                    start_inputs=start_inputs, mesh=mesh)
             loss_name = res.loss_name
         del start_inputs
         result = CalibrationResult(calib_cfg, [LayerReport(**r) for r in progress["reports"]],

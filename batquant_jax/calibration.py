@@ -356,16 +356,17 @@ class LayerCalibrator:
         self.place.put_module(layer)
 
 
-def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquant",
-                   setting: str = "W4A4KV16", *, tx=None, clip_tx=None,
+def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str | CalibConfig = "batquant",
+                   setting: str | None = None, *, tx=None, clip_tx=None,
                    loss_fn: LossFn | None = None, log: Callable[[str], None] = _stderr,
                    on_layer_done: Callable | None = None, start_layer: int = 0,
                    start_inputs=None, mesh: jax.sharding.Mesh | None = None,
                    **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
     """Quantizes every decoder layer of ``model`` in place with ``method`` at ``setting``.
 
-    calib_tokens: int32 [N, T] calibration windows (N >= batch_size). hparams: any CalibConfig
-    field (``recipe.CalibConfig``: lr, epochs, g1, g2, loss, ...). tx / clip_tx: any optax
+    calib_tokens: int32 [N, T] calibration windows (N >= batch_size). method: a method name, or
+    a whole ``CalibConfig`` (then neither ``setting`` nor hparams). setting: default W4A4KV16.
+    hparams: any CalibConfig field (``recipe.CalibConfig``: lr, epochs, g1, g2, loss, ...). tx / clip_tx: any optax
     GradientTransformation for the transform / clipping parameters (default: AdamW with cosine
     decay from lr / clip_lr); loss_fn(output, target) -> scalar: the layer objective in place of
     ``loss`` (the log names it). Every linear ends deployed at its packed MXArray.
@@ -387,7 +388,14 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str = "batquan
     >>> res.loss_name, res.layers[0].steps
     ('<lambda>', 1)
     """
-    cfg = CalibConfig(method=method, setting=setting, **hparams)
+    if isinstance(method, CalibConfig):
+        if setting is not None or hparams:
+            extra = (["setting"] if setting else []) + list(hparams)
+            raise ValueError("quantize_model: with a CalibConfig, pass no setting or other "
+                             f"fields (got {', '.join(extra)})")
+        cfg = method
+    else:
+        cfg = CalibConfig(method=method, setting=setting or "W4A4KV16", **hparams)
     if loss_fn is not None:  # the recorded recipe says that its objective was not a named one
         cfg = dataclasses.replace(cfg, loss=CUSTOM_LOSS)
     place = placement(mesh)

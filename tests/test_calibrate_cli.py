@@ -60,7 +60,7 @@ def test_reference_run_writes_only_the_artifact(reference):
     s = meta["sizes"]
     assert (s["elements"], s["bits_per_element"], s["float32_bytes"]) == (n, 4.25, 4 * n)
     assert meta["calib_data"]["tokens"] == 4504 and meta["flags"]["nsamples"] == 8
-    assert lines[0].split() == ["layer", "mse", "rtn", "init", "trained", "final", "steps", "seconds"]
+    assert lines[0].split() == ["layer", "token_mse", "rtn", "init", "trained", "final", "steps", "seconds"]
     assert len(lines) == 1 + N_LAYERS + 4
     assert lines[-3] == f"perplexity fp: {meta['eval']['perplexity_fp']:.4f}"
 

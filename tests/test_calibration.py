@@ -246,3 +246,17 @@ def test_a_custom_objective_is_named_and_recorded_as_such():
     with pytest.raises(ValueError, match="loss 'custom' names an objective passed as loss_fn"):
         quantize_model(LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0)), tokens,
                        "batquant", loss="custom", log=lambda s: None)
+
+
+def test_quantize_model_takes_a_whole_calib_config():
+    tokens = np.arange(4 * 32).reshape(4, 32) % 256
+    cfg = CalibConfig(method="brq", setting="W4A8KV16", batch_size=2)
+    a, ra = quantize_model(LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0)), tokens, cfg,
+                           log=lambda s: None)
+    b, rb = quantize_model(LlamaForCausalLM(LlamaConfig(num_layers=1), nnx.Rngs(0)), tokens,
+                           "brq", "W4A8KV16", batch_size=2, log=lambda s: None)
+    assert ra.config == rb.config == cfg
+    np.testing.assert_array_equal(np.asarray(a(tokens)), np.asarray(b(tokens)))
+    with pytest.raises(ValueError, match="with a CalibConfig, pass no setting or other fields "
+                                         r"\(got setting, epochs\)"):
+        quantize_model(a, tokens, cfg, "W4A4KV16", epochs=1)
