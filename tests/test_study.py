@@ -497,3 +497,18 @@ def test_accuracy_checks_lines():
     assert lines == ["gptq W4A4KV16: max abs NLL difference 0.057 (stored at code aaa1111, "
                      "again at bbb2222)",
                      "rtn W4A8KV16: bitwise identical (stored at code ccc3333, again at ccc3333)"]
+
+
+def test_compare_evals_pairs_windows(tmp_path, capsys):
+    from experiments import compare_evals
+    a = {"perplexity": 10.0, "windows": 3, "seqlen": 8, "eval_data": "t",
+         "window_nll": [2.0, 2.2, 2.4]}
+    b = dict(a, perplexity=12.0, window_nll=[2.1, 2.35, 2.45])
+    for name, rec in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    assert compare_evals.main([f"--files=a:{tmp_path}/a.json,b:{tmp_path}/b.json",
+                               "--pairs=a/b"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # differences -0.1, -0.15, -0.05: mean -0.1, SE 0.0289 -> ratio exp(-0.1) = 0.9048
+    assert out[2] == ("a/b: ratio 0.9048 [0.8541, 0.9586] over 3 windows: a better "
+                      "(per-window NLL difference -0.1000 ± 0.0289)")
