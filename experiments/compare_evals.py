@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from experiments.report import interval, paired_nll, verdict
+from experiments.rows import interval, paired_nll, verdict
 
 
 def main(argv=None) -> int:

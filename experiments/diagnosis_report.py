@@ -67,7 +67,7 @@ def probe_table(probes: dict) -> list[str]:
 
 
 def _ratio(a: dict, b: dict, text: str) -> str:
-    from experiments.report import interval, paired_nll, verdict
+    from experiments.rows import interval, paired_nll, verdict
     if text not in a or text not in b:
         return "–"
     p = paired_nll(a[text]["window_nll"], b[text]["window_nll"])

@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import study  # noqa: E402
+from experiments import rows as study  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 

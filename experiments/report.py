@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import sys
 
-from experiments import diagnosis_report, study
+from experiments import diagnosis_report
+from experiments import rows as study
+from experiments.rows import interval, paired_nll, verdict  # noqa: F401 (report.* as before)
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -302,32 +303,6 @@ def paired(a: dict, b: dict, text: str) -> tuple[float, float, int] | None:
     return paired_nll(wa, wb)
 
 
-def paired_nll(wa: list[float], wb: list[float]) -> tuple[float, float, int] | None:
-    """(mean, standard error, n) of the per-window NLL differences wa - wb; None unless both
-    hold the same number (>= 2) of windows."""
-    if len(wa) < 2 or len(wa) != len(wb):
-        return None
-    d = [x - y for x, y in zip(wa, wb)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1)
-    return mean, math.sqrt(var / n), n
-
-
-def interval(mean: float, se: float) -> str:
-    """'ratio [low, high]': the perplexity ratio exp(mean) and its ±2 SE interval."""
-    return f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"
-
-
-def verdict(mean: float, se: float) -> str:
-    """'better' / 'worse' when the ratio's 2-SE interval excludes 1, else 'tie (within 2 SE)'."""
-    if mean + 2 * se < 0:
-        return "better"
-    if mean - 2 * se > 0:
-        return "worse"
-    return "tie (within 2 SE)"
-
-
 def claim_table(results: dict, setting: str, method: str = "batquant") -> list[str]:
     """``method`` against each baseline at ``setting``: perplexity ratio with a 2-SE interval
     from the paired per-window NLL differences, per text."""
@@ -430,8 +405,8 @@ def kv_table(results: dict) -> list[str]:
     for r in rows:
         rec = results.get(r.id)
         if rec is None:  # a reused row: its twin holds the result
-            key = study._canon(study.row_key(r, study.SUITE_BUDGETS["kv"]))
-            rec = next((x for x in results.values() if study._canon(x.get("key")) == key), None)
+            key = study.canon(study.row_key(r, study.SUITE_BUDGETS["kv"]))
+            rec = next((x for x in results.values() if study.canon(x.get("key")) == key), None)
         kvt = dict(r.hparams).get("kv_transform", "none")
         by[(r.method, kvt, r.setting)] = rec
     head = ["method", "K/V transform"]
