@@ -62,21 +62,8 @@ class AccuracyConfig:
 
 def load_for_scoring(cfg: AccuracyConfig) -> tuple[Any, Any, str, int]:
     """-> (model, tokenizer, description, max positions) for ``cfg.checkpoint`` or ``cfg.model``."""
-    if cfg.checkpoint is not None:
-        from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
-        if tokenizer is None:
-            raise AccuracyError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
-        desc = (f"checkpoint {cfg.checkpoint} ({meta['method']} {meta['setting']} of "
-                f"{meta['source_model']['spec']})")
-        return model, tokenizer, desc, int(model.config.max_position_embeddings)
-    from batquant_jax.models import load_model
-    loaded = load_model(cfg.model)
-    if loaded.tokenizer is None:
-        raise AccuracyError(f"model {cfg.model} comes without a tokenizer; zero-shot scoring "
-                            "needs one")
-    return (loaded.model, loaded.tokenizer, f"{cfg.model} ({loaded.source})",
-            int(loaded.config.max_position_embeddings))
+    from batquant_jax import cli
+    return cli.load_for_command(cfg.model, cfg.checkpoint, AccuracyError)
 
 
 def read_baseline(path: str) -> dict:

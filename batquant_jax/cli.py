@@ -92,3 +92,26 @@ def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None
         raise error(f"{flag} {path} cannot be created: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"{flag} {path} cannot be created: {parent} is not writable")
+
+
+def load_for_command(model: str, checkpoint: str | None, error: type[Exception] = ValueError):
+    """The one "model or checkpoint" loader of the commands -> (model, tokenizer, description,
+    max positions). A checkpoint loads with its K/V transforms frozen (``load_quantized(...,
+    freeze_kv=True)``: evaluation, scoring and generation). Raises the loaders' one-line errors,
+    or ``error`` when there is no tokenizer (every command reads or writes text)."""
+    if checkpoint is not None:
+        from batquant_jax.checkpoint import load_quantized
+        net, tokenizer, meta = load_quantized(checkpoint, freeze_kv=True)
+        if tokenizer is None:
+            raise error(f"checkpoint {checkpoint} holds no tokenizer")
+        source = (meta.get("source_model") or {}).get("spec")
+        description = (f"checkpoint {checkpoint} ({meta.get('method')} {meta.get('setting')}"
+                       + (f" of {source})" if source else ")"))
+        return net, tokenizer, description, int(net.config.max_position_embeddings)
+    from batquant_jax.models import load_model
+    loaded = load_model(model)
+    if loaded.tokenizer is None:
+        raise error(f"model {model} comes without a tokenizer "
+                    f"({loaded.info.get('tokenizer_note', 'none found')})")
+    return (loaded.model, loaded.tokenizer, f"{model} ({loaded.source})",
+            int(loaded.config.max_position_embeddings))

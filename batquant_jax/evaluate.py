@@ -86,22 +86,12 @@ def get_nll_fn(cfg: EvalConfig) -> EvalModel:
     The model is an argument of the jitted function (not a constant baked into it), so it is
     compiled once per batch shape. Raises ``ModelLoadError`` on a bad model spec.
     """
-    from batquant_jax.models import forward_nll, load_model  # imported here: the heavy part
+    from batquant_jax.models import forward_nll  # imported here: the heavy part
 
-    if cfg.checkpoint is not None:
-        from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
-        if tokenizer is None:
-            raise ConfigError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
-        return EvalModel(nll_fn=functools.partial(forward_nll, model), tokenizer=tokenizer,
-                         description=(f"checkpoint {cfg.checkpoint} ({meta['method']} "
-                                      f"{meta['setting']} of {meta['source_model']['spec']})"),
-                         max_positions=int(model.config.max_position_embeddings))
-    loaded = load_model(cfg.model)
-    description = f"{cfg.model} ({loaded.source})"
-    return EvalModel(nll_fn=functools.partial(forward_nll, loaded.model),
-                     tokenizer=loaded.tokenizer, description=description,
-                     max_positions=int(loaded.config.max_position_embeddings))
+    net, tokenizer, description, max_positions = cli.load_for_command(cfg.model, cfg.checkpoint,
+                                                                      ConfigError)
+    return EvalModel(nll_fn=functools.partial(forward_nll, net), tokenizer=tokenizer,
+                     description=description, max_positions=max_positions)
 
 
 def _log(msg: str) -> None:

@@ -576,17 +576,9 @@ def _hold_ctrl_c():
 def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) of ``cfg``; the loaders' errors, or GenerateError when
     there is no tokenizer."""
-    if cfg.checkpoint is not None:
-        from batquant_jax.checkpoint import load_quantized
-        model, tokenizer, meta = load_quantized(cfg.checkpoint, freeze_kv=True)
-        if tokenizer is None:
-            raise GenerateError(f"checkpoint {cfg.checkpoint} holds no tokenizer")
-        return model, tokenizer, f"checkpoint {cfg.checkpoint} ({meta.get('method')} {meta.get('setting')})"
-    from batquant_jax.models import load_model
-    loaded = load_model(cfg.model)
-    if loaded.tokenizer is None:
-        raise GenerateError(f"{cfg.model}: no tokenizer ({loaded.info.get('tokenizer_note', 'none found')})")
-    return loaded.model, loaded.tokenizer, f"{cfg.model} ({loaded.source})"
+    net, tokenizer, description, _ = cli.load_for_command(cfg.model, cfg.checkpoint,
+                                                          GenerateError)
+    return net, tokenizer, description
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
