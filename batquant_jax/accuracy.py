@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from batquant_jax.errors import UserError
 from batquant_jax import tasks as tasks_lib
 from batquant_jax import zeroshot
 
 
-class AccuracyError(ValueError):
+class AccuracyError(UserError):
     """A setting or input that cannot work; the message is one line."""
 
 

@@ -34,15 +34,16 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
+from batquant_jax.errors import RunError, UserError
 from batquant_jax import checkpoint, cli, data, lockfile, perplexity
 from batquant_jax.recipe import METHODS, CalibConfig, RecipeError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting that cannot work; the message is one line."""
 
 
-class SaveError(RuntimeError):
+class SaveError(RunError):
     """Writing the checkpoint failed; the last committed state is intact. One-line message."""
 
 
@@ -155,11 +156,11 @@ def _versions() -> dict:
 
 
 # Exactly the names this command writes into --output_dir, and their temporaries: Orbax's
-# "<dir>.orbax-checkpoint-tmp-<n>", atomic_write's "<file>.<8 random chars>.tmp", the tokenizer's
+# "<dir>.orbax-checkpoint-tmp[-<n>]", atomic_write's "<file>.<8 random chars>.tmp", the tokenizer's
 # ".tokenizer.tmp" and the lock's ".lock.<host>.<pid>.tmp". Anything else is the user's.
 _OWNED_NAMES = checkpoint.ARTIFACT + (checkpoint.RESUME_DIR, lockfile.LOCK_FILE)
 _OWNED_TEMP = re.compile(
-    rf"^(?:(?:{checkpoint.CHECKPOINT_DIR}|{checkpoint.RESUME_DIR})\.orbax-checkpoint-tmp-\d+"
+    rf"^(?:(?:{checkpoint.CHECKPOINT_DIR}|{checkpoint.RESUME_DIR})\.orbax-checkpoint-tmp(?:-\d+)?"
     rf"|{re.escape(checkpoint.METADATA_FILE)}\.[a-z0-9_]{{8}}\.tmp"
     rf"|\.{checkpoint.TOKENIZER_DIR}\.tmp|{re.escape(lockfile.LOCK_FILE)}\.[^/]+\.\d+\.tmp)$")
 

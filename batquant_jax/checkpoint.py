@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from batquant_jax.errors import UserError
 from batquant_jax import mx
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
@@ -73,7 +74,7 @@ META_DIGEST = "metadata_sha256"  # metadata key: sha256 of the canonical JSON of
 Flat = dict[tuple[str, ...], np.ndarray]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A directory that does not hold a readable checkpoint; the message is one line."""
 
 

@@ -35,6 +35,8 @@ from xml.etree import ElementTree
 
 import numpy as np
 
+from batquant_jax.errors import UserError
+
 SPLITS = ("wiki-calib", "wiki-eval")
 GENSIM_VERSION = "4.4.0"
 # Always the same wheel, whatever the local platform: the member is plain data.
@@ -48,7 +50,7 @@ _CLEANER_VERSION = 1  # bump when the markup stripping changes: invalidates proc
 _EVAL_EVERY = 5       # an article goes to wiki-eval when its title hash is 0 mod 5 (~20%)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing text data; the message says what was found and what is needed."""
 
 

@@ -24,14 +24,15 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from batquant_jax.errors import RunError, UserError
 from batquant_jax import cli, data, perplexity
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An evaluation setting that cannot work; the message is one line."""
 
 
-class ResultError(RuntimeError):
+class ResultError(RunError):
     """The evaluation ran, but its result is not finite or cannot be written; one line."""
 
 
@@ -183,13 +184,7 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> EvalConfig:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (ConfigError, data.DataError)
-    try:
-        from batquant_jax.checkpoint import CheckpointError
-        from batquant_jax.models import ModelLoadError
-    except ImportError:
-        return errors
-    return errors + (ModelLoadError, CheckpointError)
+    return (UserError,)
 
 
 

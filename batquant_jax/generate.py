@@ -42,20 +42,21 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags
 
+from batquant_jax.errors import RunError, UserError
 from batquant_jax import cli
 
 PROMPT_MULTIPLE = 16  # prompt lengths are padded up to a multiple of this (fewer prefill shapes)
 CACHE_MULTIPLE = 64   # cache lengths are rounded up to a multiple of this (fewer decode shapes)
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A generation request that cannot run; the message is one line."""
 
 
 MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # logits / T is computed in float32
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """The model's logits were not finite (NaN / Inf): the sampled tokens would be meaningless.
     One-line message; the command exits with 1, as evaluate does for a non-finite perplexity."""
 
@@ -582,9 +583,7 @@ def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from batquant_jax.checkpoint import CheckpointError
-    from batquant_jax.models import ModelLoadError
-    return (GenerateError, ModelLoadError, CheckpointError)
+    return (UserError,)
 
 
 def main(argv: list[str]) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from batquant_jax.errors import UserError
 from batquant_jax import mx
 from batquant_jax.clipping import DEFAULT_CLIP_INIT
 from batquant_jax.kvquant import TRANSFORMS as KV_TRANSFORM_NAMES
@@ -41,7 +42,7 @@ TRANSFORM_BLOCKS = (16, 32, 64, 128)
 LOSS_WEIGHTS = ("none", "next_norm")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A bad recipe value. ``fields``: the names of the fields the message speaks of (as words
     of the message); ``value`` / ``valid``: the bad value and, for a choice, the valid ones."""
 

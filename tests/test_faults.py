@@ -628,15 +628,17 @@ def test_broken_chat_template_is_one_line():
 def test_ctrl_c_in_evaluate_is_one_line(env, ref, tmp_path):
     import signal
     out = tmp_path / "ppl.json"
+    long_text = tmp_path / "long.txt"  # thousands of windows: still running when the signal comes
+    long_text.write_text((pathlib.Path(env["text"]).read_text() + "\n") * 40)
     proc = subprocess.Popen([sys.executable, "-m", "batquant_jax.evaluate",
-                             f"--checkpoint={ref[0]}", f"--eval_data={env['text']}",
+                             f"--checkpoint={ref[0]}", f"--eval_data={long_text}",
                              "--seqlen=32", "--max_tokens=0", f"--output_json={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env["env"])
     seen = []
-    for line in proc.stderr:  # Ctrl-C once the command is loading the checkpoint
+    for line in proc.stderr:  # Ctrl-C once the windows are being evaluated
         seen.append(line)
-        if line.startswith("evaluate: loading"):
+        if line.startswith("evaluate: ") and " windows of " in line:
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.stderr.read()

@@ -29,8 +29,10 @@ import time
 import zipfile
 from typing import Callable
 
+from batquant_jax.errors import UserError
 
-class FetchError(ValueError):
+
+class FetchError(UserError):
     """The model files could not be fetched or verified; the message is one line."""
 
 

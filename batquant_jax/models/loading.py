@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from batquant_jax.errors import UserError
 from batquant_jax.models.fetch import SPLIT_MODELS, FetchError, gguf_for_alias
 from batquant_jax.models.llama import SUPPORTED_ARCHS, LlamaConfig, LlamaForCausalLM, hf_param_names
 from batquant_jax.models.stored import BLOCK_TYPES, FLOAT_TYPES, StoredWeight
@@ -49,7 +50,7 @@ _GGUF_LAYER = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model spec that cannot be loaded; the message is one line, fit to print as is."""
 
 
