@@ -176,3 +176,17 @@ def test_forward_from_input_embeddings_and_its_gradient():
     fd = (model.logits_from_embeddings(h + eps * d)[0, -1, 7]
           - model.logits_from_embeddings(h - eps * d)[0, -1, 7]) / (2 * eps)
     np.testing.assert_allclose(float(fd), float(g[0, 2, 5]), rtol=2e-2, atol=1e-4)
+
+
+def test_large_vocabulary_nll_runs_over_chunks_and_matches_log_softmax():
+    from batquant_jax.models import llama
+    cfg = LlamaConfig(vocab_size=70_000, num_layers=1)  # > CHUNKED_VOCAB_ABOVE: chunked path
+    assert cfg.vocab_size > llama.CHUNKED_VOCAB_ABOVE
+    model = LlamaForCausalLM(cfg, nnx.Rngs(0))
+    model.lm_head.weight[...] = model.lm_head.weight[...] * 50.0  # logits far from uniform
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 9)).astype(np.int32)
+    got = np.asarray(model.nll(ids))
+    logp = jax.nn.log_softmax(model(ids)[:, :-1], axis=-1)
+    want = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
+    assert got.shape == (2, 8) and llama._chunk_rows(70_000) == 14_000
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -517,7 +517,8 @@ class LlamaForCausalLM(nnx.Module):
         h = self.hidden(tokens)[:, :-1]
         targets = tokens[:, 1:].astype(jnp.int32)
         w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
-        if isinstance(w, StoredWeight):  # never the whole [V, d] head nor [B, T, V] logits
+        if isinstance(w, StoredWeight) or w.shape[0] > CHUNKED_VOCAB_ABOVE:
+            # never the [B, T, V] logits (nor, for a stored head, the decoded [V, d] head)
             return _chunked_nll(self.norm(h), w, targets)
         logp = jax.nn.log_softmax(self.head(h), axis=-1)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -554,6 +555,9 @@ class LlamaForCausalLM(nnx.Module):
 
 
 HEAD_CHUNK_ROWS = 16384  # vocabulary rows of a stored head decoded at a time
+# a float head of more rows than this also gets the chunked NLL (Qwen's 151,936; SmolLM2's
+# 49,152 keeps the one-shot log-softmax, and with it its recorded results bit for bit)
+CHUNKED_VOCAB_ABOVE = 65536
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -561,19 +565,23 @@ def _chunk_rows(vocab: int) -> int:
     return max(d for d in range(1, min(vocab, HEAD_CHUNK_ROWS) + 1) if vocab % d == 0)
 
 
-def _chunked_nll(h: jax.Array, w: StoredWeight, targets: jax.Array) -> jax.Array:
+def _chunked_nll(h: jax.Array, w, targets: jax.Array) -> jax.Array:
     """-log softmax(h @ W.T)[target] over vocabulary chunks: a running max and sum of exps
-    (online logsumexp), with the head decoded one chunk at a time inside a scan.
-    h: `[B, T, d]` (after the final norm), targets: `[B, T]` -> `[B, T]` float32."""
+    (online logsumexp), one chunk of the head (a StoredWeight decoded per chunk, or an array)
+    at a time inside a scan. h: `[B, T, d]` (after the final norm), targets: `[B, T]` ->
+    `[B, T]` float32."""
     vocab, rows = w.shape[0], _chunk_rows(w.shape[0])
-    data = w.data.reshape((vocab // rows, rows) + w.data.shape[1:])
+    stored = isinstance(w, StoredWeight)
+    src = w.data if stored else w
+    data = src.reshape((vocab // rows, rows) + src.shape[1:])
     hf = h.astype(jnp.float32)
 
     def body(carry, chunk):
         m, s, tgt = carry
         i, block = chunk
         hb, block = jax.lax.optimization_barrier((hf, block))
-        wc = StoredWeight(block, w.kind, (rows, w.shape[1])).dense()
+        wc = (StoredWeight(block, w.kind, (rows, w.shape[1])).dense() if stored
+              else block.astype(jnp.float32))
         logits = jnp.einsum("btd,vd->btv", hb, wc)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
