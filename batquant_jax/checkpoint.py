@@ -317,10 +317,6 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Flat:
     return out
 
 
-def _abstract(tree: dict) -> dict:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
-
-
 def _lookup(module, path):
     for p in path:
         module = module[p] if isinstance(p, int) else getattr(module, p)

@@ -43,7 +43,6 @@ def lean_cpu_schedule() -> None:
     weights are decoded per call (``models.stored``) then holds every layer's float32 weights at
     once (XLA temp 6.2 GB for the 1.5B model instead of 0.9 GB). The results are the same.
     """
-    import os
     flags_now = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags_now:
         os.environ["XLA_FLAGS"] = f"{flags_now} {LEAN_SCHEDULE_FLAG}".strip()
@@ -73,6 +72,7 @@ def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None
     out = pathlib.Path(path).expanduser().absolute()
     if out.is_dir():
         raise error(f"{flag} {path} is a folder; name a file")
+    real = out.parent.resolve() / out.name
     for name, src in (inputs or {}).items():
         if not src:
             continue
@@ -80,7 +80,6 @@ def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None
         if not src_path.exists():
             continue
         src_path = src_path.resolve()
-        real = out.parent.resolve() / out.name
         if real == src_path or src_path in real.parents:
             where = "is" if real == src_path else "lies inside"
             raise error(f"{flag} {path} {where} {name} {src}: writing it would damage an "

@@ -36,11 +36,6 @@ class ResultError(RunError):
     """The evaluation ran, but its result is not finite or cannot be written; one line."""
 
 
-def check_output_path(flag: str, path: str, inputs: dict[str, str | None] | None = None) -> None:
-    """``cli.check_output_path`` raising ConfigError."""
-    cli.check_output_path(flag, path, inputs, ConfigError)
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate. ``max_tokens`` None means the whole corpus."""
@@ -66,9 +61,10 @@ class EvalConfig:
         if self.checkpoint is None and not self.model.strip():
             raise ConfigError("--model must name a model (an alias or a path), got ''")
         if self.output_json:
-            check_output_path("--output_json", self.output_json,
-                              {"--checkpoint": self.checkpoint, "--eval_data": self.eval_data,
-                               "--model": None if self.checkpoint else self.model})
+            cli.check_output_path("--output_json", self.output_json,
+                                  {"--checkpoint": self.checkpoint, "--eval_data": self.eval_data,
+                                   "--model": None if self.checkpoint else self.model},
+                                  ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from batquant_jax.errors import UserError
 from batquant_jax import mx
 from batquant_jax.clipping import DEFAULT_CLIP_INIT
-from batquant_jax.kvquant import TRANSFORMS as KV_TRANSFORM_NAMES
+from batquant_jax.kvquant import TRANSFORMS as KV_TRANSFORMS  # defined once, in kvquant
 from batquant_jax.transforms import REGISTRY as TRANSFORMS
 
 CLIP_GRANULARITIES = ("block", "tensor")
@@ -146,7 +146,6 @@ SETTINGS = {
     "W4A4KV8": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4", kv_fmt="mxfp8"),
     "W4A4KV4": QuantSpec(w_fmt="mxfp4", a_fmt="mxfp4", kv_fmt="mxfp4"),
 }
-KV_TRANSFORMS = KV_TRANSFORM_NAMES  # defined once, in kvquant
 
 
 # ----------------------------------------------------------------------------- methods

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from batquant_jax import mx
-from batquant_jax.models.stored import StoredWeight, dense
+from batquant_jax.models.stored import StoredWeight, dense, dense_after
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _ROPE_TYPES = ("llama3", "linear")
@@ -194,12 +194,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
-        w = self.weight.get_value()
-        if isinstance(w, StoredWeight):
-            # tie the decode to x: otherwise XLA may hoist every layer's decode to the start of
-            # the program and hold all the float32 weights at once (10 GB for the 1.5B)
-            x, w = jax.lax.optimization_barrier((x, w))
-        w = dense(w, self.dtype)
+        x, w = dense_after(x, self.weight.get_value(), self.dtype)
         y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w)
         if self.bias is not None:
             y = y + self.bias[...]
@@ -222,10 +217,7 @@ class Embedding(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied output head: h `[..., d]` -> `[..., V]`."""
-        w = self.weight.get_value()
-        if isinstance(w, StoredWeight):
-            h, w = jax.lax.optimization_barrier((h, w))
-        w = dense(w, self.dtype)
+        h, w = dense_after(h, self.weight.get_value(), self.dtype)
         return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w)
 
 

@@ -323,9 +323,6 @@ class GGUFWeights(Mapping):
         heads = next((h for suffix, h in self._unpermute.items() if name.endswith(suffix)), None)
         return w if heads is None else _unpermute_rows(w, heads)
 
-    def float32_bytes(self) -> int:
-        return int(sum(4 * int(np.prod(t.shape)) for t in self._tensors.values()))
-
 
 def _read_gguf(path: str, weights_mode: str = "auto") -> tuple[LlamaConfig, GGUFWeights, dict]:
     import gguf
@@ -379,8 +376,8 @@ def _read_gguf(path: str, weights_mode: str = "auto") -> tuple[LlamaConfig, GGUF
     types: dict[str, int] = {}
     for t in tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    weights = GGUFWeights(path, tensors, unpermute, stored=False)
-    weights.stored = _store(weights_mode, weights.float32_bytes())
+    float32_bytes = sum(4 * int(np.prod(t.shape)) for t in tensors)
+    weights = GGUFWeights(path, tensors, unpermute, stored=_store(weights_mode, float32_bytes))
     info = {"format": "gguf", "arch": arch, "files": [os.path.basename(path)], "tensor_types": types,
             "name": field("general.name"), "weights": "stored" if weights.stored else "float"}
     return config, weights, info

@@ -92,6 +92,16 @@ def dense(value, dtype=None):
     return value
 
 
+def dense_after(x: jax.Array, value, dtype) -> tuple[jax.Array, jax.Array]:
+    """(x, the weight value as a dtype array) for a layer that multiplies x by it. A
+    StoredWeight's decode is tied to x with an optimization barrier: otherwise XLA may hoist
+    every layer's decode to the start of the program and hold all the float32 weights at once
+    (10 GB for the 1.5B)."""
+    if isinstance(value, StoredWeight):
+        x, value = jax.lax.optimization_barrier((x, value))
+    return x, dense(value, dtype)
+
+
 # ------------------------------------------------------------------------------------ decoders
 
 
@@ -104,10 +114,6 @@ def decode_rows(data: jax.Array, kind: str, cols: int) -> jax.Array:
     blocks = data.reshape(-1, size)
     out = _DECODERS[kind](blocks)
     return out.reshape(lead + (cols,))
-
-
-def _u8(x):
-    return x.astype(jnp.uint8)
 
 
 def _f16(b: jax.Array) -> jax.Array:
@@ -141,7 +147,7 @@ def _q5_0(b):
     d = _f16(b[:, 0:2])
     qh = (b[:, 2].astype(jnp.uint32) | (b[:, 3].astype(jnp.uint32) << 8)
           | (b[:, 4].astype(jnp.uint32) << 16) | (b[:, 5].astype(jnp.uint32) << 24))
-    hbits = _u8((qh[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1)
+    hbits = ((qh[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1).astype(jnp.uint8)
     ql = _nibbles(b[:, 6:], 16)
     q = (ql | (hbits << 4)).astype(jnp.int8) - jnp.int8(16)
     return d * q.astype(jnp.float32)
