@@ -64,3 +64,19 @@ def make_tiny(folder: pathlib.Path) -> pathlib.Path:
     path = folder.parent / "text.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def transformers_from_gguf(path, cfg):
+    """transformers' own float32 model of a GGUF file (its dequantizer, its q/k un-permute) for
+    ``cfg`` -> (model in eval mode, load_state_dict's result, the converted tensors)."""
+    import torch
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)["tensors"]
+    result = ref.load_state_dict(tensors, strict=False, assign=True)
+    ref.tie_weights()
+    ref.model.rotary_emb.__init__(cfg)  # rebuild the RoPE buffer off the meta device
+    return ref.eval(), result, tensors
+

@@ -12,6 +12,7 @@ import transformers
 from batquant_jax.models import ModelLoadError, forward_logits, forward_nll, load_model
 from batquant_jax.models.llama import LlamaConfig, rope_inv_freq
 from batquant_jax.models.loading import smollm2_gguf_path
+from conftest import transformers_from_gguf
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -136,8 +137,6 @@ def test_dims_not_multiple_of_32(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     path = smollm2_gguf_path()
     start = time.perf_counter()
     loaded = load_model("smollm2-135m")
@@ -163,14 +162,8 @@ def test_smollm2_gguf_matches_transformers():
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
         max_position_embeddings=8192)
-    with torch.device("meta"):
-        ref_model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=ref_model)["tensors"]
-    result = ref_model.load_state_dict(tensors, strict=False, assign=True)
+    ref_model, result, _ = transformers_from_gguf(path, cfg)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
-    ref_model.tie_weights()
-    ref_model.model.rotary_emb.__init__(cfg)  # rebuild the RoPE buffer off the meta device
-    ref_model.eval()
 
     text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 4
     tokens = np.asarray(loaded.tokenizer(text)["input_ids"][:64], dtype=np.int32)[None]
@@ -267,13 +260,8 @@ def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch, monk
                "llama": transformers.LlamaConfig}[arch]
     hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")}
     cfg = cfg_cls(**{**hf_cfg, "head_dim": 64, "tie_word_embeddings": False})
-    with torch.device("meta"):
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)["tensors"]
-    res = ref.load_state_dict(tensors, strict=False, assign=True)
+    ref, res, tensors = transformers_from_gguf(path, cfg)
     assert not res.missing_keys and not res.unexpected_keys
-    ref.model.rotary_emb.__init__(cfg)
-    ref.eval()
 
     tokens = np.random.default_rng(1).integers(0, 300, size=(2, 24)).astype(np.int32)
     with torch.no_grad():

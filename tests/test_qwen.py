@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from batquant_jax.models.fetch import QWEN_CODER_1_5B, _stamp_matches, models_dir
+from conftest import transformers_from_gguf
 
 GGUF = models_dir() / QWEN_CODER_1_5B.filename
 pytestmark = [pytest.mark.slow,
@@ -19,9 +20,8 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def both():
     """(our loaded model with its weights kept in GGUF encoding, transformers' float32 model)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from batquant_jax.models import load_model
     assert _stamp_matches(GGUF, QWEN_CODER_1_5B)
@@ -33,14 +33,8 @@ def both():
         num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=False, max_position_embeddings=32768)
-    with torch.device("meta"):
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(GGUF), return_tensors=True, model_to_load=ref)["tensors"]
-    res = ref.load_state_dict(tensors, strict=False, assign=True)
+    ref, res, _ = transformers_from_gguf(GGUF, cfg)
     assert not res.missing_keys and not res.unexpected_keys
-    del tensors
-    ref.model.rotary_emb.__init__(cfg)
-    ref.eval()
     return ours, ref
 
 
