@@ -197,7 +197,8 @@ class Steps:
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(graphdef, treedef) -> Steps:
+def _steps(graphdef, treedef, fused_mode: str) -> Steps:
+    """The steps of one structure under one fused-product mode (read when they are traced)."""
     import jax
     return Steps(
         prefill=jax.jit(functools.partial(_prefill_fn, graphdef, treedef),
@@ -215,7 +216,8 @@ def split_model(model) -> tuple[Steps, list]:
 
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    return _steps(graphdef, treedef), leaves
+    from batquant_jax import fused
+    return _steps(graphdef, treedef, fused.get_mode()), leaves
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -503,6 +505,7 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    fused: str = "auto"  # fused.MODES: how packed MXFP4 weights are multiplied
 
     @property
     def sampling(self) -> Sampling:
@@ -517,6 +520,9 @@ class GenerateConfig:
         self.sampling.validate()
         if self.checkpoint is None and not self.model.strip():
             raise GenerateError("--model must name a model (an alias or a path), got ''")
+        from batquant_jax.fused import MODES
+        if self.fused not in MODES:
+            raise GenerateError(f"--fused must be one of {', '.join(MODES)}, got {self.fused!r}")
 
 
 def define_flags() -> None:
@@ -538,12 +544,15 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", GenerateConfig.top_p, "sample among the most likely tokens "
                        "holding this probability mass; 1 = all")
     flags.DEFINE_integer("seed", GenerateConfig.seed, "PRNG seed of the sampling")
+    flags.DEFINE_string("fused", GenerateConfig.fused, "packed MXFP4 weights: auto = the fused "
+                        "kernel for decode, dequantize-then-dot for long prefills; on = fused "
+                        "everywhere; off = always dequantize-then-dot")
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> GenerateConfig:
     return GenerateConfig(model=f.model, checkpoint=f.checkpoint or None, prompt=f.prompt,
                           chat=f.chat, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                          top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+                          top_k=f.top_k, top_p=f.top_p, seed=f.seed, fused=f.fused)
 
 
 def _log(msg: str) -> None:
@@ -611,6 +620,11 @@ def _run(cfg: GenerateConfig) -> None:
                                 f"prompt in the model's context of {context} positions")
         _log(f"loading {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else 'model ' + cfg.model}")
         model, tokenizer, description = load(cfg)
+        from batquant_jax import fused
+        fused.set_mode(cfg.fused)
+        path = fused.describe(model)
+        if path:
+            _log(path)
         ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
         check_request([ids], cfg.max_new_tokens, int(model.config.max_position_embeddings))
     except errors as e:

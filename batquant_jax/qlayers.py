@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from batquant_jax import mx, transforms
+from batquant_jax import fused, mx, transforms
 from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
 from batquant_jax.models.llama import DecoderLayer, Linear
 from batquant_jax.recipe import METHODS, SETTINGS, CalibConfig, MethodSpec, QuantSpec
@@ -130,15 +130,18 @@ class QuantLinear(nnx.Module):
                            enabled=method.clip is not None and method.weight_clip)
         return cls(w, b, transform, act_clip, wclip, spec)
 
-    def quantize_input(self, x: jax.Array) -> jax.Array:
-        """x: [..., d] -> Q_A(clip(x P)) (x P when activations stay in full precision)."""
+    def _clipped_input(self, x: jax.Array) -> jax.Array:
+        """x: [..., d] -> clip(x P), what the activation quantizer reads (x P without one)."""
         if self.capture:
             self.sow(nnx.Intermediate, "inputs", x)
         xt = self.transform(x.astype(jnp.float32))
+        return xt if self.spec.a_fmt is None else self.act_clip(xt)
+
+    def quantize_input(self, x: jax.Array) -> jax.Array:
+        """x: [..., d] -> Q_A(clip(x P)) (x P when activations stay in full precision)."""
+        xc = self._clipped_input(x)
         s = self.spec
-        if s.a_fmt is None:
-            return xt
-        return mx.fake_quant(self.act_clip(xt), **s.quant_kwargs("a"))
+        return xc if s.a_fmt is None else mx.fake_quant(xc, **s.quant_kwargs("a"))
 
     def folded_weight(self) -> jax.Array:
         """clip_W(W P^{-T}): [out, d], full precision (the weight GPTQ/RTN then quantizes)."""
@@ -165,7 +168,17 @@ class QuantLinear(nnx.Module):
         return mx.fake_quant(self.folded_weight(), **self.spec.quant_kwargs("w"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", self.quantize_input(x), self.effective_weight())
+        path = None
+        if self.deployed:  # a packed weight: maybe the fused product (decided at trace time)
+            rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+            path = fused.choose(self.weight.get_value(), rows, self.spec.a_fmt)
+        if path == "q":  # MXFP4 activations: exact block products of the two code sets
+            xq = mx.quantize(self._clipped_input(x), **self.spec.quant_kwargs("a"))
+            y = fused.mxfp4_dot_q(xq, self.weight.get_value())
+        elif path == "f32":
+            y = fused.mxfp4_dot(self.quantize_input(x), self.weight.get_value())
+        else:
+            y = jnp.einsum("...i,oi->...o", self.quantize_input(x), self.effective_weight())
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(x.dtype)

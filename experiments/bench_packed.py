@@ -1,28 +1,36 @@
-"""Packed weights in memory: resident bytes and decode speed of a quantized model whose linears
-keep their MXFP4 codes + E8M0 scales, against the same model dequantized once at load.
+"""Packed MXFP4 decode against float32: resident bytes and decode speed, measured in one run.
 
     .venv/bin/python -m experiments.bench_packed                      # RTN SmolLM2, in memory
     .venv/bin/python -m experiments.bench_packed --checkpoint=out/smollm2-batquant
 
-One run prints, for the packed and the dequantized-at-load model: resident bytes (the sum of
-the model's state arrays), the same model in float32 and bfloat16, greedy decode tokens/s
-(batch 1, ``--prompt_tokens`` then ``--new_tokens``, median of ``--repeats``), the ratio of the
-two speeds, and the perplexity of both on the first ``--ppl_windows`` windows of wiki-eval
-(they must be equal: the dequantized weights are the packed values). Without --checkpoint the
-model is SmolLM2-135M quantized with RTN at W4A4KV16 in memory (RTN needs no calibration
-data; it is the cheapest way to a packed model with every linear quantized).
+Four models decode the same prompt greedily (batch sizes ``--batch_sizes``, ``--prompt_tokens``
+then ``--new_tokens``), their runs interleaved round by round so that a change in machine load
+hits all of them alike; the median of ``--repeats`` rounds is printed:
+
+- ``float32``: the original model (no quantization) -- the baseline of the ratios;
+- ``dequantized``: the quantized model with its weights dequantized once at load (float32);
+- ``packed-reference``: packed weights, dequantized inside every forward (``fused`` mode off);
+- ``packed``: packed weights through the fused MXFP4 kernel (the default, ``fused`` auto).
+
+It prints resident bytes (the sum of each model's state arrays), tokens/s and the ratio to
+float32, and checks that the three quantized paths give the same greedy tokens and (on the first
+``--ppl_windows`` windows of wiki-eval) the same perplexity up to float32 rounding. Without
+--checkpoint the quantized model is SmolLM2-135M by RTN at W4A4KV16, made in memory (RTN needs
+no calibration data).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import statistics
 import sys
 
 import numpy as np
 
-from batquant_jax import checkpoint, cli
+from batquant_jax import checkpoint, cli, fused
 from batquant_jax.qlayers import quant_modules
 from batquant_jax import generate as gen
 from experiments.bench_generate import TEXT
@@ -40,16 +48,17 @@ def _model(args):
     return model, loaded.tokenizer
 
 
-def _decode_speed(model, ids, new_tokens, repeats):
-    runs = [gen.generate_ids(model, [ids], max_new_tokens=new_tokens, eos_ids=())
-            for _ in range(repeats)]
-    return statistics.median(r.decode_tokens_per_second for r in runs), runs[0].tokens[0]
+def _decode(model, ids, batch, new_tokens, mode):
+    with fused.matmul_mode(mode):
+        run = gen.generate_ids(model, [ids] * batch, max_new_tokens=new_tokens, eos_ids=())
+    return run.decode_tokens_per_second, run.tokens
 
 
-def _ppl(model, ids, windows):
+def _ppl(model, ids, windows, mode):
     from batquant_jax import pipeline
-    return pipeline.perplexities(model, {"wiki-eval": ids}, seqlen=512,
-                                 max_tokens=512 * windows)["wiki-eval"].perplexity
+    with fused.matmul_mode(mode):
+        return pipeline.perplexities(model, {"wiki-eval": ids}, seqlen=512,
+                                     max_tokens=512 * windows)["wiki-eval"].perplexity
 
 
 def main(argv=None) -> int:
@@ -59,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--prompt_tokens", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--batch_sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl_windows", type=int, default=2)
     ap.add_argument("--output_json", default=None)
@@ -66,29 +76,48 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from batquant_jax import data
+    from batquant_jax.models import load_model
     packed, tok = _model(args)
+    source = (checkpoint.read_json(pathlib.Path(args.checkpoint) / "metadata.json")["source_model"]["spec"]
+              if args.checkpoint else args.model)
+    original = load_model(source).model
     ids = tok.encode(TEXT * (1 + args.prompt_tokens // 60))[: args.prompt_tokens]
-    eval_ids = data.tokenize_corpus(data.load_corpus("wiki-eval"), tok)
     unpacked = nnx.clone(packed)
     for q in quant_modules(unpacked):
         q.unpack()
-    out = {}
-    for name, model in (("packed", packed), ("dequantized", unpacked)):
+    models = {"float32": (original, "off"), "dequantized": (unpacked, "off"),
+              "packed-reference": (packed, "off"), "packed": (packed, "auto")}
+    print(fused.describe(packed), flush=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    speeds = {(name, b): [] for name in models for b in batches}
+    tokens = {}
+    for b in batches:
+        for name, (model, mode) in models.items():  # compile and warm up outside the clock
+            _decode(model, ids, b, args.new_tokens, mode)
+        for _ in range(args.repeats):
+            for name, (model, mode) in models.items():
+                speed, tokens[name, b] = _decode(model, ids, b, args.new_tokens, mode)
+                speeds[name, b].append(speed)
+    eval_ids = data.tokenize_corpus(data.load_corpus("wiki-eval"), tok)
+    out = {"load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(), "rows": {}}
+    for name, (model, mode) in models.items():
         sizes = checkpoint.weight_bytes(model)
-        speed, tokens = _decode_speed(model, ids, args.new_tokens, args.repeats)
-        out[name] = {**sizes, "decode_tokens_per_s": speed, "tokens": tokens,
-                     "perplexity": _ppl(model, eval_ids, args.ppl_windows)}
-        print(f"{name:>11}: resident {sizes['model_resident_bytes'] / 2**20:7.1f} MiB "
-              f"({sizes['model_ratio_vs_float32']:.3f} of float32 "
-              f"{sizes['model_float32_bytes'] / 2**20:.1f} MiB; bfloat16 "
-              f"{sizes['model_bfloat16_bytes'] / 2**20:.1f} MiB); linear weights "
-              f"{sizes['model_packed_weight_bytes'] / 2**20:.1f} MiB packed; decode "
-              f"{speed:.1f} tokens/s; perplexity {out[name]['perplexity']:.4f}", flush=True)
-    p, d = out["packed"], out["dequantized"]
-    print(f"packed / dequantized: resident bytes {p['model_resident_bytes'] / d['model_resident_bytes']:.3f}, "
-          f"decode speed {p['decode_tokens_per_s'] / d['decode_tokens_per_s']:.3f}; same greedy "
-          f"tokens: {p['tokens'] == d['tokens']}; same perplexity: "
-          f"{p['perplexity'] == d['perplexity']}")
+        row = {**sizes, "perplexity": _ppl(model, eval_ids, args.ppl_windows, mode)}
+        for b in batches:
+            row[f"decode_tokens_per_s_b{b}"] = statistics.median(speeds[name, b])
+            row[f"ratio_to_float32_b{b}"] = (row[f"decode_tokens_per_s_b{b}"]
+                                             / statistics.median(speeds["float32", b]))
+        out["rows"][name] = row
+        per_batch = "; ".join(f"batch {b}: {row[f'decode_tokens_per_s_b{b}']:6.1f} tokens/s "
+                              f"({row[f'ratio_to_float32_b{b}']:.2f}x float32)" for b in batches)
+        print(f"{name:>16}: resident {sizes['model_resident_bytes'] / 2**20:6.1f} MiB; "
+              f"{per_batch}; perplexity {row['perplexity']:.4f}", flush=True)
+    quantized = ("dequantized", "packed-reference", "packed")
+    same = all(tokens[n, b] == tokens["packed", b] for n in quantized for b in batches)
+    ppl = [out["rows"][n]["perplexity"] for n in quantized]
+    print(f"quantized paths: same greedy tokens {same}; perplexities differ by at most "
+          f"{(max(ppl) - min(ppl)) / min(ppl):.2e} (relative); load average "
+          f"{out['load_average']:.1f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(out, f, indent=1)
