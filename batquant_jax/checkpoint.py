@@ -549,9 +549,19 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
     meta = read_json(out / METADATA_FILE)
     if meta.get("format") != FORMAT:
+        how = (f"upgrade it with `python -m batquant_jax.checkpoint upgrade {out}` (its arrays are "
+               "verified first) or quantize the model again" if meta.get("format") in UPGRADABLE
+               else "quantize the model again")
         raise CheckpointError(f"{out} is a checkpoint of format {meta.get('format')!r}; this "
-                              f"version reads {FORMAT!r} only: quantize the model again")
+                              f"version reads {FORMAT!r} only: {how}")
     verify_metadata(out, meta)
+    model, trees = _restore_verified(out, meta)
+    return model, trees, meta
+
+
+def _restore_verified(out: pathlib.Path, meta: Mapping[str, Any]):
+    """(skeleton, stored trees) of the checkpoint ``meta`` describes, every array checked
+    against meta's checksum table."""
     try:
         config = llama_config_from(meta["model_config"])
         cfg = calib_config_from(meta["calib_config"])
@@ -561,8 +571,58 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
     # the skeleton is built abstractly: no zero copy of the model is ever allocated, the
     # restored arrays become its values (1.5B: 2.6 GB less at load)
     model = nnx.eval_shape(lambda: skeleton(config, cfg))
-    trees = load_tree(out / CHECKPOINT_DIR, abstract_state(model), meta[CHECKSUMS])
-    return model, trees, meta
+    return model, load_tree(out / CHECKPOINT_DIR, abstract_state(model), meta[CHECKSUMS])
+
+
+UPGRADABLE = ("batquant_jax.quantized/2",)  # formats whose arrays format /3 stores unchanged
+
+
+def upgrade(out_dir) -> dict:
+    """Rewrites the metadata of a format /2 checkpoint as format /3 -> the new metadata.
+
+    Format /2 stored the same arrays with a sha256 table but did not protect metadata.json or
+    the tokenizer files. Every array is first verified against that table (CheckpointError,
+    one line, if one differs); then the tokenizer files are recorded as they are now and the
+    metadata gets its digest (``upgraded_from`` says where it came from). Atomic: an
+    interrupted upgrade leaves the /2 checkpoint as it was.
+    """
+    out = pathlib.Path(out_dir)
+    if not (out / METADATA_FILE).is_file():
+        raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
+    meta = read_json(out / METADATA_FILE)
+    old = meta.get("format")
+    if old == FORMAT:
+        raise CheckpointError(f"{out} is already of format {FORMAT!r}")
+    if old not in UPGRADABLE:
+        raise CheckpointError(f"{out} is of format {old!r}; only {', '.join(UPGRADABLE)} can be "
+                              "upgraded: quantize the model again")
+    if not isinstance(meta.get(CHECKSUMS), dict) or not meta[CHECKSUMS]:
+        raise CheckpointError(f"{out / METADATA_FILE} has no {CHECKSUMS!r} table; the arrays "
+                              "cannot be verified, so the checkpoint is not upgraded")
+    _restore_verified(out, meta)
+    meta.update(format=FORMAT, upgraded_from=old)
+    meta[FILE_CHECKSUMS] = file_digests(out, TOKENIZER_DIR)
+    meta.pop(META_DIGEST, None)
+    meta[META_DIGEST] = meta_digest(meta)
+    write_json(out / METADATA_FILE, meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m batquant_jax.checkpoint upgrade DIR``: see ``upgrade``."""
+    import sys
+    from batquant_jax import cli
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "upgrade":
+        cli.fail("usage: python -m batquant_jax.checkpoint upgrade CHECKPOINT_DIR")
+    cli.sync_cpu_dispatch()
+    quiet_orbax_logs()
+    try:
+        upgrade(args[1])
+    except CheckpointError as e:
+        cli.fail(str(e))
+    print(f"checkpoint: {args[1]} upgraded to {FORMAT} (every array verified)", file=sys.stderr)
+    return 0
 
 
 def read_arrays(out_dir) -> dict[str, np.ndarray]:
@@ -682,3 +742,7 @@ class ResumeStore:
         x = load_tree(self._inputs(n - 1), {"inputs": {"x": target_x}},
                       digests(self._inputs(n - 1)))
         return x["inputs"]["x"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

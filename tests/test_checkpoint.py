@@ -110,6 +110,49 @@ def test_old_format_is_refused_in_one_line(saved, tmp_path):
                             "version reads 'batquant_jax.quantized/3' only: quantize the model again")
 
 
+def _as_format_2(out, meta, dest):
+    """A copy of checkpoint ``out`` as format /2 wrote it: no metadata digest, no file table."""
+    import shutil
+    shutil.copytree(out, dest)
+    old = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "file_checksums")}
+    checkpoint.write_json(dest / "metadata.json", dict(old, format="batquant_jax.quantized/2"))
+    return old
+
+
+def test_format_2_is_upgraded_after_its_arrays_are_verified(quantized, saved, tmp_path):
+    model, _ = quantized
+    out, meta = saved
+    old = tmp_path / "v2"
+    _as_format_2(out, meta, old)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_quantized(old)
+    assert str(e.value) == (f"{old} is a checkpoint of format 'batquant_jax.quantized/2'; this "
+                            "version reads 'batquant_jax.quantized/3' only: upgrade it with "
+                            f"`python -m batquant_jax.checkpoint upgrade {old}` (its arrays are "
+                            "verified first) or quantize the model again")
+    new = checkpoint.upgrade(old)
+    assert new["upgraded_from"] == "batquant_jax.quantized/2"
+    assert new["file_checksums"] == meta["file_checksums"]
+    loaded, _, _ = checkpoint.load_quantized(old)
+    tokens = jnp.asarray(TOKENS)
+    assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
+    with pytest.raises(checkpoint.CheckpointError, match="is already of format"):
+        checkpoint.upgrade(old)
+
+
+def test_upgrade_refuses_a_changed_array_and_leaves_the_metadata(saved, tmp_path):
+    out, meta = saved
+    old = tmp_path / "v2"
+    written = _as_format_2(out, meta, old)
+    key = "qweights/layers/0/mlp/down_proj/codes"
+    written["checksums"] = dict(written["checksums"], **{key: "0" * 64})  # as if the array changed
+    checkpoint.write_json(old / "metadata.json", dict(written, format="batquant_jax.quantized/2"))
+    before = (old / "metadata.json").read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match=f"stored array {key} does not match"):
+        checkpoint.upgrade(old)
+    assert (old / "metadata.json").read_bytes() == before
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_quantized(tmp_path)

@@ -92,6 +92,30 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#if BQ_AVX2 && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define BQ_AVX512 1
+// Twice the E2M1 value plus 12 (so that it is unsigned, 0..24): the AVX-512 path multiplies
+// these unsigned bytes by the signed activations (vpdpbusd) and removes 12 * sum(x) through the
+// accumulator's initial value.
+alignas(16) constexpr uint8_t kE2M1x2p12[16] = {12, 13, 14, 15, 16, 18, 20, 24,
+                                                12, 11, 10, 9, 8, 6, 4, 0};
+
+// 32 bytes of codes (two blocks) -> their 64 elements' (2v + 12), in element order.
+inline __m512i decode_pair_avx512(const uint8_t* codes) {
+  const __m256i lut = _mm256_broadcastsi128_si256(
+      _mm_load_si128(reinterpret_cast<const __m128i*>(kE2M1x2p12)));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m256i lo = _mm256_and_si256(c, mask);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+  // per 128-bit lane: unpacklo = elements [0..15 | 32..47], unpackhi = [16..31 | 48..63]
+  const __m256i a = _mm256_shuffle_epi8(lut, _mm256_unpacklo_epi8(lo, hi));
+  const __m256i b = _mm256_shuffle_epi8(lut, _mm256_unpackhi_epi8(lo, hi));
+  const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);  // [a0 a1 b0 b1]
+  return _mm512_shuffle_i64x2(ab, ab, _MM_SHUFFLE(3, 1, 2, 0));            // [a0 b0 a1 b1]
+}
+#endif
+
 // Runs f(begin, end) over [0, n) in chunks of `grain`, on the calling thread and XLA's
 // intra-op pool. Chunks are claimed from a shared counter, so the calling thread finishes the
 // work alone when no pool thread is free; a pool task that starts late finds no chunk left.
@@ -127,17 +151,49 @@ int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 16) /
 
 // T activation rows (decoded: xq [T][K] doubled values, xs [T][K/32] half scales) times weight
 // rows [n0, n1).
+// The decoded activations of one call: xq [M][K] doubled values, xs [M][K/32] half scales and,
+// for the AVX-512 path, corr [M][K/4] = -12 * (sums of 4 consecutive xq).
+struct Activations {
+  const int8_t* xq;
+  const float* xs;
+  const int32_t* corr;
+};
+
 template <int T>
-void dot_q_rows(const int8_t* xq, const float* xs, int64_t k, const uint8_t* wc,
-                const uint8_t* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+void dot_q_rows(const Activations& a, int64_t k, const uint8_t* wc, const uint8_t* ws,
+                int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t nb = k / kBlock;
+  const int8_t* xq = a.xq;
+  const float* xs = a.xs;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* codes = wc + n * (k / 2);
     const uint8_t* scales = ws + n * nb;
 #if BQ_AVX2
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nb; ++j) {
+    int64_t j = 0;
+#if BQ_AVX512
+    __m512 acc2[T];
+    for (int t = 0; t < T; ++t) acc2[t] = _mm512_setzero_ps();
+    for (; j + 1 < nb; j += 2) {
+      const __m512i w = decode_pair_avx512(codes + j * (kBlock / 2));
+      const __m512 sw = _mm512_insertf32x8(_mm512_set1_ps(kHalf.v[scales[j]]),
+                                           _mm256_set1_ps(kHalf.v[scales[j + 1]]), 1);
+      for (int t = 0; t < T; ++t) {
+        const __m512i x = _mm512_loadu_si512(xq + t * k + j * kBlock);
+        const __m512i c = _mm512_loadu_si512(a.corr + t * (k / 4) + j * (kBlock / 4));
+        const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w, x));
+        const __m512 sx = _mm512_insertf32x8(_mm512_set1_ps(xs[t * nb + j]),
+                                             _mm256_set1_ps(xs[t * nb + j + 1]), 1);
+        acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(p, sx), sw, acc2[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_add_ps(_mm512_castps512_ps256(acc2[t]),
+                             _mm512_extractf32x8_ps(acc2[t], 1));
+    }
+#endif
+    for (; j < nb; ++j) {
       const __m256i w = decode_block_avx2(codes + j * (kBlock / 2));
       const float sw = kHalf.v[scales[j]];
       for (int t = 0; t < T; ++t) {
@@ -209,19 +265,25 @@ ffi::Error DotQImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> xc, ffi::Buffer<f
   // Decode the activations once: doubled element values and half scales.
   std::vector<int8_t> xq(m * k);
   std::vector<float> xs(m * nb);
+  std::vector<int32_t> corr(m * k / 4);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < nb; ++j) {
       decode_block(xc.typed_data() + r * (k / 2) + j * (kBlock / 2), xq.data() + r * k + j * kBlock);
       xs[r * nb + j] = kHalf.v[xsc.typed_data()[r * nb + j]];
     }
+    for (int64_t i = 0; i < k / 4; ++i) {
+      const int8_t* q = xq.data() + r * k + 4 * i;
+      corr[r * (k / 4) + i] = -12 * (int32_t(q[0]) + q[1] + q[2] + q[3]);
+    }
   }
+  const Activations act{xq.data(), xs.data(), corr.data()};
   const uint8_t* wcd = wc.typed_data();
   const uint8_t* wsd = ws.typed_data();
   float* out = y->typed_data();
   parallel_for(pool, n, grain_rows(k), [&](int64_t n0, int64_t n1) {
     dispatch_tiles(m, [&](auto tile, int64_t m0) {
-      dot_q_rows<decltype(tile)::value>(xq.data() + m0 * k, xs.data() + m0 * nb, k, wcd, wsd,
-                                        n0, n1, out + m0 * n, n);
+      const Activations rows{act.xq + m0 * k, act.xs + m0 * nb, act.corr + m0 * (k / 4)};
+      dot_q_rows<decltype(tile)::value>(rows, k, wcd, wsd, n0, n1, out + m0 * n, n);
     });
   });
   return ffi::Error::Success();
