@@ -92,10 +92,15 @@ def load_model(spec: str, *, dtype=jnp.float32, with_tokenizer: bool = True,
         config, tensors, info = _read_hf(path)
     _check_mx_dims(config, path)
     log.info("building %s model: %d layers, %d tensors", config.arch, config.num_layers, len(tensors))
-    try:
-        model = LlamaForCausalLM.from_weights(config, tensors, dtype=dtype)
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: {e}") from None
+    if info.get("compressed") is not None:  # MXFP4 weights in the compressed-tensors format
+        if jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+            raise ModelLoadError(f"{path}: a quantized folder loads in float32 only")
+        model = _compressed_model(config, tensors, info["compressed"], path)
+    else:
+        try:
+            model = LlamaForCausalLM.from_weights(config, tensors, dtype=dtype)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
     del tensors
     tokenizer = None
     if with_tokenizer:
@@ -228,13 +233,100 @@ def _read_hf(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
         config = LlamaConfig.from_hf(hf_config)
     except Exception as e:
         raise ModelLoadError(f"{cfg_path}: cannot build the config ({_one_line(e)})") from None
+    compressed = compressed_setting(raw, cfg_path)
     files = _safetensors_files(folder)
     weights = {}
     for i, path in enumerate(files):
         log.info("reading %s (%d/%d)", os.path.basename(path), i + 1, len(files))
         weights.update(_read_safetensors(path))
-    info = {"format": "safetensors", "arch": arch, "files": [os.path.basename(p) for p in files]}
+    info = {"format": "safetensors", "arch": arch, "files": [os.path.basename(p) for p in files],
+            "compressed": compressed}
     return config, weights, info
+
+
+# ---------------------------------------------------------------- compressed-tensors MXFP4
+
+
+def compressed_setting(raw: dict, where: str) -> str | None:
+    """The setting ("W4A16" or "W4A4KV16") of a config.json whose ``quantization_config`` is
+    compressed-tensors MXFP4 (``mxfp4-pack-quantized``: MXFP4 weights, MXFP4 or unquantized
+    input activations, blocks of 32); None without a quantization_config. ModelLoadError (one
+    line) for any other quantization, or for what this loader does not apply (online
+    transforms, a quantized KV cache, output activations, layers left unquantized)."""
+    q = raw.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise ModelLoadError(f"{where}: quantization {method!r} is not read; only compressed-"
+                             "tensors MXFP4 (mxfp4-pack-quantized) folders load")
+    fmt = q.get("format")
+    groups = q.get("config_groups") or {}
+    if fmt != "mxfp4-pack-quantized" or len(groups) != 1:
+        raise ModelLoadError(f"{where}: compressed-tensors format {fmt!r} with {len(groups)} "
+                             "config group(s); only one mxfp4-pack-quantized group loads")
+    for key in ("transform_config", "kv_cache_scheme"):
+        if q.get(key):
+            raise ModelLoadError(f"{where}: {key} is set; online transforms and quantized KV "
+                                 "caches of the format are not applied by this loader")
+    (scheme,) = groups.values()
+    w, a = scheme.get("weights") or {}, scheme.get("input_activations")
+
+    def mxfp4(args) -> bool:
+        return (args.get("num_bits") == 4 and args.get("type") == "float"
+                and args.get("group_size") == 32 and args.get("strategy") == "group"
+                and args.get("symmetric", True))
+
+    if not mxfp4(w) or scheme.get("output_activations"):
+        raise ModelLoadError(f"{where}: the config group is not MXFP4 weights in groups of 32 "
+                             "(with no output quantization)")
+    if a is not None and not (mxfp4(a) and a.get("dynamic")):
+        raise ModelLoadError(f"{where}: input activations other than dynamic MXFP4 are not read")
+    if sorted(scheme.get("targets") or []) != ["Linear"] or (q.get("ignore") or []) not in (
+            [], ["lm_head"]):
+        raise ModelLoadError(f"{where}: only a group targeting every Linear (lm_head ignored) "
+                             "loads")
+    return "W4A16" if a is None else "W4A4KV16"
+
+
+def _compressed_model(config: LlamaConfig, tensors: dict, setting: str, where: str):
+    """The quantized model of a compressed-tensors MXFP4 folder: the linears of every layer
+    packed (codes and E8M0 scales as stored), activations quantized as the format's consumers
+    do (the shared exponent rounded up when the block maximum's significand is >= 1.75: this
+    package's scale_mode "even"), no input transform."""
+    from flax import nnx
+
+    from batquant_jax.checkpoint import CheckpointError, _nest, set_state_arrays, skeleton
+    from batquant_jax.recipe import CalibConfig
+    cfg = CalibConfig(method="rtn", setting=setting, scale_mode="even")
+    model = nnx.eval_shape(lambda: skeleton(config, cfg))
+    flat: dict[str, dict] = {"qweights": {}, "params": {}}
+    for name in list(tensors):
+        item, key = _internal_key(name, where)
+        flat[item][key] = np.asarray(tensors.pop(name))
+    if config.tie_word_embeddings:
+        flat["params"].pop(("lm_head", "weight"), None)
+    try:
+        set_state_arrays(model, {k: _nest(v) for k, v in flat.items()}, where)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    return model
+
+
+def _internal_key(name: str, where: str) -> tuple[str, tuple[str, ...]]:
+    """A Hugging Face tensor name of the format -> (item, path) of this package's state
+    ("model.layers.0.mlp.up_proj.weight_packed" -> ("qweights", ("layers", "0", "mlp",
+    "up_proj", "codes")))."""
+    parts = name.split(".")
+    if parts[0] == "model":
+        parts = parts[1:]
+    leaf = {"weight_packed": "codes", "weight_scale": "scales"}.get(parts[-1])
+    if leaf is not None:
+        return "qweights", tuple(parts[:-1] + [leaf])
+    if parts[-1] in ("weight", "bias"):
+        return "params", tuple(parts)
+    raise ModelLoadError(f"{where}: tensor {name!r} has no place in an MXFP4 model "
+                         "(weight_packed, weight_scale, weights and biases are read)")
 
 
 def _safetensors_files(folder: str) -> list[str]:

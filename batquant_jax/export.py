@@ -1,0 +1,283 @@
+"""Export a quantized checkpoint as a Hugging Face folder in the compressed-tensors MXFP4 format.
+
+    python -m batquant_jax.export --checkpoint=out/smollm2-gptq --output_dir=out/smollm2-gptq-hf
+
+The folder is what transformers (with the compressed-tensors package) and vLLM load:
+
+- ``config.json``: the model's Hugging Face config plus ``quantization_config``
+  (``quant_method: compressed-tensors``, ``format: mxfp4-pack-quantized``, one config group for
+  the seven linears of every layer: MXFP4 weights, and MXFP4 input activations at W4A4);
+- ``model.safetensors`` (or shards of at most ``--max_shard_gb`` and an index): per linear
+  ``weight_packed`` (uint8 [out, in/2], element 2i in the low nibble: the checkpoint's codes as
+  they are) and ``weight_scale`` (uint8 E8M0 [out, in/32]); embeddings, norms, lm_head and
+  biases in float32, the dtype the model ran in;
+- the tokenizer files and ``generation_config.json``.
+
+Only what the format expresses exactly is written. This version exports the methods without an
+online input transform (rtn, gptq): at W4A16, and at W4A4 when the activations were quantized
+with the consumers' rule for the shared scale (``--scale_mode=even``: the block maximum is
+rounded, so a significand >= 1.75 takes the next power of two); ``--weights_only`` exports the
+weights of any such checkpoint as the W4A16 model. Anything else is refused in one line that
+says what does not fit (see ``check_exportable``). A folder exported here loads back with ``--model=HF_DIR``
+(``models.loading``): the same packed weights, the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+from absl import app, flags
+
+from batquant_jax import cli
+from batquant_jax.errors import UserError
+
+__all__ = ["export", "check_exportable", "hf_config", "quantization_config", "ExportError",
+           "FORMAT", "LINEARS"]
+
+FORMAT = "mxfp4-pack-quantized"
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_CONTAINER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+EXPORTABLE_METHODS = ("rtn", "gptq")  # identity input transform: nothing online but quantizers
+_OWNED = ("config.json", "generation_config.json", "model.safetensors",
+          "model.safetensors.index.json")
+
+
+class ExportError(UserError):
+    """A checkpoint the format cannot hold exactly, or a bad output folder; one-line message."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def hf_config(config) -> dict:
+    """The Hugging Face config.json fields of a ``LlamaConfig`` (transformers 5.x names)."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[config.arch]
+    rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+    if config.rope_scaling:
+        rope.update(dict(config.rope_scaling))
+    out = {
+        "architectures": [arch], "model_type": config.arch, "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings, "rope_theta": float(config.rope_theta),
+        "rope_parameters": rope, "dtype": "float32",
+    }
+    if config.arch == "llama":
+        out.update(attention_bias=config.attention_bias, mlp_bias=False)
+    elif config.arch == "qwen3":
+        out.update(attention_bias=config.attention_bias)
+    if config.arch != "llama":
+        out.update(use_sliding_window=False, max_window_layers=config.num_layers)
+    return out
+
+
+def _mx_args(fmt: str, *, dynamic: bool) -> dict:
+    bits = {"mxfp4": 4}[fmt]
+    return {"num_bits": bits, "type": "float", "strategy": "group", "group_size": 32,
+            "symmetric": True, "dynamic": dynamic, "scale_dtype": "torch.uint8",
+            "zp_dtype": "torch.uint8", "actorder": None, "block_structure": None,
+            "observer": None if dynamic else "minmax", "observer_kwargs": {}}
+
+
+def quantization_config(spec) -> dict:
+    """``quantization_config`` of a QuantSpec: one group targeting every Linear but lm_head."""
+    scheme = {"targets": ["Linear"], "weights": _mx_args(spec.w_fmt, dynamic=False),
+              "input_activations": (None if spec.a_fmt is None
+                                    else _mx_args(spec.a_fmt, dynamic=True)),
+              "output_activations": None, "format": FORMAT}
+    return {"quant_method": "compressed-tensors", "format": FORMAT,
+            "quantization_status": "compressed", "config_groups": {"group_0": scheme},
+            "ignore": ["lm_head"], "kv_cache_scheme": None}
+
+
+def check_exportable(meta: Mapping[str, Any], *, weights_only: bool = False):
+    """The QuantSpec the export writes for the checkpoint described by ``meta`` (its
+    metadata.json); ExportError (one line, what does not fit) unless the compressed-tensors
+    MXFP4 format expresses it exactly. ``weights_only`` exports the weights alone (the W4A16
+    model of the same weights: an explicit choice, never a silent one)."""
+    from batquant_jax.checkpoint import calib_config_from
+    cfg = calib_config_from(meta["calib_config"])
+    spec = cfg.spec
+    if cfg.method not in EXPORTABLE_METHODS:
+        raise ExportError(f"method {cfg.method!r} multiplies every linear's input by a learned "
+                          "or Hadamard transform online; this version exports only methods "
+                          f"without one ({', '.join(EXPORTABLE_METHODS)}) and does not approximate")
+    if spec.w_fmt != "mxfp4" or spec.block_size != 32:
+        raise ExportError(f"setting {cfg.setting}: the format stores MXFP4 weights in blocks of "
+                          f"32 only (this checkpoint: {spec.w_fmt}, blocks of {spec.block_size})")
+    if spec.kv_fmt is not None:
+        raise ExportError(f"setting {cfg.setting}: a quantized KV cache ({spec.kv_fmt} per token "
+                          "along head_dim) has no equivalent in the format's kv_cache_scheme")
+    if weights_only:
+        return dataclasses.replace(spec, a_fmt=None)
+    if spec.a_fmt not in (None, "mxfp4"):
+        raise ExportError(f"setting {cfg.setting}: {spec.a_fmt} activations are not exported "
+                          "(W4A16 and W4A4 are; --weights_only exports the weights alone)")
+    if spec.a_fmt is not None and (spec.scale_mode, spec.rounding) != ("even", "even"):
+        raise ExportError(f"setting {cfg.setting}: activations were quantized with scale mode "
+                          f"{spec.scale_mode!r}; the format's consumers round the block maximum "
+                          "(scale mode 'even'): calibrate with --scale_mode=even to export W4A4, "
+                          "or pass --weights_only")
+    return spec
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def hf_name(key: str) -> str | None:
+    """The Hugging Face tensor name of one stored array key ("qweights/layers/0/mlp/up_proj/
+    codes" -> "model.layers.0.mlp.up_proj.weight_packed"); None for arrays the format has no
+    place for."""
+    item, *path = key.split("/")
+    if item == "qweights":
+        leaf = {"codes": "weight_packed", "scales": "weight_scale"}[path[-1]]
+        return "model." + ".".join(path[:-1] + [leaf])
+    if path[0] == "lm_head":
+        return "lm_head." + ".".join(path[1:])
+    if path[-1] in ("weight", "bias") and not any(p in ("transform", "act_clip", "weight_clip",
+                                                        "kv_quant") for p in path):
+        return "model." + ".".join(path)
+    return None
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, dropped = {}, []
+    for key, value in arrays.items():
+        name = hf_name(key)
+        if name is None:
+            dropped.append(key)
+        else:
+            out[name] = np.ascontiguousarray(value)
+    if dropped:  # an exportable method has none; a left-over would be a silent approximation
+        raise ExportError(f"stored array {dropped[0]} has no place in the format")
+    return out
+
+
+def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, size = [{}], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def _check_output(out: pathlib.Path, checkpoint: pathlib.Path, overwrite: bool) -> None:
+    if out.resolve() == checkpoint.resolve() or checkpoint.resolve() in out.resolve().parents:
+        raise ExportError(f"--output_dir {out} is inside the checkpoint {checkpoint}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--output_dir {out} is a file; name a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--output_dir {out} is not empty; pass --overwrite to replace the "
+                          "files an export writes there")
+
+
+def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only: bool = False,
+           max_shard_bytes: int = 2 * 2**30) -> dict:
+    """Writes the Hugging Face folder of a quantized checkpoint -> its config.json as a dict.
+
+    Raises ExportError (one line) for a checkpoint the format cannot hold exactly, and the
+    checkpoint loader's errors for a damaged or unfinished one (every array is verified)."""
+    from safetensors.numpy import save_file
+
+    from batquant_jax import checkpoint
+    ckpt, out = pathlib.Path(checkpoint_dir), pathlib.Path(output_dir)
+    _check_output(out, ckpt, overwrite)
+    model, _, meta = checkpoint._read(ckpt)  # verifies metadata, tokenizer files and arrays
+    spec = check_exportable(meta, weights_only=weights_only)
+    arrays = checkpoint.read_arrays(ckpt)
+    tensors = _tensors(arrays)
+    config = hf_config(model.config)
+    config["quantization_config"] = quantization_config(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _OWNED:
+        checkpoint.remove(out / name)
+    for stale in out.glob("model-*-of-*.safetensors"):
+        stale.unlink()
+    shards = _shards(tensors, max_shard_bytes)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(files, shards):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                 "weight_map": {k: f for f, s in zip(files, shards) for k in s}}
+        checkpoint.write_json(out / "model.safetensors.index.json", index)
+    tok_dir = ckpt / checkpoint.TOKENIZER_DIR
+    gen = {"do_sample": False}
+    if tok_dir.is_dir():
+        for f in sorted(tok_dir.iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, out / f.name)
+        gen.update(_special_ids(out))
+    checkpoint.write_json(out / "generation_config.json", gen)
+    config.update({k: v for k, v in gen.items() if k.endswith("_token_id")})
+    config["batquant_jax"] = {"exported_from": str(ckpt.resolve()), "method": meta["method"],
+                              "setting": meta["setting"], "weights_only": weights_only,
+                              "format": meta["format"]}
+    checkpoint.write_json(out / "config.json", config)  # last: marks the folder complete
+    return config
+
+
+def _special_ids(folder: pathlib.Path) -> dict:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- command
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "a quantized checkpoint folder (from calibrate)")
+    flags.DEFINE_string("output_dir", None, "the Hugging Face folder to write")
+    flags.DEFINE_bool("overwrite", False, "replace the files of an earlier export in --output_dir")
+    flags.DEFINE_bool("weights_only", False, "export the packed weights alone, activations "
+                      "unquantized (the W4A16 model of a W4A4 checkpoint's weights)")
+    flags.DEFINE_float("max_shard_gb", 2.0, "largest safetensors file, GiB (larger models are "
+                       "written in shards with an index)")
+
+
+def main(argv: list[str]) -> None:
+    cli.sync_cpu_dispatch()
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; all settings are --flags")
+    if not FLAGS.checkpoint or not FLAGS.output_dir:
+        cli.fail("--checkpoint and --output_dir are required")
+    if not FLAGS.max_shard_gb > 0:
+        cli.fail(f"--max_shard_gb must be > 0, got {FLAGS.max_shard_gb}")
+    from batquant_jax.checkpoint import quiet_orbax_logs
+    quiet_orbax_logs()
+    try:
+        config = export(FLAGS.checkpoint, FLAGS.output_dir, overwrite=FLAGS.overwrite,
+                        weights_only=FLAGS.weights_only, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+    except UserError as e:
+        cli.fail(str(e).splitlines()[0])
+    except OSError as e:
+        cli.fail(f"cannot write {FLAGS.output_dir}: {e.strerror or e}", 1)
+    q = config["quantization_config"]["config_groups"]["group_0"]
+    acts = "MXFP4 activations" if q["input_activations"] else "activations unquantized"
+    print(f"export: {FLAGS.output_dir} ({FORMAT}: MXFP4 weights, {acts}; "
+          f"{json.dumps(config['batquant_jax']['method'])} {config['batquant_jax']['setting']})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
