@@ -13,8 +13,10 @@ The folder is what transformers (with the compressed-tensors package) and vLLM l
   biases in float32, the dtype the model ran in;
 - the tokenizer files and ``generation_config.json``.
 
-Only what the format expresses exactly is written. This version exports the methods without an
-online input transform (rtn, gptq): at W4A16, and at W4A4 when the activations were quantized
+Only what the format expresses exactly is written: the methods without an online input
+transform (rtn, gptq) and those whose transform is a block Sylvester Hadamard (brq, mr-gptq:
+a ``transform_config`` of "hadamard" schemes, which vLLM applies; transformers 5.24 does not):
+at W4A16, and at W4A4 when the activations were quantized
 with the consumers' rule for the shared scale (``--scale_mode=even``: the block maximum is
 rounded, so a significand >= 1.75 takes the next power of two); ``--weights_only`` exports the
 weights of any such checkpoint as the W4A16 model. Anything else is refused in one line that
@@ -44,7 +46,8 @@ FORMAT = "mxfp4-pack-quantized"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _CONTAINER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
               "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-EXPORTABLE_METHODS = ("rtn", "gptq")  # identity input transform: nothing online but quantizers
+EXPORTABLE_METHODS = ("rtn", "gptq", "brq", "mr-gptq")
+HADAMARD_METHODS = ("brq", "mr-gptq")  # block Sylvester Hadamard input transforms
 _OWNED = ("config.json", "generation_config.json", "model.safetensors",
           "model.safetensors.index.json")
 
@@ -109,9 +112,11 @@ def check_exportable(meta: Mapping[str, Any], *, weights_only: bool = False):
     cfg = calib_config_from(meta["calib_config"])
     spec = cfg.spec
     if cfg.method not in EXPORTABLE_METHODS:
-        raise ExportError(f"method {cfg.method!r} multiplies every linear's input by a learned "
-                          "or Hadamard transform online; this version exports only methods "
-                          f"without one ({', '.join(EXPORTABLE_METHODS)}) and does not approximate")
+        raise ExportError(
+            f"method {cfg.method!r} multiplies every linear's input by a random or learned "
+            "matrix online; the format stores such a matrix as a 'random-matrix' transform, which "
+            "compressed-tensors applies as x V and vLLM as x V / sqrt(n), so no stored matrix is "
+            f"exact for both (exported: {', '.join(EXPORTABLE_METHODS)})")
     if spec.w_fmt != "mxfp4" or spec.block_size != 32:
         raise ExportError(f"setting {cfg.setting}: the format stores MXFP4 weights in blocks of "
                           f"32 only (this checkpoint: {spec.w_fmt}, blocks of {spec.block_size})")
@@ -149,10 +154,19 @@ def hf_name(key: str) -> str | None:
     return None
 
 
-def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _is_sylvester(value: np.ndarray) -> bool:
+    from batquant_jax.transforms import sylvester_hadamard
+    n = value.shape[0]
+    return (value.ndim == 2 and value.shape == (n, n) and n & (n - 1) == 0
+            and np.array_equal(value, sylvester_hadamard(n).astype(np.float32)))
+
+
+def _tensors(arrays: Mapping[str, np.ndarray], hadamard: bool) -> dict[str, np.ndarray]:
     out, dropped = {}, []
     for key, value in arrays.items():
         name = hf_name(key)
+        if hadamard and key.endswith("/transform/H") and _is_sylvester(value):
+            continue  # described by transform_config (the consumers build it themselves)
         if name is None:
             dropped.append(key)
         else:
@@ -160,6 +174,36 @@ def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if dropped:  # an exportable method has none; a left-over would be a silent approximation
         raise ExportError(f"stored array {dropped[0]} has no place in the format")
     return out
+
+
+def hadamard_transforms(model) -> tuple[dict, dict[str, np.ndarray]]:
+    """(transform_config, tensors) of a model whose groups use block Sylvester Hadamard input
+    transforms (brq, mr-gptq): one "hadamard" scheme per block size, applied online at the
+    input of the linears of the groups with that size (``head_dim`` = the block size, so the
+    matrix is block diagonal), and each linear's ``<scheme>_input.weight``: the unnormalized
+    +-1 Sylvester matrix, as compressed-tensors saves it (both consumers divide by sqrt(n))."""
+    from batquant_jax.qlayers import GROUPS
+    from batquant_jax.transforms import BlockHadamard, sylvester_hadamard
+    targets: dict[int, list[str]] = {}
+    for i, layer in enumerate(model.layers):
+        for container, names, group in GROUPS:
+            t = getattr(getattr(layer, container), names[0]).transform
+            if not isinstance(t, BlockHadamard):
+                raise ExportError(f"layer {i} group {group}: the input transform is "
+                                  f"{type(t).__name__}, not a block Hadamard")
+            targets.setdefault(t.size, []).extend(
+                f"model.layers.{i}.{container}.{n}" for n in names)
+    config, tensors = {"config_groups": {}}, {}
+    for size, names in sorted(targets.items()):
+        scheme = f"hadamard_{size}"
+        config["config_groups"][scheme] = {
+            "type": "hadamard", "apply": [{"targets": names, "location": "input",
+                                           "inverse": False, "ignore": []}],
+            "randomize": False, "requires_grad": False, "head_dim": size,
+            "precision": "torch.float32"}
+        h = np.ascontiguousarray((sylvester_hadamard(size) * np.sqrt(size)).astype(np.float32))
+        tensors.update({f"{n}.{scheme}_input.weight": h.copy() for n in names})
+    return config, tensors
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -195,12 +239,18 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
     from batquant_jax import checkpoint
     ckpt, out = pathlib.Path(checkpoint_dir), pathlib.Path(output_dir)
     _check_output(out, ckpt, overwrite)
-    model, _, meta = checkpoint._read(ckpt)  # verifies metadata, tokenizer files and arrays
+    model, trees, meta = checkpoint._read(ckpt)  # verifies metadata, tokenizer files, arrays
     spec = check_exportable(meta, weights_only=weights_only)
-    arrays = checkpoint.read_arrays(ckpt)
-    tensors = _tensors(arrays)
+    arrays = {"/".join((item,) + k): v for item, tree in trees.items()
+              for k, v in checkpoint._flatten(tree).items()}
+    method = meta["calib_config"]["method"]
+    tensors = _tensors(arrays, hadamard=method in HADAMARD_METHODS)
     config = hf_config(model.config)
     config["quantization_config"] = quantization_config(spec)
+    if method in HADAMARD_METHODS:
+        transform_config, extra = hadamard_transforms(model)
+        config["quantization_config"]["transform_config"] = transform_config
+        tensors.update(extra)
     out.mkdir(parents=True, exist_ok=True)
     for name in _OWNED:
         checkpoint.remove(out / name)

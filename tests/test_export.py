@@ -39,6 +39,8 @@ def tiny(tmp_path_factory):
         "rtn_w4a4": _calibrate(root, "rtn-w4a4", method="rtn", scale_mode="even"),
         "gptq_w4a16": _calibrate(root, "gptq-w4a16", method="gptq", setting="W4A16"),
         "rtn_floor": _calibrate(root, "rtn-floor", method="rtn"),
+        "brq": _calibrate(root, "brq", method="brq", setting="W4A16"),
+        "mr_gptq": _calibrate(root, "mr-gptq", method="mr-gptq", scale_mode="even"),
     }
 
 
@@ -126,7 +128,8 @@ def test_the_consumers_activation_quantizer_is_scale_mode_even():
     assert not np.array_equal(floor, theirs)  # why a floor-scale W4A4 checkpoint is refused
 
 
-@pytest.mark.parametrize("name,weights_only", [("rtn_w4a4", False), ("gptq_w4a16", False)])
+@pytest.mark.parametrize("name,weights_only", [("rtn_w4a4", False), ("gptq_w4a16", False),
+                                               ("brq", False), ("mr_gptq", False)])
 def test_round_trip_gives_identical_logits(tiny, name, weights_only):
     out = _export(tiny, name, weights_only=weights_only)
     back = load_model(str(out))
@@ -137,13 +140,21 @@ def test_round_trip_gives_identical_logits(tiny, name, weights_only):
     assert len(quant_modules(back.model)) == 42
 
 
-@pytest.mark.parametrize("name", ["gptq_w4a16", "rtn_w4a4"])
+@pytest.mark.parametrize("name", ["gptq_w4a16", "rtn_w4a4", "brq", "mr_gptq"])
 def test_transformers_perplexity_equals_ours_at_w4a16(tiny, name):
+    """transformers' from_pretrained (weights dequantized in float32); the Hadamard input
+    transforms, which transformers 5.24 does not apply, by compressed-tensors'
+    apply_transform_config from the folder's own transform_config."""
     import transformers
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
     from transformers import CompressedTensorsConfig
     out = _export(tiny, name, weights_only=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    tc = json.loads((out / "config.json").read_text())["quantization_config"].get("transform_config")
+    assert (tc is not None) == (name in ("brq", "mr_gptq"))
+    if tc:
+        apply_transform_config(ref, TransformConfig.model_validate(tc))
     ids = _ids()
     with torch.no_grad():
         theirs = ref(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
@@ -164,9 +175,11 @@ def test_refusals(tiny, kw, message, tmp_path):
 
 def test_refuses_a_method_with_transforms_and_a_bad_folder(tiny, tmp_path):
     meta = json.loads((tiny["rtn_w4a4"] / "metadata.json").read_text())
-    meta["calib_config"]["method"] = "brq"
-    with pytest.raises(export.ExportError, match="method 'brq' multiplies every linear's input"):
-        export.check_exportable(meta)
+    for method in ("batquant", "flatquant", "quarot"):
+        meta["calib_config"]["method"] = method
+        with pytest.raises(export.ExportError, match=f"method '{method}' multiplies every "
+                           "linear's input by a random or learned matrix online"):
+            export.check_exportable(meta)
     meta["calib_config"].update(method="rtn", setting="W4A8KV8")
     with pytest.raises(export.ExportError, match="a quantized KV cache"):
         export.check_exportable(meta)
@@ -196,7 +209,9 @@ def test_import_refuses_what_it_does_not_apply(tiny, tmp_path):
     from batquant_jax.models.loading import ModelLoadError
     out = _export(tiny, "gptq_w4a16")
     for change, message in [
-        ({"transform_config": {"config_groups": {"u": {}}}}, "transform_config is set"),
+        ({"transform_config": {"config_groups": {"u": {"type": "random-matrix", "head_dim": 32}}}},
+         "transform 'u' is 'random-matrix'; only block Sylvester Hadamard"),
+        ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme is set"),
         ({"quant_method": "gptq"}, "quantization 'gptq' is not read"),
         ({"format": "nvfp4-pack-quantized"}, "compressed-tensors format 'nvfp4-pack-quantized'"),
     ]:
@@ -239,3 +254,20 @@ def test_smollm2_perplexity_in_transformers_equals_ours_at_w4a16(tmp_path):
             nll.append(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="none"))
     p_ref = float(torch.exp(torch.cat(nll).double().mean()))
     assert abs(p_ref / p_ours - 1) < 1e-3
+
+
+def test_hadamard_methods_carry_their_transforms_and_shards_load_back(tiny, tmp_path):
+    out = tmp_path / "sharded"
+    config = export.export(tiny["mr_gptq"], out, max_shard_bytes=20_000)
+    groups = config["quantization_config"]["transform_config"]["config_groups"]
+    assert {k: v["head_dim"] for k, v in groups.items()} == {"hadamard_64": 64,
+                                                             "hadamard_128": 128}
+    down = [t for g in groups.values() for a in g["apply"] for t in a["targets"]
+            if t.endswith("down_proj")]
+    assert down and all(groups["hadamard_128"]["apply"][0]["targets"].count(t) == 1 for t in down)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    ids = _ids()
+    model, _, _ = load_quantized(tiny["mr_gptq"])
+    assert np.array_equal(np.asarray(forward_logits(load_model(str(out)).model, ids)),
+                          np.asarray(forward_logits(model, ids)))

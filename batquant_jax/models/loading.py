@@ -247,12 +247,14 @@ def _read_hf(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
 # ---------------------------------------------------------------- compressed-tensors MXFP4
 
 
-def compressed_setting(raw: dict, where: str) -> str | None:
-    """The setting ("W4A16" or "W4A4KV16") of a config.json whose ``quantization_config`` is
-    compressed-tensors MXFP4 (``mxfp4-pack-quantized``: MXFP4 weights, MXFP4 or unquantized
-    input activations, blocks of 32); None without a quantization_config. ModelLoadError (one
-    line) for any other quantization, or for what this loader does not apply (online
-    transforms, a quantized KV cache, output activations, layers left unquantized)."""
+def compressed_setting(raw: dict, where: str) -> dict | None:
+    """{"setting": "W4A16" or "W4A4KV16", "hadamard": {linear name: block size}} of a
+    config.json whose ``quantization_config`` is compressed-tensors MXFP4
+    (``mxfp4-pack-quantized``: MXFP4 weights, MXFP4 or unquantized input activations, blocks of
+    32), with at most block Sylvester Hadamard input transforms; None without a
+    quantization_config. ModelLoadError (one line) for any other quantization, or for what this
+    loader does not apply (other transforms, a quantized KV cache, output activations, layers
+    left unquantized)."""
     q = raw.get("quantization_config")
     if q is None:
         return None
@@ -265,10 +267,10 @@ def compressed_setting(raw: dict, where: str) -> str | None:
     if fmt != "mxfp4-pack-quantized" or len(groups) != 1:
         raise ModelLoadError(f"{where}: compressed-tensors format {fmt!r} with {len(groups)} "
                              "config group(s); only one mxfp4-pack-quantized group loads")
-    for key in ("transform_config", "kv_cache_scheme"):
-        if q.get(key):
-            raise ModelLoadError(f"{where}: {key} is set; online transforms and quantized KV "
-                                 "caches of the format are not applied by this loader")
+    if q.get("kv_cache_scheme"):
+        raise ModelLoadError(f"{where}: kv_cache_scheme is set; a quantized KV cache of the "
+                             "format is not applied by this loader")
+    hadamard = _hadamard_inputs(q.get("transform_config"), where)
     (scheme,) = groups.values()
     w, a = scheme.get("weights") or {}, scheme.get("input_activations")
 
@@ -286,24 +288,71 @@ def compressed_setting(raw: dict, where: str) -> str | None:
             [], ["lm_head"]):
         raise ModelLoadError(f"{where}: only a group targeting every Linear (lm_head ignored) "
                              "loads")
-    return "W4A16" if a is None else "W4A4KV16"
+    return {"setting": "W4A16" if a is None else "W4A4KV16", "hadamard": hadamard}
 
 
-def _compressed_model(config: LlamaConfig, tensors: dict, setting: str, where: str):
+def _hadamard_inputs(tc, where: str) -> dict[str, int]:
+    """{linear name: block size} of a transform_config made of "hadamard" input transforms
+    (block-diagonal Sylvester Hadamard, not randomized); ModelLoadError for anything else."""
+    if not tc:
+        return {}
+    out = {}
+    for name, scheme in (tc.get("config_groups") or {}).items():
+        size = scheme.get("head_dim")
+        if scheme.get("type") != "hadamard" or scheme.get("randomize") or not size:
+            raise ModelLoadError(f"{where}: transform {name!r} is {scheme.get('type')!r}; only "
+                                 "block Sylvester Hadamard input transforms (type hadamard with "
+                                 "head_dim, not randomized) are applied by this loader")
+        for args in scheme.get("apply") or []:
+            if args.get("location") != "input" or args.get("inverse") or args.get("ignore"):
+                raise ModelLoadError(f"{where}: transform {name!r} is applied at "
+                                     f"{args.get('location')!r}; only input transforms load")
+            for target in args.get("targets") or []:
+                out[target] = int(size)
+    return out
+
+
+def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: str):
     """The quantized model of a compressed-tensors MXFP4 folder: the linears of every layer
     packed (codes and E8M0 scales as stored), activations quantized as the format's consumers
     do (the shared exponent rounded up when the block maximum's significand is >= 1.75: this
-    package's scale_mode "even"), no input transform."""
+    package's scale_mode "even"), and the input transforms the folder names (none, or block
+    Hadamards: the brq or mr-gptq layers whose block sizes match)."""
     from flax import nnx
 
-    from batquant_jax.checkpoint import CheckpointError, _nest, set_state_arrays, skeleton
+    from batquant_jax.checkpoint import (CheckpointError, _flatten, _nest, abstract_state,
+                                         set_state_arrays, skeleton)
+    from batquant_jax.qlayers import GROUPS
     from batquant_jax.recipe import CalibConfig
-    cfg = CalibConfig(method="rtn", setting=setting, scale_mode="even")
-    model = nnx.eval_shape(lambda: skeleton(config, cfg))
+    from batquant_jax.transforms import sylvester_hadamard
+    hadamard = quant["hadamard"]
+    model = None
+    for method in (("brq", "mr-gptq") if hadamard else ("rtn",)):
+        cfg = CalibConfig(method=method, setting=quant["setting"], scale_mode="even")
+        candidate = nnx.eval_shape(lambda: skeleton(config, cfg))
+        sizes = {f"model.layers.{i}.{c}.{n}": getattr(getattr(layer, c), names[0]).transform.size
+                 for i, layer in enumerate(candidate.layers) for c, names, _ in GROUPS
+                 for n in names} if hadamard else {}
+        if sizes == hadamard:
+            model = candidate
+            break
+    if model is None:
+        raise ModelLoadError(f"{where}: the Hadamard block sizes of transform_config match "
+                             "neither brq's (32) nor mr-gptq's (128) layers")
     flat: dict[str, dict] = {"qweights": {}, "params": {}}
     for name in list(tensors):
+        value = np.asarray(tensors.pop(name))
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[1].endswith("_input") and parts[0] in hadamard:
+            n = hadamard[parts[0]]
+            if not np.array_equal(value, (sylvester_hadamard(n) * np.sqrt(n)).astype(value.dtype)):
+                raise ModelLoadError(f"{where}: {name} is not the Sylvester Hadamard of size {n}")
+            continue  # the transform the config names; the model builds its own
         item, key = _internal_key(name, where)
-        flat[item][key] = np.asarray(tensors.pop(name))
+        flat[item][key] = value
+    for key, want in _flatten(abstract_state(model)["params"]).items():
+        if key[-2:] == ("transform", "H"):
+            flat["params"][key] = sylvester_hadamard(want.shape[0]).astype(np.float32)
     if config.tie_word_embeddings:
         flat["params"].pop(("lm_head", "weight"), None)
     try:
