@@ -58,7 +58,10 @@ SOURCE = pathlib.Path(__file__).parent / "csrc" / "mxfp4_dot.cc"
 MODES = ("auto", "on", "off")
 AUTO_MAX_ROWS = 64  # "auto" fuses products of at most this many activation rows
 BLOCK = 32
-CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno")
+# $BATQUANT_KERNEL_ARCH replaces "native" (e.g. "x86-64": the portable loops, no AVX2; the tests
+# build that variant too)
+CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC",
+            f"-march={os.environ.get('BATQUANT_KERNEL_ARCH', 'native')}", "-fno-math-errno")
 _TARGETS = {"q": "bq_mxfp4_dot_q", "f32": "bq_mxfp4_dot_f32"}
 
 _lock = threading.Lock()

@@ -226,3 +226,34 @@ def test_greedy_tokens_of_the_fused_decode_equal_the_reference_path(smollm2_rtn)
             runs[mode] = g.generate(model, tok, prompts, max_new_tokens=32, eos_ids=())
     assert runs["auto"].tokens == runs["off"].tokens
     assert [len(t) for t in runs["auto"].tokens] == [32, 32, 32]
+
+
+PORTABLE = r"""
+import jax, jax.numpy as jnp, numpy as np
+from batquant_jax import fused, mx
+assert fused.available(), fused.unavailable_reason()
+worst = 0.0
+for m, n, k in [(1, 64, 96), (3, 130, 576), (9, 33, 256)]:
+    w = mx.quantize(jax.random.normal(jax.random.key(n), (n, k)))
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    xq = mx.quantize(x)
+    for got, xin in ((fused.mxfp4_dot(x, w), x), (fused.mxfp4_dot_q(xq, w), mx.dequantize(xq))):
+        ref = fused.reference_dot(xin, w)
+        wd = np.abs(np.asarray(mx.dequantize(w), np.float64))
+        bound = k * 2.0 ** -23 * (np.abs(np.asarray(xin, np.float64)) @ wd.T) + 1e-30
+        worst = max(worst, float((np.abs(np.asarray(got, np.float64) - np.asarray(ref)) / bound).max()))
+print(fused.library_path().name, worst)
+"""
+
+
+@pytest.mark.skipif(not KERNEL or os.uname().machine != "x86_64",
+                    reason="needs the C++ compiler and an x86-64 machine")
+def test_the_portable_loops_without_simd(tmp_path):
+    """The kernel built for plain x86-64 (no AVX2: the loops other CPUs run) in a fresh cache."""
+    env = dict(os.environ, BATQUANT_CACHE=str(tmp_path), BATQUANT_KERNEL_ARCH="x86-64")
+    res = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    name, worst = res.stdout.split()
+    assert name != fused.library_path().name  # a build of its own
+    assert float(worst) <= 1.0

@@ -147,6 +147,22 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
 // Rows of W per chunk: about 64k weights, so that small products stay on one thread.
 int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k, 1)); }
 
+// The loop of both products without SIMD intrinsics (compilers vectorise the inner sums):
+// y[t * ldy] = sum over blocks j of block_sum(t, j, decoded weight block j) * weight scale j,
+// for the T activation rows of one weight row.
+template <int T, typename BlockSum>
+void portable_rows(const uint8_t* codes, const uint8_t* scales, int64_t nb, float* y,
+                   int64_t ldy, const BlockSum& block_sum) {
+  float acc[T] = {};
+  int8_t w[kBlock];
+  for (int64_t j = 0; j < nb; ++j) {
+    decode_block(codes + j * (kBlock / 2), w);
+    const float sw = kHalf.v[scales[j]];
+    for (int t = 0; t < T; ++t) acc[t] += block_sum(t, j, w) * sw;
+  }
+  for (int t = 0; t < T; ++t) y[t * ldy] = acc[t];
+}
+
 // ---------------------------------------------------------------------------- W4A4 (int8 dot)
 
 // T activation rows (decoded: xq [T][K] doubled values, xs [T][K/32] half scales) times weight
@@ -204,19 +220,12 @@ void dot_q_rows(const Activations& a, int64_t k, const uint8_t* wc, const uint8_
     }
     for (int t = 0; t < T; ++t) y[t * ldy + n] = hsum(acc[t]);
 #else
-    float acc[T] = {};
-    int8_t w[kBlock];
-    for (int64_t j = 0; j < nb; ++j) {
-      decode_block(codes + j * (kBlock / 2), w);
-      const float sw = kHalf.v[scales[j]];
-      for (int t = 0; t < T; ++t) {
-        const int8_t* x = xq + t * k + j * kBlock;
-        int32_t s = 0;
-        for (int i = 0; i < kBlock; ++i) s += int32_t(w[i]) * int32_t(x[i]);
-        acc[t] += float(s) * (sw * xs[t * nb + j]);
-      }
-    }
-    for (int t = 0; t < T; ++t) y[t * ldy + n] = acc[t];
+    portable_rows<T>(codes, scales, nb, y + n, ldy, [&](int t, int64_t j, const int8_t* w) {
+      const int8_t* x = xq + t * k + j * kBlock;
+      int32_t s = 0;
+      for (int i = 0; i < kBlock; ++i) s += int32_t(w[i]) * int32_t(x[i]);
+      return float(s) * xs[t * nb + j];
+    });
 #endif
   }
 }
@@ -320,19 +329,12 @@ void dot_f32_rows(const float* x, int64_t k, const uint8_t* wc, const uint8_t* w
     }
     for (int t = 0; t < T; ++t) y[t * ldy + n] = hsum(acc[t]);
 #else
-    float acc[T] = {};
-    int8_t w[kBlock];
-    for (int64_t j = 0; j < nb; ++j) {
-      decode_block(codes + j * (kBlock / 2), w);
-      const float sw = kHalf.v[scales[j]];
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x + t * k + j * kBlock;
-        float b = 0.0f;
-        for (int i = 0; i < kBlock; ++i) b += float(w[i]) * xb[i];
-        acc[t] += b * sw;
-      }
-    }
-    for (int t = 0; t < T; ++t) y[t * ldy + n] = acc[t];
+    portable_rows<T>(codes, scales, nb, y + n, ldy, [&](int t, int64_t j, const int8_t* w) {
+      const float* xb = x + t * k + j * kBlock;
+      float b = 0.0f;
+      for (int i = 0; i < kBlock; ++i) b += float(w[i]) * xb[i];
+      return b;
+    });
 #endif
   }
 }
