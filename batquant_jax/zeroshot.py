@@ -30,11 +30,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from batquant_jax.models.llama import state_jit
 from batquant_jax.tasks import Task
 
 # (tokens, positions, segments, pred_index, targets) -> (logprob, is_greedy), see score_rows.
@@ -168,7 +168,7 @@ def score_rows(model, tokens: jax.Array, positions: jax.Array, segments: jax.Arr
     return lp, jnp.argmax(logits, axis=-1) == targets
 
 
-_score_rows_jit = nnx.jit(score_rows)
+_score_rows_jit = state_jit(score_rows)  # weights as arguments only (see models.llama.state_jit)
 
 
 def make_score_fn(model) -> ScoreFn:

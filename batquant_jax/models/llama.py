@@ -17,6 +17,7 @@ Compute is float32 by default (norms, softmax and log-softmax always run in floa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -603,13 +604,44 @@ def _lookup(module, path):
     return module
 
 
-@nnx.jit
+class state_jit:
+    """``fn(model, *args)`` jitted with the model's arrays as arguments only.
+
+    ``nnx.jit`` also returns every array of the module (to carry mutations out), so XLA writes a
+    copy of all weights on each call: 2.6 GB more for the 1.5B checkpoint, and its evaluation
+    peaked at 7.1 GiB instead of 4.7. Here the module is split, its state passed in and nothing
+    but ``fn``'s result comes out (mutations inside ``fn`` are dropped: for pure forwards). One
+    compiled program per (model structure, argument shapes); ``lower`` as ``jax.jit``'s."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def _jitted(self, model):
+        graphdef, state = nnx.split(model)
+        return _state_jitted(graphdef, self.fn), state
+
+    def __call__(self, model, *args):
+        jitted, state = self._jitted(model)
+        return jitted(state, *args)
+
+    def lower(self, model, *args):
+        jitted, state = self._jitted(model)
+        return jitted.lower(state, *args)
+
+
+@functools.lru_cache(maxsize=32)
+def _state_jitted(graphdef, fn):
+    return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))
+
+
+@state_jit
 def forward_logits(model: LlamaForCausalLM, tokens: jax.Array) -> jax.Array:
     """Jitted `model(tokens)`: tokens `[B, T]` -> logits `[B, T, V]` float32."""
     return model(tokens)
 
 
-@nnx.jit
+@state_jit
 def forward_nll(model: LlamaForCausalLM, tokens: jax.Array) -> jax.Array:
     """Jitted `model.nll(tokens)`: tokens `[B, T]` -> `[B, T-1]` float32."""
     return model.nll(tokens)
