@@ -629,6 +629,11 @@ def read_arrays(out_dir) -> dict[str, np.ndarray]:
     """Every stored array of a finished checkpoint, keyed "qweights/layers/0/self_attn/q_proj/
     codes", "params/layers/0/self_attn/k_proj/transform/A", ... (inspection, comparisons)."""
     _, trees, _ = _read(out_dir)
+    return flat_arrays(trees)
+
+
+def flat_arrays(trees: Mapping[str, dict]) -> dict[str, np.ndarray]:
+    """Restored item trees -> {"item/a/b": array} (``read_arrays``' keys)."""
     return {"/".join((item,) + k): v for item, tree in trees.items()
             for k, v in _flatten(tree).items()}
 

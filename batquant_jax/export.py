@@ -40,12 +40,9 @@ from batquant_jax import cli
 from batquant_jax.errors import UserError
 
 __all__ = ["export", "check_exportable", "hf_config", "quantization_config", "ExportError",
-           "FORMAT", "LINEARS"]
+           "FORMAT"]
 
 FORMAT = "mxfp4-pack-quantized"
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_CONTAINER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 EXPORTABLE_METHODS = ("rtn", "gptq", "brq", "mr-gptq")
 HADAMARD_METHODS = ("brq", "mr-gptq")  # block Sylvester Hadamard input transforms
 _OWNED = ("config.json", "generation_config.json", "model.safetensors",
@@ -183,7 +180,7 @@ def hadamard_transforms(model) -> tuple[dict, dict[str, np.ndarray]]:
     matrix is block diagonal), and each linear's ``<scheme>_input.weight``: the unnormalized
     +-1 Sylvester matrix, as compressed-tensors saves it (both consumers divide by sqrt(n))."""
     from batquant_jax.qlayers import GROUPS
-    from batquant_jax.transforms import BlockHadamard, sylvester_hadamard
+    from batquant_jax.transforms import BlockHadamard, sylvester_signs
     targets: dict[int, list[str]] = {}
     for i, layer in enumerate(model.layers):
         for container, names, group in GROUPS:
@@ -201,7 +198,7 @@ def hadamard_transforms(model) -> tuple[dict, dict[str, np.ndarray]]:
                                            "inverse": False, "ignore": []}],
             "randomize": False, "requires_grad": False, "head_dim": size,
             "precision": "torch.float32"}
-        h = np.ascontiguousarray((sylvester_hadamard(size) * np.sqrt(size)).astype(np.float32))
+        h = sylvester_signs(size).astype(np.float32)
         tensors.update({f"{n}.{scheme}_input.weight": h.copy() for n in names})
     return config, tensors
 
@@ -241,8 +238,7 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
     _check_output(out, ckpt, overwrite)
     model, trees, meta = checkpoint._read(ckpt)  # verifies metadata, tokenizer files, arrays
     spec = check_exportable(meta, weights_only=weights_only)
-    arrays = {"/".join((item,) + k): v for item, tree in trees.items()
-              for k, v in checkpoint._flatten(tree).items()}
+    arrays = checkpoint.flat_arrays(trees)
     method = meta["calib_config"]["method"]
     tensors = _tensors(arrays, hadamard=method in HADAMARD_METHODS)
     config = hf_config(model.config)

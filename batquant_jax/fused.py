@@ -62,7 +62,8 @@ BLOCK = 32
 # build that variant too)
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC",
             f"-march={os.environ.get('BATQUANT_KERNEL_ARCH', 'native')}", "-fno-math-errno")
-_TARGETS = {"q": "bq_mxfp4_dot_q", "f32": "bq_mxfp4_dot_f32"}
+# product -> (XLA custom-call target, the handler's symbol in the library)
+_TARGETS = {"q": ("bq_mxfp4_dot_q", "BqMxfp4DotQ"), "f32": ("bq_mxfp4_dot_f32", "BqMxfp4DotF32")}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "ok": True, or "reason": why the kernel is unavailable
@@ -122,9 +123,9 @@ def build(force: bool = False) -> pathlib.Path:
 def _load() -> None:
     path = build()
     lib = ctypes.cdll.LoadLibrary(str(path))
-    for kind, name in _TARGETS.items():
-        symbol = {"q": lib.BqMxfp4DotQ, "f32": lib.BqMxfp4DotF32}[kind]
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    for target, symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
 
 
 def available() -> bool:
@@ -188,12 +189,20 @@ def choose(w, rows: int, a_fmt: str | None) -> str | None:
     mode = get_mode()
     if mode == "off" or not _fusable(w) or (mode == "auto" and rows > AUTO_MAX_ROWS):
         return None
-    if jax.default_backend() == "cpu":
-        if not available():
-            return None
-    elif not PALLAS:
+    if _kernel()[0] is None:
         return None
     return "q" if a_fmt == "mxfp4" else "f32"
+
+
+def _kernel() -> tuple[str | None, str]:
+    """(the fused kernel of this backend, or None; why there is none)."""
+    if jax.default_backend() == "cpu":
+        if not available():
+            return None, f"fused kernel unavailable: {unavailable_reason()}"
+        return "the fused C++ MXFP4 kernel", ""
+    if PALLAS:
+        return "the fused Pallas MXFP4 kernel", ""
+    return None, f"no fused kernel for {jax.default_backend()}"
 
 
 def describe(model) -> str | None:
@@ -209,14 +218,9 @@ def describe(model) -> str | None:
         return "packed weights: dequantize, then dot (fused mode off)"
     if not fusable:
         return "packed weights: dequantize, then dot (no MXFP4 weight blocked by 32)"
-    if jax.default_backend() == "cpu":
-        if not available():
-            return f"packed weights: dequantize, then dot (fused kernel unavailable: {unavailable_reason()})"
-        kernel = "the fused C++ MXFP4 kernel"
-    elif PALLAS:
-        kernel = "the fused Pallas MXFP4 kernel"
-    else:
-        return f"packed weights: dequantize, then dot (no fused kernel for {jax.default_backend()})"
+    kernel, why = _kernel()
+    if kernel is None:
+        return f"packed weights: dequantize, then dot ({why})"
     rows = ("every product" if mode == "on" else f"products of up to {AUTO_MAX_ROWS} rows "
             f"(decode; longer prefills dequantize, then dot)")
     return f"packed weights: {kernel} for {rows}; {fusable} of {len(packed)} linears"
@@ -257,7 +261,7 @@ def mxfp4_dot(x, w: mx.MXArray) -> jax.Array:
         return pallas_dot(x2, w.codes, w.scales).reshape(lead + (n,))
     if not available():
         return reference_dot(x, w)
-    y = jax.ffi.ffi_call(_TARGETS["f32"], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+    y = jax.ffi.ffi_call(_TARGETS["f32"][0], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                          vmap_method="sequential")(x2, w.codes, w.scales)
     return y.reshape(lead + (n,))
 
@@ -283,7 +287,7 @@ def mxfp4_dot_q(xq: mx.MXArray, w: mx.MXArray) -> jax.Array:
                           w.codes, w.scales).reshape(lead + (n,))
     if not available():
         return reference_dot(mx.dequantize(xq), w)
-    y = jax.ffi.ffi_call(_TARGETS["q"], jax.ShapeDtypeStruct((codes.shape[0], n), jnp.float32),
+    y = jax.ffi.ffi_call(_TARGETS["q"][0], jax.ShapeDtypeStruct((codes.shape[0], n), jnp.float32),
                          vmap_method="sequential")(codes, scales, w.codes, w.scales)
     return y.reshape(lead + (n,))
 

@@ -42,14 +42,20 @@ class Constant(nnx.Variable):
     """A fixed, non-trainable array held by a transform (never an ``nnx.Param``)."""
 
 
-def sylvester_hadamard(n: int) -> np.ndarray:
-    """Normalized Sylvester Hadamard ``H_n / sqrt(n)``: ``[n, n]`` float64, n a power of 2."""
+def sylvester_signs(n: int) -> np.ndarray:
+    """The +-1 Sylvester Hadamard ``H_n``: ``[n, n]`` float64, n a power of 2 (the matrix
+    compressed-tensors stores for a "hadamard" transform)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
     h = np.ones((1, 1))
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
-    return h / math.sqrt(n)
+    return h
+
+
+def sylvester_hadamard(n: int) -> np.ndarray:
+    """Normalized Sylvester Hadamard ``H_n / sqrt(n)``: ``[n, n]`` float64, n a power of 2."""
+    return sylvester_signs(n) / math.sqrt(n)
 
 
 def _pow2_part(n: int) -> int:

@@ -13,7 +13,7 @@ from batquant_jax import export, mx
 from batquant_jax.checkpoint import load_quantized
 from batquant_jax.models import load_model
 from batquant_jax.models.llama import forward_logits
-from batquant_jax.qlayers import quant_linears, quant_modules
+from batquant_jax.qlayers import GROUPS, quant_modules
 from conftest import make_tiny
 
 torch = pytest.importorskip("torch")
@@ -95,12 +95,14 @@ def test_the_decompressor_gives_our_dequantized_weights_bit_for_bit(tiny):
     scheme = QuantizationScheme.model_validate(config["quantization_config"]["config_groups"]["group_0"])
     tensors = load_file(str(out / "model.safetensors"))
     model, _, _ = load_quantized(tiny["gptq_w4a16"])
-    names = [f"model.layers.{i}.{c}.{n}" for i in range(6) for n, c in export._CONTAINER.items()]
+    names = [f"model.layers.{i}.{c}.{n}" for i in range(6) for c, group, _ in GROUPS
+             for n in group]
     ours = {}
     for i, layer in enumerate(model.layers):
-        for n, q in quant_linears(layer).items():
-            ours[f"model.layers.{i}.{export._CONTAINER[n]}.{n}"] = np.asarray(
-                mx.dequantize(q.packed_weight))
+        for c, group, _ in GROUPS:
+            for n in group:
+                ours[f"model.layers.{i}.{c}.{n}"] = np.asarray(
+                    mx.dequantize(getattr(getattr(layer, c), n).packed_weight))
     assert sorted(ours) == sorted(names)
     for name in names:
         sd = MXFP4PackedCompressor.decompress(

@@ -324,7 +324,7 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
                                          set_state_arrays, skeleton)
     from batquant_jax.qlayers import GROUPS
     from batquant_jax.recipe import CalibConfig
-    from batquant_jax.transforms import sylvester_hadamard
+    from batquant_jax.transforms import sylvester_hadamard, sylvester_signs
     hadamard = quant["hadamard"]
     model = None
     for method in (("brq", "mr-gptq") if hadamard else ("rtn",)):
@@ -345,7 +345,7 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
         parts = name.rsplit(".", 2)
         if len(parts) == 3 and parts[1].endswith("_input") and parts[0] in hadamard:
             n = hadamard[parts[0]]
-            if not np.array_equal(value, (sylvester_hadamard(n) * np.sqrt(n)).astype(value.dtype)):
+            if not np.array_equal(value, sylvester_signs(n).astype(value.dtype)):
                 raise ModelLoadError(f"{where}: {name} is not the Sylvester Hadamard of size {n}")
             continue  # the transform the config names; the model builds its own
         item, key = _internal_key(name, where)
