@@ -275,7 +275,12 @@ def load_tree(path, targets: Mapping[str, dict], digests: Mapping[str, str] | No
     CheckpointError (one line, naming the array) for a missing, unreadable or changed array.
     """
     ocp = _ocp()
-    args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+    # read as numpy whatever the arrays were saved as (save_quantized hands Orbax JAX arrays):
+    # host memory without a device copy, and a damaged file's error names its array
+    as_numpy = lambda tree: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),  # noqa: E731
+                                         tree)
+    args = ocp.args.Composite(**{k: ocp.args.PyTreeRestore(v, restore_args=as_numpy(v))
+                                 for k, v in targets.items()})
     try:
         out = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
             pathlib.Path(path).absolute(), args=args)
@@ -347,12 +352,16 @@ def _leaves(var) -> dict[tuple[str, ...], Any]:
     return {(): value}
 
 
-def state_arrays(module) -> dict[str, dict]:
-    """{"qweights": nested packed leaves, "params": nested rest} of ``module``'s state (numpy)."""
+def state_arrays(module, *, device: bool = False) -> dict[str, dict]:
+    """{"qweights": nested packed leaves, "params": nested rest} of ``module``'s state (numpy).
+
+    device: keep each JAX array this process holds whole as it is (what ``save_tree`` is given:
+    Orbax copies numpy inputs before writing them, a second copy of the model at save time)."""
     flat: dict[str, Flat] = {"qweights": {}, "params": {}}
     for key, (item, var) in _state_vars(module).items():
         for leaf, value in _leaves(var).items():
-            flat[item][key + leaf] = host_value(value)
+            keep = device and isinstance(value, jax.Array) and value.is_fully_addressable
+            flat[item][key + leaf] = value if keep else host_value(value)
     return {item: _nest(f) for item, f in flat.items()}
 
 
@@ -509,7 +518,7 @@ def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove(out / METADATA_FILE)  # from here on the folder holds no complete checkpoint
-    items = state_arrays(model)
+    items = state_arrays(model, device=True)
     save_tree(out / CHECKPOINT_DIR, items)
     tok_dir = out / TOKENIZER_DIR
     remove(tok_dir)
@@ -700,7 +709,7 @@ class ResumeStore:
     def save_layer(self, i: int, layer: DecoderLayer, next_inputs, progress: dict) -> dict:
         """Saves layer i (done, deployed) and the next layer's inputs, then commits ``progress``
         with layers_done = i + 1. On an OSError the previous commit stays valid."""
-        layer_items = state_arrays(layer)
+        layer_items = state_arrays(layer, device=True)
         save_tree(self._layer(i), layer_items)
         x = host_value(next_inputs)
         input_items = {"inputs": {"x": x}}
