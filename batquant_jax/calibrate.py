@@ -270,23 +270,11 @@ def run_calibration(cfg: CalibrateConfig, log: Callable[[str], None] = _log,
             lock.release()
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _check_memory(cfg: CalibrateConfig, hidden: int) -> None:
     """ConfigError when the calibration activations (inputs, targets and the next layer's
     inputs: 3 x nsamples x seqlen x hidden float32) cannot fit in the available memory."""
     need = 3 * cfg.nsamples * cfg.seqlen * hidden * 4
-    have = available_memory()
+    have = cli.available_memory()
     if have is not None and need > have:
         raise ConfigError(f"--nsamples {cfg.nsamples} x --seqlen {cfg.seqlen} needs about "
                           f"{need / 2**30:.1f} GiB of calibration activations (hidden size "

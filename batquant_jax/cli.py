@@ -114,3 +114,15 @@ def load_for_command(model: str, checkpoint: str | None, error: type[Exception] 
                     f"({loaded.info.get('tokenizer_note', 'none found')})")
     return (loaded.model, loaded.tokenizer, f"{model} ({loaded.source})",
             int(loaded.config.max_position_embeddings))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

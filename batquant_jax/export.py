@@ -14,8 +14,10 @@ The folder is what transformers (with the compressed-tensors package) and vLLM l
 - the tokenizer files and ``generation_config.json``.
 
 Only what the format expresses exactly is written: the methods without an online input
-transform (rtn, gptq) and those whose transform is a block Sylvester Hadamard (brq, mr-gptq:
-a ``transform_config`` of "hadamard" schemes, which vLLM applies; transformers 5.24 does not):
+transform (rtn, gptq); those whose transform is a block Sylvester Hadamard (brq, mr-gptq:
+a ``transform_config`` of "hadamard" schemes, which vLLM applies; transformers 5.24 does not);
+and those with any other input transform (quarot, flatquant, batquant: each group's whole
+transform, channel scale included, as one dense ``[n, n]`` matrix, see ``dense_transforms``):
 at W4A16, and at W4A4 when the activations were quantized
 with the consumers' rule for the shared scale (``--scale_mode=even``: the block maximum is
 rounded, so a significand >= 1.75 takes the next power of two); ``--weights_only`` exports the
@@ -33,6 +35,7 @@ import shutil
 import sys
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -43,8 +46,9 @@ __all__ = ["export", "check_exportable", "hf_config", "quantization_config", "Ex
            "FORMAT"]
 
 FORMAT = "mxfp4-pack-quantized"
-EXPORTABLE_METHODS = ("rtn", "gptq", "brq", "mr-gptq")
 HADAMARD_METHODS = ("brq", "mr-gptq")  # block Sylvester Hadamard input transforms
+DENSE_METHODS = ("quarot", "flatquant", "batquant")  # any other input transform: dense matrices
+EXPORTABLE_METHODS = ("rtn", "gptq") + HADAMARD_METHODS + DENSE_METHODS
 _OWNED = ("config.json", "generation_config.json", "model.safetensors",
           "model.safetensors.index.json")
 
@@ -109,11 +113,8 @@ def check_exportable(meta: Mapping[str, Any], *, weights_only: bool = False):
     cfg = calib_config_from(meta["calib_config"])
     spec = cfg.spec
     if cfg.method not in EXPORTABLE_METHODS:
-        raise ExportError(
-            f"method {cfg.method!r} multiplies every linear's input by a random or learned "
-            "matrix online; the format stores such a matrix as a 'random-matrix' transform, which "
-            "compressed-tensors applies as x V and vLLM as x V / sqrt(n), so no stored matrix is "
-            f"exact for both (exported: {', '.join(EXPORTABLE_METHODS)})")
+        raise ExportError(f"method {cfg.method!r} is not one this export knows how to write "
+                          f"(exported: {', '.join(EXPORTABLE_METHODS)})")
     if spec.w_fmt != "mxfp4" or spec.block_size != 32:
         raise ExportError(f"setting {cfg.setting}: the format stores MXFP4 weights in blocks of "
                           f"32 only (this checkpoint: {spec.w_fmt}, blocks of {spec.block_size})")
@@ -125,6 +126,10 @@ def check_exportable(meta: Mapping[str, Any], *, weights_only: bool = False):
     if spec.a_fmt not in (None, "mxfp4"):
         raise ExportError(f"setting {cfg.setting}: {spec.a_fmt} activations are not exported "
                           "(W4A16 and W4A4 are; --weights_only exports the weights alone)")
+    if spec.a_fmt is not None and cfg.method_spec.clip and cfg.method_spec.act_clip:
+        raise ExportError(f"method {cfg.method!r} clips the activations with learned bounds "
+                          "before quantizing them; the format's dynamic activation quantizer has "
+                          "no clipping: pass --weights_only to export the W4A16 model")
     if spec.a_fmt is not None and (spec.scale_mode, spec.rounding) != ("even", "even"):
         raise ExportError(f"setting {cfg.setting}: activations were quantized with scale mode "
                           f"{spec.scale_mode!r}; the format's consumers round the block maximum "
@@ -158,12 +163,17 @@ def _is_sylvester(value: np.ndarray) -> bool:
             and np.array_equal(value, sylvester_hadamard(n).astype(np.float32)))
 
 
-def _tensors(arrays: Mapping[str, np.ndarray], hadamard: bool) -> dict[str, np.ndarray]:
+def _tensors(arrays: Mapping[str, np.ndarray], method: str, activations: bool,
+             ) -> dict[str, np.ndarray]:
     out, dropped = {}, []
     for key, value in arrays.items():
         name = hf_name(key)
-        if hadamard and key.endswith("/transform/H") and _is_sylvester(value):
+        if method in HADAMARD_METHODS and key.endswith("/transform/H") and _is_sylvester(value):
             continue  # described by transform_config (the consumers build it themselves)
+        if method in DENSE_METHODS and "/transform/" in key:
+            continue  # written out by dense_transforms
+        if "/weight_clip/" in key or (not activations and "/act_clip/" in key):
+            continue  # applied in the packed codes / not used without activation quantization
         if name is None:
             dropped.append(key)
         else:
@@ -200,6 +210,73 @@ def hadamard_transforms(model) -> tuple[dict, dict[str, np.ndarray]]:
             "precision": "torch.float32"}
         h = sylvester_signs(size).astype(np.float32)
         tensors.update({f"{n}.{scheme}_input.weight": h.copy() for n in names})
+    return config, tensors
+
+
+def dense_bytes(model) -> tuple[int, int]:
+    """(bytes held in memory, bytes written) of ``dense_transforms``' float32 matrices."""
+    from batquant_jax.qlayers import GROUPS
+    from batquant_jax.transforms import IdentityTransform
+    held = written = 0
+    for layer in model.layers:
+        for container, names, _ in GROUPS:
+            t = getattr(getattr(layer, container), names[0]).transform
+            if not isinstance(t, IdentityTransform):
+                held += 4 * t.d * t.d
+                written += 4 * t.d * t.d * len(names)
+    return held, written
+
+
+def _stored_transform(t, arrays: Mapping[str, np.ndarray], i: int, container: str, names):
+    """The group's transform module ``t`` (of a skeleton: abstract values) with its stored
+    arrays set: the state of a shared transform is listed under one of the group's linears."""
+    from flax import nnx
+    state = nnx.state(t)
+    for path, var in nnx.to_flat_state(state):
+        leaf = "/".join(str(p) for p in path)
+        keys = [f"params/layers/{i}/{container}/{n}/transform/{leaf}" for n in names]
+        hit = [k for k in keys if k in arrays]
+        if not hit:
+            raise ExportError(f"stored array {keys[0]} is missing")
+        var.set_value(jnp.asarray(arrays[hit[0]]))
+    nnx.update(t, state)
+    return t
+
+
+def dense_transforms(model, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """(transform_config, tensors) of a model with any input transforms (quarot, flatquant,
+    batquant): one scheme per layer and group, applied online at the input of the group's
+    linears, holding the group's whole transform ``diag(1/s) P`` (channel scale included) as one
+    dense matrix M.
+
+    The scheme type is "random-hadamard", the one dense type both consumers apply alike: each
+    reads the stored matrix S and computes ``x S / sqrt(n)`` (compressed-tensors'
+    HadamardTransform; vLLM divides every loaded transform by sqrt(n) and runs a dense matmul
+    for this type). So S = sqrt(n) M, in float32, one copy per linear under
+    ``<linear>.<scheme>_input.weight`` as compressed-tensors names it. ("random-matrix" would
+    read as ``x S`` in compressed-tensors but ``x S / sqrt(n)`` in vLLM.) Nothing of a
+    group's transform is folded elsewhere: the channel scale could move into the preceding
+    RMSNorm for q/k/v and gate/up, but the private blocks leave M dense anyway.
+    Identity groups get no scheme."""
+    from batquant_jax.qlayers import GROUPS
+    from batquant_jax.transforms import IdentityTransform
+    config, tensors = {"config_groups": {}}, {}
+    for i, layer in enumerate(model.layers):
+        for container, names, group in GROUPS:
+            t = getattr(getattr(layer, container), names[0]).transform
+            if isinstance(t, IdentityTransform):
+                continue
+            t = _stored_transform(t, arrays, i, container, names)
+            m = np.asarray(t.matrix(), np.float64)
+            scheme = f"dense_{i}_{group}"
+            targets = [f"model.layers.{i}.{container}.{n}" for n in names]
+            config["config_groups"][scheme] = {
+                "type": "random-hadamard", "apply": [{"targets": targets, "location": "input",
+                                                      "inverse": False, "ignore": []}],
+                "randomize": False, "requires_grad": False, "head_dim": None,
+                "precision": "torch.float32"}
+            stored = (m * np.sqrt(m.shape[0])).astype(np.float32)  # one array, one copy per name
+            tensors.update({f"{n}.{scheme}_input.weight": stored for n in targets})
     return config, tensors
 
 
@@ -240,11 +317,20 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
     spec = check_exportable(meta, weights_only=weights_only)
     arrays = checkpoint.flat_arrays(trees)
     method = meta["calib_config"]["method"]
-    tensors = _tensors(arrays, hadamard=method in HADAMARD_METHODS)
+    tensors = _tensors(arrays, method, activations=spec.a_fmt is not None)
     config = hf_config(model.config)
     config["quantization_config"] = quantization_config(spec)
-    if method in HADAMARD_METHODS:
-        transform_config, extra = hadamard_transforms(model)
+    dense_written = 0
+    if method in DENSE_METHODS:
+        held, dense_written = dense_bytes(model)
+        free = cli.available_memory()
+        if free is not None and held > free // 2:
+            raise ExportError(f"the dense transforms of {method} take {held / 2**30:.1f} GiB in "
+                              f"memory ({dense_written / 2**30:.1f} GiB written), over half of "
+                              f"the {free / 2**30:.1f} GiB available")
+    if method in HADAMARD_METHODS + DENSE_METHODS:
+        transform_config, extra = hadamard_transforms(model) if method in HADAMARD_METHODS \
+            else dense_transforms(model, arrays)
         config["quantization_config"]["transform_config"] = transform_config
         tensors.update(extra)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +358,11 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
     config.update({k: v for k, v in gen.items() if k.endswith("_token_id")})
     config["batquant_jax"] = {"exported_from": str(ckpt.resolve()), "method": meta["method"],
                               "setting": meta["setting"], "weights_only": weights_only,
-                              "format": meta["format"]}
+                              "format": meta["format"],
+                              "transform_bytes": dense_written,
+                              "weight_bytes": int(sum(v.nbytes for k, v in tensors.items()
+                                                      if k.endswith(("weight_packed",
+                                                                     "weight_scale"))))}
     checkpoint.write_json(out / "config.json", config)  # last: marks the folder complete
     return config
 
@@ -319,9 +409,12 @@ def main(argv: list[str]) -> None:
         cli.fail(f"cannot write {FLAGS.output_dir}: {e.strerror or e}", 1)
     q = config["quantization_config"]["config_groups"]["group_0"]
     acts = "MXFP4 activations" if q["input_activations"] else "activations unquantized"
+    ours = config["batquant_jax"]
+    dense = (f"; dense input transforms {ours['transform_bytes'] / 2**20:.1f} MiB beside "
+             f"{ours['weight_bytes'] / 2**20:.1f} MiB of packed weights"
+             if ours["transform_bytes"] else "")
     print(f"export: {FLAGS.output_dir} ({FORMAT}: MXFP4 weights, {acts}; "
-          f"{json.dumps(config['batquant_jax']['method'])} {config['batquant_jax']['setting']})",
-          file=sys.stderr)
+          f"{json.dumps(ours['method'])} {ours['setting']}{dense})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -458,6 +458,30 @@ class RandomHadamard(Transform):
         return np.matmul(np.matmul(h.T, wb), q).reshape(w.shape)
 
 
+class DenseTransform(Transform):
+    """Fixed dense ``P: [d, d]`` (a ``Constant``): any input transform written out as one matrix,
+    e.g. the ``diag(1/s) P`` of another transform (``matrix()``), as an exported folder stores
+    it. Built as the identity; set ``P`` (or pass ``matrix``)."""
+
+    def __init__(self, d: int, matrix=None):
+        _check_d(d)
+        self.d = d
+        m = np.eye(d) if matrix is None else np.asarray(matrix)
+        if m.shape != (d, d):
+            raise ValueError(f"expected a [{d}, {d}] matrix, got {m.shape}")
+        self.P = Constant(jnp.asarray(m, jnp.float32))
+
+    def apply_p(self, x):
+        return jnp.matmul(x, self.P[...], precision=_HI)
+
+    def fold_p(self, w, p=None, xp=jnp):  # W P^{-T} = (P^{-1} W^T)^T
+        p = self.P[...] if p is None else p
+        return _solve(xp, p, w.T).T
+
+    def fold_p_f64(self, w):
+        return self.fold_p(w, _f64(self.P), np)
+
+
 class IdentityTransform(Transform):
     """``P = I`` (no transform)."""
 
@@ -518,6 +542,7 @@ REGISTRY = {
         d, channel_scale=channel_scale, init=transform_init or "identity", seed=seed),
     "gpk": _gpk,
     "block_affine": _block_affine,
+    "dense": lambda d, **_: DenseTransform(d),
 }
 
 

@@ -41,6 +41,8 @@ def tiny(tmp_path_factory):
         "rtn_floor": _calibrate(root, "rtn-floor", method="rtn"),
         "brq": _calibrate(root, "brq", method="brq", setting="W4A16"),
         "mr_gptq": _calibrate(root, "mr-gptq", method="mr-gptq", scale_mode="even"),
+        "quarot": _calibrate(root, "quarot", method="quarot", scale_mode="even"),
+        "batquant": _calibrate(root, "batquant", method="batquant", setting="W4A16"),
     }
 
 
@@ -142,21 +144,27 @@ def test_round_trip_gives_identical_logits(tiny, name, weights_only):
     assert len(quant_modules(back.model)) == 42
 
 
-@pytest.mark.parametrize("name", ["gptq_w4a16", "rtn_w4a4", "brq", "mr_gptq"])
+@pytest.mark.parametrize("name", ["gptq_w4a16", "rtn_w4a4", "brq", "mr_gptq", "quarot",
+                                  "batquant"])
 def test_transformers_perplexity_equals_ours_at_w4a16(tiny, name):
-    """transformers' from_pretrained (weights dequantized in float32); the Hadamard input
-    transforms, which transformers 5.24 does not apply, by compressed-tensors'
-    apply_transform_config from the folder's own transform_config."""
+    """transformers' from_pretrained (weights dequantized in float32); the input transforms,
+    which transformers 5.24 does not apply, by compressed-tensors' apply_transform_config from
+    the folder's own transform_config, their matrices then loaded from the folder."""
     import transformers
     from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
     from transformers import CompressedTensorsConfig
     out = _export(tiny, name, weights_only=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
     tc = json.loads((out / "config.json").read_text())["quantization_config"].get("transform_config")
-    assert (tc is not None) == (name in ("brq", "mr_gptq"))
+    assert (tc is not None) == (name in ("brq", "mr_gptq", "quarot", "batquant"))
     if tc:
         apply_transform_config(ref, TransformConfig.model_validate(tc))
+        stored = {k: v for k, v in load_file(str(out / "model.safetensors")).items()
+                  if k.endswith("_input.weight")}
+        assert len(stored) == 6 * 7
+        assert not ref.load_state_dict(stored, strict=False).unexpected_keys
     ids = _ids()
     with torch.no_grad():
         theirs = ref(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
@@ -177,11 +185,12 @@ def test_refusals(tiny, kw, message, tmp_path):
 
 def test_refuses_a_method_with_transforms_and_a_bad_folder(tiny, tmp_path):
     meta = json.loads((tiny["rtn_w4a4"] / "metadata.json").read_text())
-    for method in ("batquant", "flatquant", "quarot"):
+    for method in ("batquant", "flatquant"):
         meta["calib_config"]["method"] = method
-        with pytest.raises(export.ExportError, match=f"method '{method}' multiplies every "
-                           "linear's input by a random or learned matrix online"):
+        with pytest.raises(export.ExportError, match=f"method '{method}' clips the activations "
+                           "with learned bounds"):
             export.check_exportable(meta)
+        assert export.check_exportable(meta, weights_only=True).a_fmt is None
     meta["calib_config"].update(method="rtn", setting="W4A8KV8")
     with pytest.raises(export.ExportError, match="a quantized KV cache"):
         export.check_exportable(meta)
@@ -212,7 +221,11 @@ def test_import_refuses_what_it_does_not_apply(tiny, tmp_path):
     out = _export(tiny, "gptq_w4a16")
     for change, message in [
         ({"transform_config": {"config_groups": {"u": {"type": "random-matrix", "head_dim": 32}}}},
-         "transform 'u' is 'random-matrix'; only block Sylvester Hadamard"),
+         "transform 'u' is 'random-matrix' with head_dim 32; this loader applies block "
+         "Sylvester Hadamards"),
+        ({"transform_config": {"config_groups": {"u": {"type": "hadamard", "head_dim": 32,
+                                                       "randomize": True}}}},
+         "transform 'u' is randomized"),
         ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme is set"),
         ({"quant_method": "gptq"}, "quantization 'gptq' is not read"),
         ({"format": "nvfp4-pack-quantized"}, "compressed-tensors format 'nvfp4-pack-quantized'"),
@@ -273,3 +286,36 @@ def test_hadamard_methods_carry_their_transforms_and_shards_load_back(tiny, tmp_
     model, _, _ = load_quantized(tiny["mr_gptq"])
     assert np.array_equal(np.asarray(forward_logits(load_model(str(out)).model, ids)),
                           np.asarray(forward_logits(model, ids)))
+
+
+@pytest.mark.parametrize("name", ["quarot", "batquant"])
+def test_dense_transforms_hold_each_groups_matrix_and_load_back(tiny, name):
+    """quarot (W4A4) and batquant (W4A16, GPK blocks and channel scale): one "random-hadamard"
+    scheme per layer and group whose stored matrix over sqrt(n) is the group's transform;
+    loading the folder back gives our logits up to float32 reordering (x M for the factored
+    product)."""
+    from batquant_jax.transforms import DenseTransform
+    out = _export(tiny, name)
+    config = json.loads((out / "config.json").read_text())
+    groups = config["quantization_config"]["transform_config"]["config_groups"]
+    assert len(groups) == 6 * 4
+    assert {(g["type"], g["head_dim"], g["randomize"]) for g in groups.values()} == {
+        ("random-hadamard", None, False)}
+    model, _, _ = load_quantized(tiny[name])
+    back = load_model(str(out)).model
+    from safetensors.numpy import load_file
+    stored = load_file(str(out / "model.safetensors"))
+    for i in (0, 5):
+        for container, names, group in GROUPS:
+            t = getattr(getattr(model.layers[i], container), names[0]).transform
+            m = np.asarray(t.matrix(), np.float64)
+            for n in names:
+                s = stored[f"model.layers.{i}.{container}.{n}.dense_{i}_{group}_input.weight"]
+                assert s.dtype == np.float32 and s.shape == m.shape
+                np.testing.assert_allclose(s / np.sqrt(len(s)), m, rtol=1e-6, atol=1e-7)
+            loaded = getattr(getattr(back.layers[i], container), names[0]).transform
+            assert isinstance(loaded, DenseTransform)
+    assert config["batquant_jax"]["transform_bytes"] == 6 * 4 * (6 * 64 * 64 + 128 * 128)
+    ids = _ids()
+    ours, theirs = (np.asarray(forward_logits(m, ids)) for m in (model, back))
+    assert float(np.abs(ours - theirs).max()) < 1e-4 * float(np.abs(ours).max())

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from batquant_jax import calibrate, checkpoint
+from batquant_jax import calibrate, checkpoint, cli
 from batquant_jax.models import LlamaForCausalLM
 from batquant_jax.qlayers import LINEAR_NAMES as LINEARS
 from conftest import N_LAYERS, make_tiny
@@ -649,7 +649,7 @@ def test_ctrl_c_in_evaluate_is_one_line(env, ref, tmp_path):
 
 
 def test_too_many_samples_are_refused_before_allocating(env, tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate, "available_memory", lambda: 8 << 30)
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 << 30)
     cfg = calibrate.CalibrateConfig(model=str(env["model"]), calib_data=str(env["text"]),
                                     output_dir=str(tmp_path / "run"), nsamples=100_000_000,
                                     seqlen=32, method="rtn")

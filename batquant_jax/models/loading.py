@@ -248,10 +248,10 @@ def _read_hf(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
 
 
 def compressed_setting(raw: dict, where: str) -> dict | None:
-    """{"setting": "W4A16" or "W4A4KV16", "hadamard": {linear name: block size}} of a
+    """{"setting": "W4A16" or "W4A4KV16", "transforms": ``_input_transforms``' dict} of a
     config.json whose ``quantization_config`` is compressed-tensors MXFP4
     (``mxfp4-pack-quantized``: MXFP4 weights, MXFP4 or unquantized input activations, blocks of
-    32), with at most block Sylvester Hadamard input transforms; None without a
+    32), with block Hadamard or dense input transforms or none; None without a
     quantization_config. ModelLoadError (one line) for any other quantization, or for what this
     loader does not apply (other transforms, a quantized KV cache, output activations, layers
     left unquantized)."""
@@ -270,7 +270,7 @@ def compressed_setting(raw: dict, where: str) -> dict | None:
     if q.get("kv_cache_scheme"):
         raise ModelLoadError(f"{where}: kv_cache_scheme is set; a quantized KV cache of the "
                              "format is not applied by this loader")
-    hadamard = _hadamard_inputs(q.get("transform_config"), where)
+    transforms = _input_transforms(q.get("transform_config"), where)
     (scheme,) = groups.values()
     w, a = scheme.get("weights") or {}, scheme.get("input_activations")
 
@@ -288,27 +288,40 @@ def compressed_setting(raw: dict, where: str) -> dict | None:
             [], ["lm_head"]):
         raise ModelLoadError(f"{where}: only a group targeting every Linear (lm_head ignored) "
                              "loads")
-    return {"setting": "W4A16" if a is None else "W4A4KV16", "hadamard": hadamard}
+    return {"setting": "W4A16" if a is None else "W4A4KV16", "transforms": transforms}
 
 
-def _hadamard_inputs(tc, where: str) -> dict[str, int]:
-    """{linear name: block size} of a transform_config made of "hadamard" input transforms
-    (block-diagonal Sylvester Hadamard, not randomized); ModelLoadError for anything else."""
-    if not tc:
-        return {}
-    out = {}
-    for name, scheme in (tc.get("config_groups") or {}).items():
-        size = scheme.get("head_dim")
-        if scheme.get("type") != "hadamard" or scheme.get("randomize") or not size:
-            raise ModelLoadError(f"{where}: transform {name!r} is {scheme.get('type')!r}; only "
-                                 "block Sylvester Hadamard input transforms (type hadamard with "
-                                 "head_dim, not randomized) are applied by this loader")
+def _input_transforms(tc, where: str) -> dict[str, dict]:
+    """{"hadamard": {linear: block size}, "dense": {linear: scheme}} of a transform_config made
+    of input transforms: "hadamard" with head_dim (block-diagonal Sylvester Hadamard, built
+    here) or "random-hadamard" without head_dim (a stored dense matrix S, applied as
+    ``x S / sqrt(n)`` as both consumers do). ModelLoadError (one line) for anything else."""
+    out: dict[str, dict] = {"hadamard": {}, "dense": {}}
+    for name, scheme in ((tc or {}).get("config_groups") or {}).items():
+        size, kind = scheme.get("head_dim"), scheme.get("type")
+        if scheme.get("randomize"):
+            raise ModelLoadError(f"{where}: transform {name!r} is randomized (a permutation "
+                                 "drawn at load time); it is not applied by this loader")
+        if kind == "hadamard" and size:
+            where_to = out["hadamard"]
+        elif kind == "random-hadamard" and not size:
+            where_to = out["dense"]
+        else:
+            raise ModelLoadError(
+                f"{where}: transform {name!r} is {kind!r}"
+                f"{' with head_dim ' + str(size) if size else ''}; this loader applies "
+                "block Sylvester Hadamards (type hadamard with head_dim) and stored dense "
+                "matrices (type random-hadamard without head_dim; 'random-matrix' is applied "
+                "differently by compressed-tensors and vLLM)")
         for args in scheme.get("apply") or []:
             if args.get("location") != "input" or args.get("inverse") or args.get("ignore"):
                 raise ModelLoadError(f"{where}: transform {name!r} is applied at "
                                      f"{args.get('location')!r}; only input transforms load")
             for target in args.get("targets") or []:
-                out[target] = int(size)
+                where_to[target] = int(size) if where_to is out["hadamard"] else name
+    if out["hadamard"] and out["dense"]:
+        raise ModelLoadError(f"{where}: transform_config mixes Hadamard and dense transforms; "
+                             "one kind per folder loads")
     return out
 
 
@@ -316,8 +329,9 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
     """The quantized model of a compressed-tensors MXFP4 folder: the linears of every layer
     packed (codes and E8M0 scales as stored), activations quantized as the format's consumers
     do (the shared exponent rounded up when the block maximum's significand is >= 1.75: this
-    package's scale_mode "even"), and the input transforms the folder names (none, or block
-    Hadamards: the brq or mr-gptq layers whose block sizes match)."""
+    package's scale_mode "even"), and the input transforms the folder names: none, block
+    Hadamards (the brq or mr-gptq layers whose block sizes match), or a dense matrix per group
+    (``transforms.DenseTransform``: what quarot, flatquant and batquant export as)."""
     from flax import nnx
 
     from batquant_jax.checkpoint import (CheckpointError, _flatten, _nest, abstract_state,
@@ -325,10 +339,13 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
     from batquant_jax.qlayers import GROUPS
     from batquant_jax.recipe import CalibConfig
     from batquant_jax.transforms import sylvester_hadamard, sylvester_signs
-    hadamard = quant["hadamard"]
+    hadamard, dense = quant["transforms"]["hadamard"], quant["transforms"]["dense"]
     model = None
-    for method in (("brq", "mr-gptq") if hadamard else ("rtn",)):
-        cfg = CalibConfig(method=method, setting=quant["setting"], scale_mode="even")
+    kinds = (("brq", None), ("mr-gptq", None)) if hadamard else \
+        (("rtn", "dense"),) if dense else (("rtn", None),)
+    for method, transform in kinds:
+        cfg = CalibConfig(method=method, setting=quant["setting"], scale_mode="even",
+                          transform=transform)
         candidate = nnx.eval_shape(lambda: skeleton(config, cfg))
         sizes = {f"model.layers.{i}.{c}.{n}": getattr(getattr(layer, c), names[0]).transform.size
                  for i, layer in enumerate(candidate.layers) for c, names, _ in GROUPS
@@ -340,6 +357,7 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
         raise ModelLoadError(f"{where}: the Hadamard block sizes of transform_config match "
                              "neither brq's (32) nor mr-gptq's (128) layers")
     flat: dict[str, dict] = {"qweights": {}, "params": {}}
+    matrices: dict[str, np.ndarray] = {}  # linear -> its dense transform M = S / sqrt(n)
     for name in list(tensors):
         value = np.asarray(tensors.pop(name))
         parts = name.rsplit(".", 2)
@@ -348,11 +366,17 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
             if not np.array_equal(value, sylvester_signs(n).astype(value.dtype)):
                 raise ModelLoadError(f"{where}: {name} is not the Sylvester Hadamard of size {n}")
             continue  # the transform the config names; the model builds its own
+        if len(parts) == 3 and parts[1] == f"{dense.get(parts[0])}_input":
+            v = np.asarray(value, np.float64)
+            matrices[parts[0]] = (v / np.sqrt(v.shape[0])).astype(np.float32)
+            continue
         item, key = _internal_key(name, where)
         flat[item][key] = value
     for key, want in _flatten(abstract_state(model)["params"]).items():
         if key[-2:] == ("transform", "H"):
             flat["params"][key] = sylvester_hadamard(want.shape[0]).astype(np.float32)
+        elif key[-2:] == ("transform", "P") and dense:
+            flat["params"][key] = _group_matrix(matrices, key, want.shape, where)
     if config.tie_word_embeddings:
         flat["params"].pop(("lm_head", "weight"), None)
     try:
@@ -360,6 +384,24 @@ def _compressed_model(config: LlamaConfig, tensors: dict, quant: dict, where: st
     except CheckpointError as e:
         raise ModelLoadError(str(e)) from None
     return model
+
+
+def _group_matrix(matrices: dict, key: tuple, shape: tuple, where: str) -> np.ndarray:
+    """The dense transform of the group whose state key is ``key`` (layers/i/container/linear/
+    transform/P): every linear of the group must carry the same matrix."""
+    from batquant_jax.qlayers import GROUPS
+    i, container, holder = key[1], key[2], key[3]  # the linear the shared state is listed under
+    (names,) = [n for c, n, _ in GROUPS if c == container and holder in n]
+    linears = [f"model.layers.{i}.{container}.{n}" for n in names]
+    got = [matrices.get(n) for n in linears]
+    if any(g is None for g in got):
+        missing = linears[[g is None for g in got].index(True)]
+        raise ModelLoadError(f"{where}: {missing} has no dense input transform while the "
+                             "folder's other linears have one")
+    if any(not np.array_equal(g, got[0]) for g in got[1:]) or got[0].shape != tuple(shape):
+        raise ModelLoadError(f"{where}: the linears {', '.join(linears)} share one input "
+                             f"but carry different input transforms (or not {list(shape)})")
+    return got[0]
 
 
 def _internal_key(name: str, where: str) -> tuple[str, tuple[str, ...]]:
