@@ -20,6 +20,7 @@ Modules (each readable alone):
   qlayers      QuantLinear (fake quant while calibrating, packed MXArray weight after deploy)
   gptq         MX-aware GPTQ and RTN weight quantization
   calibration  layer-wise calibration and quantize_model
+  layout       how calibration walks a model (Layout, LLAMA); saving / loading any NNX model
   checkpoint   save_quantized / load_quantized (Orbax) and the resume state
   models       Llama-family decoder in Flax NNX and checkpoint loading
   data         corpora (Wikipedia excerpt, user text) and the calibration sampler
@@ -45,6 +46,8 @@ _PUBLIC = {
     "LlamaConfig": "models", "LlamaForCausalLM": "models", "load_model": "models",
     "forward_logits": "models", "forward_nll": "models",
     "QuantLinear": "qlayers",
+    "Layout": "layout", "Group": "layout", "save_module": "layout", "load_module": "layout",
+    "quantized_skeleton": "layout",
     "CalibConfig": "recipe", "QuantSpec": "recipe", "METHODS": "recipe", "SETTINGS": "recipe",
 }
 

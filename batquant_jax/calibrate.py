@@ -129,7 +129,8 @@ _BUDGET = {"epochs": 2}
 CalibrateConfig = dataclasses.make_dataclass(
     "CalibrateConfig",
     [(n, t, dataclasses.field(default=d)) for n, t, d in _RUN_BEFORE]
-    + [(f.name, f.type, dataclasses.field(default=_BUDGET.get(f.name, f.default)))
+    + [(f.name, f.type, dataclasses.field(default=_BUDGET.get(f.name, f.default),
+                                          metadata=f.metadata))
        for f in dataclasses.fields(CalibConfig)]
     + [(n, t, dataclasses.field(default=d)) for n, t, d in _RUN_AFTER],
     bases=(_CalibrateConfigMethods,), frozen=True)
@@ -472,40 +473,17 @@ _RUN_HELP = {
     "num_processes": "multi-process run: number of processes",
     "process_id": "multi-process run: this process, 0..num_processes-1",
 }
-_LIB_FIELDS = {f.name: f for f in dataclasses.fields(CalibConfig)}
-_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
-           bool: flags.DEFINE_boolean}
-
-
-def _flag_type(field: dataclasses.Field) -> type:
-    t = str(field.type).replace(" | None", "").replace("None | ", "")
-    return {"int": int, "float": float, "str": str, "bool": bool}[t]
-
-
 def define_flags() -> None:
     """Defines one flag per CalibrateConfig field (only when run as a program, so importing
     registers nothing): type and default from the field, help from CalibConfig's field metadata
-    or _RUN_HELP. A field whose default is None gets a None default."""
-    for field in dataclasses.fields(CalibrateConfig):
-        lib = _LIB_FIELDS.get(field.name)
-        help_ = lib.metadata["help"] if lib is not None else _RUN_HELP[field.name]
-        default = None if field.name == "output_dir" else field.default
-        _DEFINE[_flag_type(field)](field.name, default, help_)
+    or _RUN_HELP."""
+    cli.define_flags_from(CalibrateConfig, _RUN_HELP)
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> CalibrateConfig:
     """The CalibrateConfig of the parsed flags ("" is None for optional strings; an
     --eval_max_tokens of 0 is None: the whole text)."""
-    values = {}
-    for field in dataclasses.fields(CalibrateConfig):
-        v = getattr(f, field.name)
-        if _flag_type(field) is str and field.default is None:
-            v = v or None
-        values[field.name] = v
-    values["output_dir"] = f.output_dir or ""
-    if not values["eval_max_tokens"]:
-        values["eval_max_tokens"] = None
-    return CalibrateConfig(**values)
+    return cli.config_from(CalibrateConfig, f, all_if_nonpositive=("eval_max_tokens",))
 
 
 def main(argv: list[str]) -> None:

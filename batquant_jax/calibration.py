@@ -38,8 +38,9 @@ from flax import nnx
 from batquant_jax import gptq
 from batquant_jax.distributed import placement
 from batquant_jax.models.llama import LlamaForCausalLM
-from batquant_jax.qlayers import (GROUPS, build_quantized_layer, group_heads, quant_linears,
-                                  quantize_layer, set_capture)
+from batquant_jax.layout import LLAMA, Layout
+from batquant_jax.qlayers import (GROUPS, build_quantized_layer, group_heads, group_of,
+                                  quant_linears, quantize_layer, set_capture)
 from batquant_jax.recipe import (CLIPS, CUSTOM_LOSS, INITS, LOSS_WEIGHTS, LOSSES, METHODS,  # noqa: F401
                                  PROPAGATIONS,
                                  SCALE_INITS, SETTINGS, TRANSFORM_BLOCKS, TRANSFORMS,
@@ -51,8 +52,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def next_norm_gain(model: LlamaForCausalLM, index: int) -> jax.Array:
     """The gain [d] of the RMSNorm that reads decoder layer ``index``'s output."""
-    norm = model.layers[index + 1].input_layernorm if index + 1 < len(model.layers) else model.norm
-    return jnp.asarray(norm.weight[...], jnp.float32)
+    return LLAMA.next_gain(model, index)
 
 
 @dataclasses.dataclass
@@ -111,16 +111,19 @@ def _sq_err(loss_fn, graphdef, state, x, y, gain):
     return loss_fn(nnx.merge(graphdef, state)(x) * gain, y * gain)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _group_stats(graphdef, state, x, stats):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _group_stats(groups, graphdef, state, x, stats):
     """Runs the layer (group heads capturing their inputs) on one batch x: [bs, T, d] and adds
     each group's transformed-input Hessian X^T X and raw input max |x| to ``stats``
     ({group: (H [d, d], absmax [d])})."""
     layer = nnx.merge(graphdef, state)
     _, captured = nnx.capture(lambda m, h: m(h), nnx.Intermediate)(layer, x)
     out = {}
-    for (container, names, g), q in zip(GROUPS, group_heads(layer).values()):
-        xin = captured[container][names[0]]["inputs"].get_value()[0].astype(jnp.float32)
+    for (container, names, g), q in zip(groups, group_heads(layer, groups).values()):
+        node = captured
+        for part in [p for p in container.split(".") if p] + [names[0]]:
+            node = node[part]
+        xin = node["inputs"].get_value()[0].astype(jnp.float32)
         h, m = stats[g]
         out[g] = (gptq.hessian_update(h, q.transform(xin)),
                   jnp.maximum(m, jnp.max(jnp.abs(xin).reshape(-1, xin.shape[-1]), axis=0)))
@@ -156,8 +159,9 @@ def is_clip_param(path, value) -> bool:
     return isinstance(value, nnx.Param) and ("act_clip" in path or "weight_clip" in path)
 
 
-def _healthy(layer, max_cond: float) -> bool:
-    return all(transform_is_healthy(q.transform, max_cond) for q in group_heads(layer).values())
+def _healthy(layer, max_cond: float, groups=GROUPS) -> bool:
+    return all(transform_is_healthy(q.transform, max_cond)
+               for q in group_heads(layer, groups).values())
 
 
 def default_optimizers(cfg: CalibConfig, total_steps: int):
@@ -173,13 +177,15 @@ class LayerCalibrator:
     tx / clip_tx: any optax GradientTransformation for the transform / clipping parameters
     (default ``default_optimizers``); loss_fn(output, target) -> scalar replaces cfg.loss.
     mesh: windows and activations split over its data axis (distributed.py); the calibrator
-    talks to its placement only.
+    talks to its placement only. groups: the blocks' ``Group`` s (``Layout.groups``; default
+    a Llama decoder layer's).
     """
 
     def __init__(self, cfg: CalibConfig, nsamples: int, log: Callable[[str], None] = _stderr,
                  mesh: jax.sharding.Mesh | None = None, *, tx=None, clip_tx=None,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, groups=GROUPS):
         self.cfg = cfg
+        self.groups = tuple(groups)
         self.log = log
         self.place = placement(mesh)
         self.place.check_batch(cfg.batch_size, "batch_size")
@@ -227,7 +233,8 @@ class LayerCalibrator:
             steps += self.steps_per_epoch
             loss = float(jnp.mean(jnp.stack(losses)))
             nnx.update(layer, tparams, cparams)
-            ok = math.isfinite(loss) and _healthy(place.to_local(nnx.clone(layer)), cfg.max_cond)
+            ok = math.isfinite(loss) and _healthy(place.to_local(nnx.clone(layer)), cfg.max_cond,
+                                                  self.groups)
             if ok and loss < best[0]:
                 best = (loss, jax.tree.map(jnp.copy, tparams), jax.tree.map(jnp.copy, cparams))
             elif not ok:
@@ -250,20 +257,22 @@ class LayerCalibrator:
         LayerReport).
         """
         cfg, spec, method = self.cfg, self.cfg.spec, self.cfg.method_spec
-        d = xs.shape[-1]
-        if cfg.loss_weight == "next_norm":
-            if next_gain is None:
-                raise ValueError('loss_weight="next_norm" needs next_gain (next_norm_gain)')
-            self.gain = jnp.asarray(next_gain, jnp.float32).reshape(d)
-        else:
-            self.gain = jnp.ones((d,), jnp.float32)
-        self.gain = self.place.put(self.gain)
         t0 = time.time()
         xb = self.place.batches(xs, cfg.batch_size)
         ys = self.outputs(fp_layer, xb)
         yb = self.place.batches(ys, cfg.batch_size)
+        d = ys.shape[-1]  # the objective weighs the block's output channels
+        if cfg.loss_weight == "next_norm":
+            if next_gain is None:
+                raise ValueError('loss_weight="next_norm" needs next_gain (the layout\'s '
+                                 'next_gain, e.g. next_norm_gain)')
+            self.gain = jnp.asarray(next_gain, jnp.float32).reshape(d)
+        else:
+            self.gain = jnp.ones((d,), jnp.float32)
+        self.gain = self.place.put(self.gain)
 
-        rtn = self.place.put_module(quantize_layer(nnx.clone(fp_layer), "rtn", spec))
+        rtn = self.place.put_module(quantize_layer(nnx.clone(fp_layer), "rtn", spec,
+                                                   groups=self.groups))
         loss_rtn = self.mse(rtn, xb, yb)
         del rtn
         layer = self._start(fp_layer, xb, index)
@@ -300,7 +309,7 @@ class LayerCalibrator:
         SmoothQuant-started when the method says so)."""
         method = self.cfg.method_spec
         layer = self.place.put_module(build_quantized_layer(nnx.clone(fp_layer), self.cfg, index,
-                                                            init=init))
+                                                            init=init, groups=self.groups))
         if method.channel_scale and method.scale_init == "smooth":
             self.smooth_scales(layer, xb, method.smooth_alpha)
         return layer
@@ -308,15 +317,15 @@ class LayerCalibrator:
     def group_stats(self, layer, xb) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{group: (Hessian X^T X of the transformed inputs [d, d], max |x| of the raw inputs
         [d])} over every batch of xb, the inputs captured at each group's head linear."""
-        set_capture(layer, True)
+        set_capture(layer, True, self.groups)
         graphdef, state = nnx.split(layer)
-        set_capture(layer, False)
+        set_capture(layer, False, self.groups)
         stats = {g: (jnp.zeros((q.in_features, q.in_features), jnp.float32),
                      jnp.zeros((q.in_features,), jnp.float32))
-                 for g, q in group_heads(layer).items()}
+                 for g, q in group_heads(layer, self.groups).items()}
         stats = jax.tree.map(self.place.put, stats)
         for x in (xb[i] for i in range(len(xb))):  # indexing works across hosts
-            stats = _group_stats(graphdef, state, x, stats)
+            stats = _group_stats(self.groups, graphdef, state, x, stats)
         return stats
 
     def smooth_scales(self, layer, xb, alpha: float) -> None:
@@ -324,13 +333,13 @@ class LayerCalibrator:
         max|W|^(1 - alpha)`` per input channel, x over the calibration batches, W over the
         group's linears (the transforms' scales must still be ones)."""
         stats = self.group_stats(layer, xb)
-        group_of = {n: g for _, names, g in GROUPS for n in names}
+        groups = group_of(self.groups)
         w_max = {}
-        for name, q in quant_linears(layer).items():
+        for name, q in quant_linears(layer, self.groups).items():
             m = jnp.max(jnp.abs(q.weight[...]), axis=0)
-            g = group_of[name]
+            g = groups[name]
             w_max[g] = m if g not in w_max else jnp.maximum(w_max[g], m)
-        for g, q in group_heads(layer).items():
+        for g, q in group_heads(layer, self.groups).items():
             q.transform.set_scale(np.asarray(smooth_init(stats[g][1], w_max[g], alpha)))
 
     def deploy(self, layer, xb) -> None:
@@ -343,13 +352,13 @@ class LayerCalibrator:
         # fold and GPTQ on one local device, the same in every process
         self.place.to_local(layer)
         hessians = {g: self.place.local_value(h) for g, h in hessians.items()}
-        group_of = {n: g for _, names, g in GROUPS for n in names}
+        groups = group_of(self.groups)
         kw = spec.quant_kwargs("w")
-        for name, q in quant_linears(layer).items():
+        for name, q in quant_linears(layer, self.groups).items():
             w = jnp.asarray(q.transform.fold_f64(np.asarray(q.weight[...])), jnp.float32)
             w = q.weight_clip(w)
             if method.weights == "gptq":
-                res = gptq.gptq_quantize(w, hessians[group_of[name]], damp=cfg.damp, **kw)
+                res = gptq.gptq_quantize(w, hessians[groups[name]], damp=cfg.damp, **kw)
             else:
                 res = gptq.rtn_quantize(w, **kw)
             q.deploy(res.to_mxarray())
@@ -361,10 +370,12 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str | CalibCon
                    loss_fn: LossFn | None = None, log: Callable[[str], None] = _stderr,
                    on_layer_done: Callable | None = None, start_layer: int = 0,
                    start_inputs=None, mesh: jax.sharding.Mesh | None = None,
-                   **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
+                   layout: Layout = LLAMA, **hparams) -> tuple[LlamaForCausalLM, CalibrationResult]:
     """Quantizes every decoder layer of ``model`` in place with ``method`` at ``setting``.
 
-    calib_tokens: int32 [N, T] calibration windows (N >= batch_size). method: a method name, or
+    calib_tokens: int32 [N, T] calibration windows (N >= batch_size); with a ``layout`` whose
+    ``embed`` is None, the first block's inputs [N, T, d] themselves. layout: how to walk the
+    model (``layout.Layout``; default this package's Llama / Qwen model). method: a method name, or
     a whole ``CalibConfig`` (then neither ``setting`` nor hparams). setting: default W4A4KV16.
     hparams: any CalibConfig field (``recipe.CalibConfig``: lr, epochs, g1, g2, loss, ...). tx / clip_tx: any optax
     GradientTransformation for the transform / clipping parameters (default: AdamW with cosine
@@ -403,26 +414,35 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str | CalibCon
     if mesh is not None:
         keep = calib_tokens.shape[0] // cfg.batch_size * cfg.batch_size
         tokens = place.put(calib_tokens[:keep], place.rows()) if isinstance(calib_tokens, jax.Array) \
-            else place.shard_rows(np.asarray(calib_tokens, np.int32)[:keep])
+            else place.shard_rows(np.asarray(calib_tokens, None if layout.embed is None
+                                             else np.int32)[:keep])
         if start_inputs is not None:
             start_inputs = place.put(start_inputs, place.rows()) \
                 if isinstance(start_inputs, jax.Array) \
                 else place.shard_rows(np.asarray(start_inputs)[:keep])
+    elif layout.embed is None:
+        tokens = jnp.asarray(calib_tokens)
     else:
         tokens = jnp.asarray(np.asarray(calib_tokens, np.int32))
     place.put_module(model)
-    if tokens.ndim != 2:
+    if layout.embed is not None and tokens.ndim != 2:
         raise ValueError(f"calib_tokens must be [N, T], got shape {tokens.shape}")
-    n_layers = len(model.layers)
-    cal = LayerCalibrator(cfg, tokens.shape[0], log, mesh, tx=tx, clip_tx=clip_tx, loss_fn=loss_fn)
+    if layout.embed is None and tokens.ndim < 2:
+        raise ValueError(f"the calibration inputs must be [N, ..., d], got shape {tokens.shape}")
+    blocks = layout.block_list(model)
+    n_layers = len(blocks)
+    cal = LayerCalibrator(cfg, tokens.shape[0], log, mesh, tx=tx, clip_tx=clip_tx, loss_fn=loss_fn,
+                          groups=layout.groups)
     log(f"layer objective: {cal.loss_name}")
     t0 = time.time()
-    xs = model.embed(tokens) if start_inputs is None else jnp.asarray(start_inputs)
+    xs = jnp.asarray(start_inputs) if start_inputs is not None else \
+        tokens if layout.embed is None else layout.embed(model, tokens)
     xs = place.put(xs, place.rows())
     reports = []
     for i in range(start_layer, n_layers):
-        layer, xs, rep = cal.calibrate(model.layers[i], xs, i, n_layers, next_norm_gain(model, i))
-        model.layers[i] = layer
+        gain = None if layout.next_gain is None else layout.next_gain(model, i)
+        layer, xs, rep = cal.calibrate(blocks[i], xs, i, n_layers, gain)
+        blocks[i] = layer
         reports.append(rep)
         done = i + 1 - start_layer
         eta = (time.time() - t0) / done * (n_layers - i - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -126,3 +127,48 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+# ----------------------------------------------------------------------------- flags from dataclasses
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def help_(text: str) -> dict:
+    """A command dataclass field's metadata carrying its flag's help."""
+    return {"help": text}
+
+
+def field_type(field: dataclasses.Field) -> type:
+    """The flag type of a command dataclass field (``int | None`` -> int)."""
+    if isinstance(field.type, type):
+        return field.type
+    t = str(field.type).replace(" | None", "").replace("None | ", "")
+    return _FLAG_TYPES[t]
+
+
+def define_flags_from(cls, helps: dict[str, str] | None = None) -> None:
+    """One absl flag per field of the command dataclass ``cls``: type and default from the
+    field, help from ``field.metadata["help"]`` or ``helps[name]``. Called by each command's
+    ``__main__`` only, so importing a command registers nothing."""
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+              bool: flags.DEFINE_boolean}
+    for field in dataclasses.fields(cls):
+        help_ = field.metadata.get("help") or (helps or {})[field.name]
+        define[field_type(field)](field.name, field.default, help_)
+
+
+def config_from(cls, values: flags.FlagValues | None = None, *, all_if_nonpositive=()):
+    """The ``cls`` instance of the parsed flags: an empty string is None for an optional
+    string field; the int fields named in ``all_if_nonpositive`` are None ("all") at <= 0."""
+    values = flags.FLAGS if values is None else values
+    out = {}
+    for field in dataclasses.fields(cls):
+        v = getattr(values, field.name)
+        optional = "None" in str(field.type)
+        if field_type(field) is str and optional:
+            v = v or None
+        if field.name in all_if_nonpositive and v is not None and v <= 0:
+            v = None
+        out[field.name] = v
+    return cls(**out)

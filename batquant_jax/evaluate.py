@@ -40,13 +40,19 @@ class ResultError(RunError):
 class EvalConfig:
     """What to evaluate. ``max_tokens`` None means the whole corpus."""
 
-    model: str = "smollm2-135m"
-    eval_data: str = "wiki-eval"
-    seqlen: int = 512
-    max_tokens: int | None = 65536
-    batch_size: int = 1
-    output_json: str | None = None
-    checkpoint: str | None = None  # a quantized checkpoint folder (calibrate's output); overrides model
+    model: str = dataclasses.field(default="smollm2-135m", metadata=cli.help_(
+        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file"))
+    eval_data: str = dataclasses.field(default="wiki-eval", metadata=cli.help_(
+        "wiki-eval, wiki-calib, or a path to a UTF-8 text file or folder"))
+    seqlen: int = dataclasses.field(default=512, metadata=cli.help_("tokens per window"))
+    max_tokens: int | None = dataclasses.field(default=65536, metadata=cli.help_(
+        "evaluate the first max_tokens // seqlen windows; 0 or negative = all"))
+    batch_size: int = dataclasses.field(default=1, metadata=cli.help_("windows per forward pass"))
+    output_json: str | None = dataclasses.field(default=None, metadata=cli.help_(
+        "write the result to this JSON file"))
+    checkpoint: str | None = dataclasses.field(default=None, metadata=cli.help_(
+        "evaluate this quantized checkpoint folder (from batquant_jax.calibrate) instead of "
+        "--model"))
 
     def validate(self) -> None:
         """Checks that need no model; ``run_evaluation`` also checks seqlen against the model."""
@@ -155,28 +161,14 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command-line flags (only when run as a program: importing this module
-    registers nothing, so other command lines may use the same flag names)."""
-    flags.DEFINE_string("model", EvalConfig.model,
-                        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file")
-    flags.DEFINE_string("eval_data", EvalConfig.eval_data,
-                        "wiki-eval, wiki-calib, or a path to a UTF-8 text file or folder")
-    flags.DEFINE_integer("seqlen", EvalConfig.seqlen, "tokens per window")
-    flags.DEFINE_integer("max_tokens", EvalConfig.max_tokens,
-                         "evaluate the first max_tokens // seqlen windows; 0 or negative = all")
-    flags.DEFINE_integer("batch_size", EvalConfig.batch_size, "windows per forward pass")
-    flags.DEFINE_string("output_json", None, "write the result to this JSON file")
-    flags.DEFINE_string("checkpoint", None,
-                        "evaluate this quantized checkpoint folder (from batquant_jax.calibrate) "
-                        "instead of --model")
+    """Defines the command-line flags: one per EvalConfig field (only when run as a program:
+    importing this module registers nothing, so other command lines may use the same names)."""
+    cli.define_flags_from(EvalConfig)
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> EvalConfig:
     """Parsed flags -> EvalConfig (max_tokens <= 0 becomes None: the whole corpus)."""
-    return EvalConfig(model=f.model, eval_data=f.eval_data, seqlen=f.seqlen,
-                      max_tokens=f.max_tokens if f.max_tokens > 0 else None,
-                      batch_size=f.batch_size, output_json=f.output_json,
-                      checkpoint=f.checkpoint or None)
+    return cli.config_from(EvalConfig, f, all_if_nonpositive=("max_tokens",))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -496,16 +496,27 @@ FLAGS = flags.FLAGS
 class GenerateConfig:
     """What to generate (the flags). checkpoint, when set, overrides model."""
 
-    model: str = "smollm2-135m"
-    checkpoint: str | None = None
-    prompt: str = ""
-    chat: bool = False
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    fused: str = "auto"  # fused.MODES: how packed MXFP4 weights are multiplied
+    model: str = dataclasses.field(default="smollm2-135m", metadata=cli.help_(
+        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file"))
+    checkpoint: str | None = dataclasses.field(default=None, metadata=cli.help_(
+        "a quantized checkpoint folder (from batquant_jax.calibrate) instead of --model"))
+    prompt: str = dataclasses.field(default="", metadata=cli.help_(
+        "the text to continue (or, with --chat, the user message)"))
+    chat: bool = dataclasses.field(default=False, metadata=cli.help_(
+        "wrap the prompt in the tokenizer's chat template"))
+    max_new_tokens: int = dataclasses.field(default=128, metadata=cli.help_(
+        "most tokens to generate (fewer when EOS comes first)"))
+    temperature: float = dataclasses.field(default=0.0, metadata=cli.help_(
+        "sampling temperature; 0 = greedy"))
+    top_k: int = dataclasses.field(default=0, metadata=cli.help_(
+        "sample among the k most likely tokens; 0 = all"))
+    top_p: float = dataclasses.field(default=1.0, metadata=cli.help_(
+        "sample among the most likely tokens holding this probability mass; 1 = all"))
+    seed: int = dataclasses.field(default=0, metadata=cli.help_("PRNG seed of the sampling"))
+    # fused.MODES: how packed MXFP4 weights are multiplied
+    fused: str = dataclasses.field(default="auto", metadata=cli.help_(
+        "packed MXFP4 weights: auto = the fused kernel for decode, dequantize-then-dot for long "
+        "prefills; on = fused everywhere; off = always dequantize-then-dot"))
 
     @property
     def sampling(self) -> Sampling:
@@ -526,33 +537,13 @@ class GenerateConfig:
 
 
 def define_flags() -> None:
-    """Defines the command-line flags (only when run as a program)."""
-    flags.DEFINE_string("model", GenerateConfig.model,
-                        "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file")
-    flags.DEFINE_string("checkpoint", None, "a quantized checkpoint folder (from "
-                        "batquant_jax.calibrate) instead of --model")
-    flags.DEFINE_string("prompt", GenerateConfig.prompt,
-                        "the text to continue (or, with --chat, the user message)")
-    flags.DEFINE_bool("chat", GenerateConfig.chat,
-                      "wrap the prompt in the tokenizer's chat template")
-    flags.DEFINE_integer("max_new_tokens", GenerateConfig.max_new_tokens,
-                         "most tokens to generate (fewer when EOS comes first)")
-    flags.DEFINE_float("temperature", GenerateConfig.temperature,
-                       "sampling temperature; 0 = greedy")
-    flags.DEFINE_integer("top_k", GenerateConfig.top_k,
-                         "sample among the k most likely tokens; 0 = all")
-    flags.DEFINE_float("top_p", GenerateConfig.top_p, "sample among the most likely tokens "
-                       "holding this probability mass; 1 = all")
-    flags.DEFINE_integer("seed", GenerateConfig.seed, "PRNG seed of the sampling")
-    flags.DEFINE_string("fused", GenerateConfig.fused, "packed MXFP4 weights: auto = the fused "
-                        "kernel for decode, dequantize-then-dot for long prefills; on = fused "
-                        "everywhere; off = always dequantize-then-dot")
+    """Defines the command-line flags: one per GenerateConfig field (only when run as a
+    program)."""
+    cli.define_flags_from(GenerateConfig)
 
 
 def config_from_flags(f: flags.FlagValues = FLAGS) -> GenerateConfig:
-    return GenerateConfig(model=f.model, checkpoint=f.checkpoint or None, prompt=f.prompt,
-                          chat=f.chat, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                          top_k=f.top_k, top_p=f.top_p, seed=f.seed, fused=f.fused)
+    return cli.config_from(GenerateConfig, f)
 
 
 def _log(msg: str) -> None:

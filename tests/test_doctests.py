@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["batquant_jax.mx", "batquant_jax.recipe", "batquant_jax.transforms",
-           "batquant_jax.qlayers", "batquant_jax.calibration", "batquant_jax.pipeline"]
+           "batquant_jax.layout", "batquant_jax.qlayers", "batquant_jax.calibration",
+           "batquant_jax.pipeline"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -405,6 +405,19 @@ def test_damaged_checkpoint_file_fails_evaluate_in_one_line(env, ref, tmp_path, 
                         r"ValueError: .{1,203}", last_error(res.stderr)) is not None
 
 
+def test_damaged_checkpoint_file_fails_the_library_call_quietly(ref, tmp_path, capfd):
+    """The Python API: one CheckpointError naming the array, and nothing on stderr (no
+    tracebacks of Orbax's asyncio threads)."""
+    ck = copy_of(ref[0], tmp_path / "ck")
+    data = largest_file(ck / "checkpoint" / "qweights")
+    data.write_bytes(data.read_bytes()[:1000])
+    capfd.readouterr()
+    with pytest.raises(checkpoint.CheckpointError, match=r"array [\w.]+\.(codes|scales) is "
+                       r"unreadable: ValueError: "):
+        checkpoint.load_quantized(ck)
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("call,where", [(4, "resume/inputs_001"), (2 * N_LAYERS + 1, "checkpoint")])
 def test_full_disk_keeps_the_state_and_a_rerun_recovers(env, ref, tmp_path, call, where):
     """Writes fail inside Orbax (a ValueError there) between layers or at the final save; the

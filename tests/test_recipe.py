@@ -42,7 +42,7 @@ def test_errors_name_the_field_and_read_as_flags():
 def test_transform_kinds_come_from_the_registry(monkeypatch):
     assert recipe.TRANSFORMS is transforms.REGISTRY
     assert list(transforms.REGISTRY) == ["identity", "random_hadamard", "block_hadamard",
-                                         "kronecker", "gpk", "block_affine"]
+                                         "kronecker", "gpk", "block_affine", "dense"]
     monkeypatch.setitem(transforms.REGISTRY, "half_identity",
                         lambda d, **_: transforms.IdentityTransform(d))
     m = MethodSpec(transform="half_identity")  # a registered kind is a valid method transform
