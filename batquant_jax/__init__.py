@@ -26,7 +26,8 @@ Modules (each readable alone):
   data         corpora (Wikipedia excerpt, user text) and the calibration sampler
   perplexity   the one perplexity protocol; zeroshot / accuracy: lm-eval-style tasks
   kvquant      quantized KV cache: K/V in MX blocks along head_dim, transforms, packed storage
-  generate     text generation with a KV cache (prefill + one-token decode steps)
+  generation   text generation with a KV cache (prefill + one-token decode steps);
+               generate is its command
 
 Importing the package changes no global JAX option; the command-line entry points make CPU
 dispatch synchronous (cli.sync_cpu_dispatch), which long CPU runs of your own may want too.
