@@ -52,6 +52,7 @@ from flax import nnx
 
 from batquant_jax.errors import UserError
 from batquant_jax import mx
+from batquant_jax.calibration import CalibrationResult
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.kvquant import freeze_all
@@ -470,7 +471,6 @@ def weight_bytes(model) -> dict:
 
 def _check_saveable(model: LlamaForCausalLM, result, tokenizer=None) -> None:
     """ValueError (one line) unless ``load_quantized`` can rebuild what save_quantized writes."""
-    from batquant_jax.calibration import CalibrationResult
     if not isinstance(result, CalibrationResult):
         raise ValueError(f"save_quantized: result must be the CalibrationResult that "
                          f"quantize_model returned, got {type(result).__name__}")

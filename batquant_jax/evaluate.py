@@ -171,12 +171,6 @@ def config_from_flags(f: flags.FlagValues = FLAGS) -> EvalConfig:
     return cli.config_from(EvalConfig, f, all_if_nonpositive=("max_tokens",))
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return (UserError,)
-
-
-
-
 def main(argv: list[str]) -> None:
     cli.sync_cpu_dispatch()  # before any computation
     if len(argv) > 1:
@@ -200,7 +194,7 @@ def _main() -> None:
                  "perplexity takes --max_tokens")
     try:
         result = run_evaluation(config_from_flags())
-    except _user_errors() as e:
+    except UserError as e:
         cli.fail(str(e).splitlines()[0])
     except ResultError as e:
         cli.fail(str(e), 1)
@@ -230,7 +224,7 @@ def accuracy_main() -> None:
     """``--tasks`` given: score, print the table on stdout; bad input exits 2 in one line."""
     from batquant_jax import accuracy, tasks
 
-    errors = _user_errors() + (accuracy.AccuracyError, tasks.TaskError)
+    errors = (UserError, accuracy.AccuracyError, tasks.TaskError)
     try:
         cfg = accuracy.AccuracyConfig(
             model=FLAGS.model, checkpoint=FLAGS.checkpoint or None,

@@ -126,10 +126,6 @@ def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
     return net, tokenizer, description
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return (UserError,)
-
-
 def main(argv: list[str]) -> None:
     cli.sync_cpu_dispatch()  # before any computation
     if len(argv) > 1:
@@ -144,7 +140,7 @@ def _run(cfg: GenerateConfig) -> None:
     errors = (GenerateError,)
     try:
         cfg.validate()
-        errors = _user_errors()
+        errors = (UserError,)
         if cfg.checkpoint:
             from batquant_jax.checkpoint import quiet_orbax_logs
             quiet_orbax_logs()

@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 
-from experiments import diagnosis_report
+from experiments import diagnosis_report, second_model
 from experiments import rows as study
 from experiments.rows import interval, paired_nll, verdict  # noqa: F401 (report.* as before)
 
@@ -479,6 +479,7 @@ def render(results_dir, plots_dir=None, out_path=OUT) -> str:
         out += [f"### {title}", ""] + ablation_table(results, group) + [""]
     out += activation_table(plots_dir / "activation_hist.json")
     out += diagnosis_report.section()
+    out += second_model.section()
     pngs = [(name, cap) for name, cap in PLOTS.items() if (plots_dir / name).is_file()]
     if pngs:
         out += ["## Plots", ""]

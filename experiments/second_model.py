@@ -1,0 +1,104 @@
+"""The Qwen2.5-Coder-1.5B section of RESULTS.md, built from experiments/results/qwen15b/ alone.
+
+    .venv/bin/python -m experiments.report        # renders it with the rest of RESULTS.md
+
+The files there are what the commands wrote for the 1.5B rows (each row resumable per
+checkpoint, run across sessions):
+- ``ev-<row>-<text>.json``: ``evaluate --checkpoint=<ckpt> --eval_data=<text> --max_tokens=4096
+  --output_json=...`` (8 x 512 tokens, per-window NLLs), row ``fp`` from ``--model``;
+- ``heldback-<row>.json``: ``experiments/heldback.py`` (8 x 512 held-back calibration tokens,
+  the only text choices are made on);
+- ``calibrate-<row>.txt``: the per-layer table ``calibrate`` prints (seconds per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from experiments.rows import interval, paired_nll, verdict
+
+HERE = pathlib.Path(__file__).resolve().parent
+DIR = HERE / "results" / "qwen15b"
+TEXTS = ("wiki-eval", "shakespeare")
+ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
+BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
+
+
+def load(folder=DIR) -> tuple[dict, dict, dict]:
+    """({row: {text: evaluate JSON}}, {row: heldback JSON}, {row: calibration seconds})."""
+    d = pathlib.Path(folder)
+    evals: dict[str, dict] = {}
+    for p in sorted(d.glob("ev-*.json")):
+        stem = p.stem[3:]
+        for t in TEXTS:
+            if stem.endswith("-" + t):
+                evals.setdefault(stem[: -len(t) - 1], {})[t] = json.loads(p.read_text())
+    held = {p.stem[len("heldback-"):]: json.loads(p.read_text())
+            for p in sorted(d.glob("heldback-*.json"))}
+    seconds = {}
+    for p in sorted(d.glob("calibrate-*.txt")):
+        rows = [line.split() for line in p.read_text().splitlines()[1:]]
+        secs = [float(r[-1]) for r in rows if r and r[0].isdigit()]
+        if secs:
+            seconds[p.stem[len("calibrate-"):]] = sum(secs)
+    return evals, held, seconds
+
+
+def _rows(evals: dict) -> list[str]:
+    return [r for r in ORDER if r in evals] + sorted(r for r in evals if r not in ORDER)
+
+
+def _pair(a: dict, b: dict) -> str:
+    res = paired_nll(a["window_nll"], b["window_nll"])
+    if res is None:
+        return "n/a"
+    mean, se, _ = res
+    return f"{interval(mean, se)} {verdict(mean, se).split(' ')[0]}"
+
+
+def section(folder=DIR) -> list[str]:
+    """The markdown lines of the section (empty without evaluation files)."""
+    evals, held, seconds = load(folder)
+    if not evals:
+        return []
+    out = ["## Second model: Qwen2.5-Coder-1.5B-Instruct (W4A4KV16, seed 0, default budget)", "",
+           "qwen2, 28 layers, hidden 1536, from its Q4_K_M GGUF (the same caveat as SmolLM2's: "
+           "the weights were 4-bit once). 8 x 512 evaluation tokens per text; ratios are paired "
+           "over the windows with ±2 SE. Calibration time is the sum of the per-layer times "
+           "(one core of 2, the other busy; excludes loading and the checkpoint write).", "",
+           "| row | " + " | ".join(f"{t} ppl | vs fp" for t in TEXTS) + " | calibration |",
+           "|---|" + "---|---|" * len(TEXTS) + "---|"]
+    fp = evals.get("fp", {})
+    for row in _rows(evals):
+        cells = []
+        for t in TEXTS:
+            rec = evals[row].get(t)
+            cells.append(f"{rec['perplexity']:.3f}" if rec else "-")
+            cells.append(_pair(rec, fp[t]).rsplit(" ", 1)[0] if rec and t in fp and row != "fp"
+                         else "-")
+        secs = seconds.get(row)
+        out.append(f"| {row} | " + " | ".join(cells) + " | "
+                   + (f"{secs / 60:.0f} min" if secs else "-") + " |")
+    if "batquant" in evals:
+        out += ["", "BATQuant against each baseline (ratio < 1 favours BATQuant):", "",
+                "| batquant / | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
+        for base in BASELINES:
+            if base in evals:
+                cells = [_pair(evals["batquant"][t], evals[base][t])
+                         if t in evals["batquant"] and t in evals[base] else "-" for t in TEXTS]
+                out.append(f"| {base} | " + " | ".join(cells) + " |")
+    if held:
+        out += ["", "Held-back calibration windows (8 x 512 tokens of wiki-calib's last 10% "
+                "that no calibration window touches; `experiments/heldback.py`), where the "
+                "choice of batquant's channel-scale start was made:", "",
+                "| checkpoint | held-back ppl | vs brq |", "|---|---|---|"]
+        for row, rec in held.items():
+            vs = _pair(rec, held["brq"]) if "brq" in held and row != "brq" else "-"
+            out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
+    out.append("")
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(section()))
