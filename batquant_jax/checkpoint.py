@@ -53,6 +53,7 @@ from flax import nnx
 from batquant_jax.errors import UserError
 from batquant_jax import mx
 from batquant_jax.calibration import CalibrationResult
+from batquant_jax.layout import LLAMA, quantized_skeleton
 from batquant_jax.data import atomic_write
 from batquant_jax.distributed import host_value
 from batquant_jax.kvquant import freeze_all
@@ -444,10 +445,7 @@ def quantized_layer(config: LlamaConfig, cfg: CalibConfig, index: int) -> Decode
 
 def skeleton(config: LlamaConfig, cfg: CalibConfig) -> LlamaForCausalLM:
     """The quantized model skeleton of a checkpoint: ``quantized_layer`` for every layer."""
-    model = LlamaForCausalLM(config, None)
-    for i in range(config.num_layers):
-        model.layers[i] = quantized_layer(config, cfg, i)
-    return model
+    return quantized_skeleton(LlamaForCausalLM(config, None), cfg, LLAMA)
 
 
 def weight_bytes(model) -> dict:
