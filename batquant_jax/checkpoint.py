@@ -350,7 +350,7 @@ def _leaves(var) -> dict[tuple[str, ...], Any]:
     if isinstance(value, mx.MXArray):
         return {("codes",): value.codes, ("scales",): value.scales}
     if isinstance(value, StoredWeight):  # a weight kept in its source encoding: stored dense
-        return {(): value.dense()}
+        return {(): value.dense_by_rows()}
     return {(): value}
 
 

@@ -34,13 +34,65 @@ def clamp_to_ratios(xb: jax.Array, r_max: jax.Array, r_min: jax.Array) -> jax.Ar
     """Clamp each group of ``xb: [..., g, n]`` to ``[r_min * min, r_max * max]`` over its last axis.
 
     r_max, r_min broadcast against ``[..., g, 1]``; computed in float32 at least, returned in xb's
-    dtype. Differentiable in r_max, r_min (and in xb).
+    dtype. Differentiable in r_max, r_min (and in xb), with the gradients of the plain
+    ``minimum(maximum(x, lo), hi)`` composition (``_clamp_reference``; ties split as JAX splits
+    them), written out by hand: XLA's derivative of the composition took about 4x the forward's
+    time on weight-sized arrays (BUILD_NOTES.md, "One training step").
     """
     dt = jnp.promote_types(xb.dtype, jnp.float32)
-    x = xb.astype(dt)
+    return _clamp(xb.astype(dt), jnp.asarray(r_max, dt), jnp.asarray(r_min, dt)).astype(xb.dtype)
+
+
+def _clamp_reference(x, r_max, r_min):
     hi = r_max * jnp.max(x, axis=-1, keepdims=True)
     lo = r_min * jnp.min(x, axis=-1, keepdims=True)
-    return jnp.minimum(jnp.maximum(x, lo), hi).astype(xb.dtype)
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+@jax.custom_vjp
+def _clamp(x, r_max, r_min):
+    return _clamp_reference(x, r_max, r_min)
+
+
+def _clamp_fwd(x, r_max, r_min):
+    return _clamp_reference(x, r_max, r_min), (x, r_max, r_min)
+
+
+def _split(a, b):
+    """JAX's derivative share of ``a`` in ``max(a, b)`` / ``min(a, b)`` where ``a`` won or tied."""
+    return jnp.where(a == b, 0.5, 1.0)
+
+
+def _unbroadcast(v, shape):
+    """Sum v over the axes that broadcasting added to ``shape``."""
+    lead = v.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                      if n == 1 and v.shape[lead + i] != 1)
+    return jnp.sum(v, axis=axes).reshape(shape) if axes else v
+
+
+def _clamp_bwd(res, g):
+    x, r_max, r_min = res
+    mx, mn = jnp.max(x, axis=-1, keepdims=True), jnp.min(x, axis=-1, keepdims=True)
+    hi, lo = r_max * mx, r_min * mn
+    m = jnp.maximum(x, lo)
+    # y = min(m, hi): hi's share where m >= hi, m's share where m <= hi
+    to_hi = jnp.where(m >= hi, g * _split(hi, m), 0.0)
+    g_m = g - to_hi
+    # m = max(x, lo): lo's share where lo >= x
+    to_lo = jnp.where(lo >= x, g_m * _split(lo, x), 0.0)
+    g_x = g_m - to_lo
+    g_hi = jnp.sum(to_hi, axis=-1, keepdims=True)
+    g_lo = jnp.sum(to_lo, axis=-1, keepdims=True)
+    # max / min of the group: the derivative is shared equally by the elements that attain it
+    at_mx, at_mn = x == mx, x == mn
+    d_mx = g_hi * r_max / jnp.sum(at_mx, axis=-1, keepdims=True, dtype=x.dtype)
+    d_mn = g_lo * r_min / jnp.sum(at_mn, axis=-1, keepdims=True, dtype=x.dtype)
+    g_x = g_x + jnp.where(at_mx, d_mx, 0.0) + jnp.where(at_mn, d_mn, 0.0)
+    return g_x, _unbroadcast(g_hi * mx, jnp.shape(r_max)), _unbroadcast(g_lo * mn, jnp.shape(r_min))
+
+
+_clamp.defvjp(_clamp_fwd, _clamp_bwd)
 
 
 def _check(granularity: str, d: int, block: int) -> None:

@@ -99,6 +99,30 @@ def _kron_apply(x, left, right):
     return sum(z[..., r, None, :] * left[:, r, :, None] for r in range(m))
 
 
+@jax.custom_vjp
+def block_matmul(w: jax.Array, t: jax.Array) -> jax.Array:
+    """``w'[o, k, :] = w[o, k, :] @ t[k]`` for w: [o, k, b], t: [k, b, b].
+
+    The weight fold of a block-diagonal transform. Its VJP computes t's cotangent as one
+    batched product ``w_k^T g_k`` per block; differentiating the factor-wise fold instead
+    reduced the weight-sized arrays once per factor entry (BUILD_NOTES.md, "One training step").
+    """
+    return jnp.einsum("okc,kcC->okC", w, t, precision=_HI)
+
+
+def _block_matmul_fwd(w, t):
+    return block_matmul(w, t), (w, t)
+
+
+def _block_matmul_bwd(res, g):
+    w, t = res
+    return (jnp.einsum("okC,kcC->okc", g, t, precision=_HI),
+            jnp.einsum("okc,okC->kcC", w, g, precision=_HI))
+
+
+block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
 def _solve(xp, a, b):
     """``a^{-1} b``: LAPACK in numpy (float64 export), Gauss-Jordan in JAX (see ``linalg``)."""
     return np.linalg.solve(a, b) if xp is np else linalg.solve(a, b)
@@ -195,6 +219,11 @@ class Transform(nnx.Module):
     def fold_p_f64(self, w: np.ndarray) -> np.ndarray:  # float64 twin of _fold
         raise NotImplementedError
 
+    def fold_blocks(self) -> jax.Array | None:
+        """``[k, b, b]`` when P is block-diagonal and ``fold_p(w)[:, i] = w[:, i] @ blocks[i]``
+        (blocks of the input dimension), else None. ``fold`` then runs as one ``block_matmul``."""
+        return None
+
     def condition_number(self) -> jax.Array:
         """Largest condition number over P's factors (1.0 for fixed orthogonal transforms)."""
         return jnp.asarray(1.0, jnp.float32)
@@ -226,6 +255,12 @@ class Transform(nnx.Module):
         """W: [out, d] -> (W * s) P^{-T}, same dtype; differentiable w.r.t. the parameters."""
         if w.ndim != 2 or w.shape[1] != self.d:
             raise ValueError(f"expected W: [out, {self.d}], got {w.shape}")
+        t = self.fold_blocks()
+        if t is not None:  # block-diagonal: the scale goes into the blocks, one product
+            if self.log_scale is not None:
+                t = t * jnp.exp(self.log_scale[...]).reshape(t.shape[0], t.shape[1], 1)
+            wb = w.reshape(w.shape[0], t.shape[0], t.shape[1])
+            return block_matmul(wb, t).reshape(w.shape).astype(w.dtype)
         v = w
         if self.log_scale is not None:
             v = v * jnp.exp(self.log_scale[...])
@@ -292,8 +327,15 @@ class GPKTransform(Transform):
         return _kron_apply(xb, self.B[...], self.A[...]).reshape(x.shape)
 
     def fold_p(self, w):
-        wb = w.reshape(w.shape[0], self.k, self.g2, self.g1)
-        return _kron_fold(wb, self.B[...], self.A[...]).reshape(w.shape)
+        return block_matmul(w.reshape(w.shape[0], self.k, self.block), self.fold_blocks()
+                            ).reshape(w.shape)
+
+    def fold_blocks(self) -> jax.Array:
+        """``[k, block, block]``: block i of the fold, ``B_i^{-1} (x) A^{-1}`` transposed, so that
+        ``fold_p(w)[:, i] = w[:, i] @ fold_blocks()[i]``."""
+        binv, ainv = linalg.inv(self.B[...]), linalg.inv(self.A[...])
+        t = jnp.einsum("kRr,Cc->krcRC", binv, ainv, precision=_HI)
+        return t.reshape(self.k, self.block, self.block)
 
     def fold_p_f64(self, w):
         wb = w.reshape(w.shape[0], self.k, self.g2, self.g1)

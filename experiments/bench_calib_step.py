@@ -1,9 +1,10 @@
 """Cost of one calibration step against the full-precision forward of the same layer and batch.
 
-    .venv/bin/python -m experiments.bench_calib_step [--batch=4] [--seqlen=256] \\
+    .venv/bin/python -m experiments.bench_calib_step [--model=smollm2-135m] [--layer=0] \\
+        [--batch=4] [--seqlen=256] \\
         [--variants='[{}, {"clip": "none"}, {"transform": "block_affine"}]']
 
-Real SmolLM2-135M layer weights (layer 0), random hidden states of the residual stream's scale.
+Real layer weights (default: SmolLM2-135M's layer 0), random hidden states of the residual stream's scale.
 For each variant (CalibConfig fields over method=batquant) it prints, as ratios to the
 full-precision forward measured in the same run: the quantized forward in training mode, the
 weight side alone (fold, weight clip, fake quant of the seven weights), forward + objective,
@@ -66,14 +67,16 @@ def main() -> None:
     cli.sync_cpu_dispatch()  # long CPU programs: synchronous dispatch (cli.py says why)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="model alias or path")
+    ap.add_argument("--layer", type=int, default=0, help="which decoder layer")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--variants", default="[{}]", help="JSON list of CalibConfig field dicts")
     args = ap.parse_args()
 
-    model = load_model("smollm2-135m", with_tokenizer=False).model
-    fp_layer = model.layers[0]
+    model = load_model(args.model, with_tokenizer=False).model
+    fp_layer = model.layers[args.layer]
     x = jax.random.normal(jax.random.key(0), (args.batch, args.seqlen, model.config.hidden_size))
     gd, st = nnx.split(fp_layer)
     y = apply_layer(gd, st, x)

@@ -7,8 +7,8 @@ intermediate 8960, 12 / 2 heads of 128, vocabulary 151,936; linears and embeddin
 Q6_K, as in the Q4_K_M file) and runs, each in a fresh process, what the commands run:
 - evaluate: ``load_model`` (weights kept in their GGUF encoding, as the commands do above 2 GiB)
   and the perplexity protocol over 2 x 512 random token windows (``forward_nll``, chunked head);
-- calibrate: ``quantize_model`` with RTN over 32 x 256 windows (the default budget's inputs and
-  targets), then ``save_quantized``.
+- calibrate: ``quantize_model`` with RTN (or each of ``--methods``) over 32 x 256 windows (the
+  default budget's inputs and targets), then ``save_quantized``.
 It prints each run's peak RSS (the child's own ``ru_maxrss``) and the file size, so the growth from
 one depth to the next can be set against the stored weights the extra layers add. RTN stands for
 the calibration's memory shape (per-layer inputs, targets and statistics are the same for every
@@ -86,7 +86,7 @@ import numpy as np
 from batquant_jax import cli, perplexity
 cli.lean_cpu_schedule(); cli.sync_cpu_dispatch()
 from batquant_jax.models import forward_nll, load_model
-kind, gguf, out = sys.argv[1:4]
+kind, gguf, out, method = sys.argv[1:5]
 t0 = time.time()
 model = load_model(gguf, with_tokenizer=False).model
 rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ else:
     from batquant_jax.calibration import quantize_model
     from batquant_jax.checkpoint import save_quantized
     windows = rng.integers(0, 151936, size=(32, 256)).astype(np.int32)
-    model, result = quantize_model(model, windows, "rtn", log=lambda m: None)
+    model, result = quantize_model(model, windows, method, log=lambda m: None)
     save_quantized(out, model, result)
     value = len(result.layers)
 import resource
@@ -107,9 +107,9 @@ print(json.dumps({"value": float(value), "seconds": round(time.time() - t0, 1),
 '''
 
 
-def child(kind: str, gguf: pathlib.Path, out: pathlib.Path) -> dict:
+def child(kind: str, gguf: pathlib.Path, out: pathlib.Path, method: str = "rtn") -> dict:
     """Runs one command's work in a fresh process -> its value, seconds and own peak RSS."""
-    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(gguf), str(out)],
+    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(gguf), str(out), method],
                          capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{kind} on {gguf} failed:\n{res.stderr[-3000:]}")
@@ -122,11 +122,14 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="28,56")
     ap.add_argument("--out", default="/tmp/bench_depth")
     ap.add_argument("--kinds", default="evaluate,calibrate")
+    ap.add_argument("--methods", default="rtn", help="calibration methods, comma-separated")
     args = ap.parse_args(argv)
     root = pathlib.Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for kind in args.kinds.split(","):
+    runs = [(k, m) for k in args.kinds.split(",")
+            for m in (args.methods.split(",") if k == "calibrate" else [""])]
+    for kind, method in runs:
         for n in (int(v) for v in args.layers.split(",")):
             gguf = root / f"random-{n}.gguf"
             if not gguf.exists():
@@ -134,8 +137,9 @@ def main(argv=None) -> int:
                 write_gguf(gguf, n)
                 print(f"wrote {gguf} ({gguf.stat().st_size / 2**30:.2f} GiB, "
                       f"{time.time() - t:.0f} s)", file=sys.stderr, flush=True)
-            rec = child(kind, gguf, root / f"ckpt-{n}")
-            rec.update(kind=kind, layers=n, gguf_bytes=gguf.stat().st_size)
+            rec = child(kind, gguf, root / f"ckpt-{n}-{method}", method or "rtn")
+            rec.update(kind=kind + (f" ({method})" if method else ""), layers=n,
+                       gguf_bytes=gguf.stat().st_size)
             rows.append(rec)
             print(json.dumps(rec), flush=True)
     print("\n| command | layers | GGUF | peak RSS | seconds |\n|---|---|---|---|---|")

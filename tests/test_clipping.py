@@ -150,3 +150,34 @@ def test_one_clip_init_default_everywhere():
     assert DEFAULT_CLIP_INIT == 8.0 and CalibConfig().clip_init == DEFAULT_CLIP_INIT
     assert inspect.signature(qlayers.quantize_layer).parameters["clip_init"].default == 8.0
     assert float(ActClip(64).a_max[...][0]) == float(WeightClip(2, 64).a_min[...][1, 1]) == 8.0
+
+
+def _tricky_blocks(key, shape):
+    """Random blocks with a tie at the max, an all-negative block, a constant block and
+    repeated values (weights dequantized from a 4-bit source tie often)."""
+    x = jax.random.normal(key, shape)
+    x = x.at[0, 0, 3].set(x[0, 0].max())
+    x = x.at[1, 2].set(-jnp.abs(x[1, 2]))
+    x = x.at[2, 2].set(1.0)
+    return x.at[3].set(jnp.round(x[3] * 2) / 2)
+
+
+@pytest.mark.parametrize("r_shape", [(6, 1), (5, 6, 1), ()])
+def test_hand_written_clamp_gradient_equals_autodiff(r_shape):
+    # activation (ratios shared by the leading axes), weight (one pair per block) and tensor
+    # granularity; ratios of exactly 1 make the thresholds tie with the block max / min
+    from batquant_jax.clipping import _clamp, _clamp_reference
+    k = jax.random.split(jax.random.key(1), 4)
+    x = _tricky_blocks(k[0], (5, 6, 32))
+    r_max = jax.nn.sigmoid(jax.random.normal(k[1], r_shape) + 1.0)
+    r_min = jax.nn.sigmoid(jax.random.normal(k[2], r_shape) + 1.0)
+    if r_shape:
+        r_max = r_max.at[..., 0, :].set(1.0)
+    c = jax.random.normal(k[3], x.shape)
+    grads = [jax.jit(jax.grad(lambda x, a, b, f=f: jnp.sum(f(x, a, b) * c), argnums=(0, 1, 2)))(
+        x, r_max, r_min) for f in (_clamp, _clamp_reference)]
+    for got, want in zip(*grads):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(_clamp(x, r_max, r_min)),
+                                  np.asarray(_clamp_reference(x, r_max, r_min)))

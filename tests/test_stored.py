@@ -25,6 +25,16 @@ def test_block_types_decode_bit_for_bit_as_gguf(kind):
     np.testing.assert_array_equal(np.asarray(w.take_rows(idx)), eager[np.asarray(idx)])
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0"])
+def test_dense_by_rows_is_dense_bit_for_bit(kind):
+    # 7 rows in steps of 3: two loop steps and a tail of one row; a step larger than the weight
+    blocks = random_blocks(kind, 7, 256)
+    w = StoredWeight.from_ggml(blocks, kind, (7, 256))
+    want = np.asarray(w.dense())
+    for step in (3, 7, 100):
+        np.testing.assert_array_equal(np.asarray(w.dense_by_rows(step)), want)
+
+
 @pytest.mark.parametrize("kind, dtype", [("F16", np.float16), ("BF16", jnp.bfloat16)])
 def test_half_floats_widen_exactly(kind, dtype):
     x = (np.random.default_rng(1).standard_normal((4, 64)) * 3).astype(dtype)
