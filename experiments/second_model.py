@@ -8,7 +8,9 @@ checkpoint, run across sessions):
   --output_json=...`` (8 x 512 tokens, per-window NLLs), row ``fp`` from ``--model``;
 - ``heldback-<row>.json``: ``experiments/heldback.py`` (8 x 512 held-back calibration tokens,
   the only text choices are made on);
-- ``calibrate-<row>.txt``: the per-layer table ``calibrate`` prints (seconds per layer).
+- ``calibrate-<row>.txt``: the per-layer table ``calibrate`` prints (seconds per layer);
+- ``zs-<row>.json``: ``evaluate --checkpoint=<ckpt> --tasks=arc_easy,hellaswag,piqa,winogrande,
+  lambada --limit=100 --output_json=...`` (row ``fp`` from ``--model``), per-item correctness.
 """
 
 from __future__ import annotations
@@ -16,13 +18,45 @@ from __future__ import annotations
 import json
 import pathlib
 
-from experiments.rows import interval, paired_nll, verdict
+from experiments.rows import interval, paired_nll, paired_recovery, verdict
 
 HERE = pathlib.Path(__file__).resolve().parent
 DIR = HERE / "results" / "qwen15b"
 TEXTS = ("wiki-eval", "shakespeare")
 ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
 BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
+
+
+def zero_shot(folder=DIR) -> dict[str, dict]:
+    """{row: zero-shot evaluate JSON} of the ``zs-<row>.json`` files."""
+    return {p.stem[len("zs-"):]: json.loads(p.read_text())
+            for p in sorted(pathlib.Path(folder).glob("zs-*.json"))}
+
+
+def zero_shot_lines(runs: dict[str, dict]) -> list[str]:
+    """Accuracy per task (acc, %), average and recovery against fp (paired ±1 SE per item)."""
+    if "fp" not in runs:
+        return []
+    tasks = list(runs["fp"]["tasks"])
+    items = {row: {t: r["tasks"][t]["per_item"]["acc"] for t in tasks if t in r["tasks"]}
+             for row, r in runs.items()}
+    n = min(len(v) for v in items["fp"].values())
+    out = [f"Zero-shot accuracy (acc, %, the first {n} items of each task, lm-eval's formats; "
+           "recovery = average / fp's average on the same items, ±1 SE paired per item):", "",
+           "| row | " + " | ".join(tasks) + " | average | recovery |",
+           "|---|" + "---|" * (len(tasks) + 2)]
+    for row in [r for r in ORDER if r in runs] + sorted(r for r in runs if r not in ORDER):
+        accs = [100 * sum(items[row][t]) / len(items[row][t]) if t in items[row] else None
+                for t in tasks]
+        cells = [f"{a:.0f}" if a is not None else "-" for a in accs]
+        done = [a for a in accs if a is not None]
+        avg = f"{sum(done) / len(done):.1f}" if len(done) == len(tasks) else "-"
+        rec = "-"
+        if row != "fp" and len(done) == len(tasks):
+            res = paired_recovery(items[row], items["fp"])
+            rec = f"{100 * res['recovery']:.1f}% ± {100 * res['recovery_se']:.1f}" if res else "-"
+        out.append(f"| {row} | " + " | ".join(cells) + f" | {avg} | {rec} |")
+    return out + [""]
 
 
 def load(folder=DIR) -> tuple[dict, dict, dict]:
@@ -97,7 +131,7 @@ def section(folder=DIR) -> list[str]:
             vs = _pair(rec, held["brq"]) if "brq" in held and row != "brq" else "-"
             out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
     out.append("")
-    return out
+    return out + zero_shot_lines(zero_shot(folder))
 
 
 if __name__ == "__main__":
