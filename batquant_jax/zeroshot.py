@@ -162,10 +162,7 @@ def score_rows(model, tokens: jax.Array, positions: jax.Array, segments: jax.Arr
     mask = ((seg_k == 0) | (seg_k == seg_q)) & (positions[:, None, :] <= positions[:, :, None])
     h = model.hidden(tokens, positions, mask)
     h = jnp.take_along_axis(h, pred_index[:, :, None], axis=1)
-    logits = model.head(h)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    lp = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
-    return lp, jnp.argmax(logits, axis=-1) == targets
+    return model.target_scores(h, targets)
 
 
 _score_rows_jit = state_jit(score_rows)  # weights as arguments only (see models.llama.state_jit)

@@ -190,3 +190,39 @@ def test_large_vocabulary_nll_runs_over_chunks_and_matches_log_softmax():
     want = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
     assert got.shape == (2, 8) and llama._chunk_rows(70_000) == 14_000
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_target_scores_over_chunks_equal_the_one_shot_log_softmax(monkeypatch):
+    # what zero-shot scoring reads: log-probability of each target and whether it is the
+    # argmax, over vocabulary chunks for a large head; a logit tie across two chunks keeps the
+    # first index, as jnp.argmax does
+    from batquant_jax.models import llama
+    cfg = LlamaConfig(vocab_size=70_000, num_layers=1)
+    model = LlamaForCausalLM(cfg, nnx.Rngs(0))
+    w = model.lm_head.weight[...] * 50.0
+    w = w.at[30_000].set(w[3])  # rows 3 (chunk 0) and 30,000 (chunk 2) give equal logits
+    model.lm_head.weight[...] = w
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
+    logits = model.head(h)
+    top = np.asarray(jnp.argmax(logits, axis=-1))
+    targets = rng.integers(0, cfg.vocab_size, size=(2, 5)).astype(np.int32)
+    targets[0, :3] = top[0, :3]  # some targets are the greedy token
+    lp, greedy = model.target_scores(h, targets)
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, axis=-1)),
+                              targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(lp), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(greedy), top == targets)
+    assert int(np.asarray(greedy).sum()) >= 3
+    # the tie: make row 3's logit the largest of one slot, then its twin must not win
+    h_tie = jnp.asarray(model.lm_head.weight[3])[None, None, :] * 10.0
+    _, g3 = model.target_scores(h_tie, np.array([[3]], np.int32))
+    _, g30k = model.target_scores(h_tie, np.array([[30_000]], np.int32))
+    assert int(jnp.argmax(model.head(h_tie)[0, 0])) in (3, 30_000)
+    assert bool(g3[0, 0]) == (int(jnp.argmax(model.head(h_tie)[0, 0])) == 3)
+    assert not bool(g30k[0, 0])
+    # a small head keeps the one-shot path: the same values bit for bit as before
+    monkeypatch.setattr(llama, "CHUNKED_VOCAB_ABOVE", 100_000)
+    lp1, greedy1 = model.target_scores(h, targets)
+    np.testing.assert_array_equal(np.asarray(lp1), want)
+    np.testing.assert_array_equal(np.asarray(greedy1), top == targets)
