@@ -55,7 +55,10 @@ def _clamp(x, r_max, r_min):
 
 
 def _clamp_fwd(x, r_max, r_min):
-    return _clamp_reference(x, r_max, r_min), (x, r_max, r_min)
+    # _clamp_reference's operations, keeping the group max / min for the backward pass
+    mx, mn = jnp.max(x, axis=-1, keepdims=True), jnp.min(x, axis=-1, keepdims=True)
+    y = jnp.minimum(jnp.maximum(x, r_min * mn), r_max * mx)
+    return y, (x, r_max, r_min, mx, mn)
 
 
 def _split(a, b):
@@ -72,8 +75,7 @@ def _unbroadcast(v, shape):
 
 
 def _clamp_bwd(res, g):
-    x, r_max, r_min = res
-    mx, mn = jnp.max(x, axis=-1, keepdims=True), jnp.min(x, axis=-1, keepdims=True)
+    x, r_max, r_min, mx, mn = res
     hi, lo = r_max * mx, r_min * mn
     m = jnp.maximum(x, lo)
     # y = min(m, hi): hi's share where m >= hi, m's share where m <= hi

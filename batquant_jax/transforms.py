@@ -123,6 +123,11 @@ def _block_matmul_bwd(res, g):
 block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
 
 
+def _fold_by_blocks(w: jax.Array, t: jax.Array) -> jax.Array:
+    """W: [out, d] -> W with block i of its input dimension multiplied by t[i] ([k, b, b])."""
+    return block_matmul(w.reshape(w.shape[0], t.shape[0], t.shape[1]), t).reshape(w.shape)
+
+
 def _solve(xp, a, b):
     """``a^{-1} b``: LAPACK in numpy (float64 export), Gauss-Jordan in JAX (see ``linalg``)."""
     return np.linalg.solve(a, b) if xp is np else linalg.solve(a, b)
@@ -214,7 +219,10 @@ class Transform(nnx.Module):
         raise NotImplementedError
 
     def fold_p(self, w):  # w: [out, d] -> w P^{-T}
-        raise NotImplementedError
+        t = self.fold_blocks()
+        if t is None:  # a transform that is not block-diagonal implements its own
+            raise NotImplementedError
+        return _fold_by_blocks(w, t)
 
     def fold_p_f64(self, w: np.ndarray) -> np.ndarray:  # float64 twin of _fold
         raise NotImplementedError
@@ -259,8 +267,7 @@ class Transform(nnx.Module):
         if t is not None:  # block-diagonal: the scale goes into the blocks, one product
             if self.log_scale is not None:
                 t = t * jnp.exp(self.log_scale[...]).reshape(t.shape[0], t.shape[1], 1)
-            wb = w.reshape(w.shape[0], t.shape[0], t.shape[1])
-            return block_matmul(wb, t).reshape(w.shape).astype(w.dtype)
+            return _fold_by_blocks(w, t).astype(w.dtype)
         v = w
         if self.log_scale is not None:
             v = v * jnp.exp(self.log_scale[...])
@@ -325,10 +332,6 @@ class GPKTransform(Transform):
     def apply_p(self, x):
         xb = x.reshape(*x.shape[:-1], self.k, self.g2, self.g1)
         return _kron_apply(xb, self.B[...], self.A[...]).reshape(x.shape)
-
-    def fold_p(self, w):
-        return block_matmul(w.reshape(w.shape[0], self.k, self.block), self.fold_blocks()
-                            ).reshape(w.shape)
 
     def fold_blocks(self) -> jax.Array:
         """``[k, block, block]``: block i of the fold, ``B_i^{-1} (x) A^{-1}`` transposed, so that

@@ -509,12 +509,18 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(f"nll needs tokens [B, T] with T >= 2, got shape {tokens.shape}")
         h = self.hidden(tokens)[:, :-1]
         targets = tokens[:, 1:].astype(jnp.int32)
-        w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
-        if isinstance(w, StoredWeight) or w.shape[0] > CHUNKED_VOCAB_ABOVE:
+        w = self._chunked_head()
+        if w is not None:
             # never the [B, T, V] logits (nor, for a stored head, the decoded [V, d] head)
             return _chunked_nll(self.norm(h), w, targets)
         logp = jax.nn.log_softmax(self.head(h), axis=-1)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    def _chunked_head(self):
+        """The output head's weight when scores go over vocabulary chunks (a stored head, or
+        more than CHUNKED_VOCAB_ABOVE rows), else None."""
+        w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
+        return w if isinstance(w, StoredWeight) or w.shape[0] > CHUNKED_VOCAB_ABOVE else None
 
     def target_scores(self, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         """h: `[B, P, d]` (before the final norm), targets: int `[B, P]` -> (log-probability of
@@ -522,8 +528,8 @@ class LlamaForCausalLM(nnx.Module):
         stored head goes over vocabulary chunks (never the `[B, P, V]` logits: 1.2 GB for 2,048
         slots of Qwen's 151,936), else the one-shot log-softmax."""
         targets = jnp.asarray(targets, jnp.int32)
-        w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
-        if isinstance(w, StoredWeight) or w.shape[0] > CHUNKED_VOCAB_ABOVE:
+        w = self._chunked_head()
+        if w is not None:
             nll, best = _chunked_nll(self.norm(h), w, targets, argmax=True)
             return -nll, best == targets
         logits = self.head(h)
@@ -610,7 +616,7 @@ def _chunked_nll(h: jax.Array, w, targets: jax.Array, argmax: bool = False):
         init += (jnp.zeros(targets.shape, jnp.int32),)
     out, _ = jax.lax.scan(body, init, (jnp.arange(vocab // rows), data))
     nll = (out[0] + jnp.log(out[1])) - out[2]
-    return (nll, out[3].astype(jnp.int32)) if argmax else nll
+    return (nll, out[3]) if argmax else nll
 
 
 def hf_param_names(model: LlamaForCausalLM) -> dict[str, nnx.Param]:
