@@ -10,7 +10,9 @@ and the model config. A finished output directory DIR holds:
                         layers/{i}/{self_attn|mlp}/{linear}/{codes, scales}
       params/           the rest of the state by module path: embeddings, norms, lm_head, and of
                         each QuantLinear its online side (transform parameters and constants,
-                        clipping logits) and bias -- never a float copy of a quantized weight
+                        clipping logits) and bias -- never a float copy of a quantized weight;
+                        a weight the model held in its source encoding (``StoredWeight``) is
+                        stored as those bytes, its encoding in the metadata's "encodings"
   DIR/metadata.json     "format" (FORMAT), the model config and recipe the skeleton is built
                         from, how the run was made, "checksums": the sha256 of every stored
                         array ("qweights/layers/0/self_attn/q_proj/codes": hex),
@@ -65,11 +67,15 @@ from batquant_jax.recipe import CalibConfig
 
 # /1 kept the packed weights apart from the model state and rebuilt float copies at load;
 # /2 did not protect metadata.json itself nor the tokenizer files
-FORMAT = "batquant_jax.quantized/3"
+# /3 stored every weight that is not quantized as float32 (/4 keeps those the model held in
+# their source encoding as that encoding: ENCODINGS); a /3 folder is read as it is
+FORMAT = "batquant_jax.quantized/4"
+READABLE = (FORMAT, "batquant_jax.quantized/3")
 CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR = "checkpoint", "metadata.json", "tokenizer"
 RESUME_DIR, PROGRESS_FILE = "resume", "progress.json"
 ARTIFACT = (CHECKPOINT_DIR, METADATA_FILE, TOKENIZER_DIR)
 CHECKSUMS = "checksums"  # metadata / progress key: {"item/path/to/array": sha256 hex}
+ENCODINGS = "encodings"  # metadata key: {"params/embed_tokens/weight": {"kind", "shape"}}
 FILE_CHECKSUMS = "file_checksums"  # metadata key: {"tokenizer/tokenizer.json": sha256 hex}
 META_DIGEST = "metadata_sha256"  # metadata key: sha256 of the canonical JSON of all other keys
 
@@ -349,9 +355,41 @@ def _leaves(var) -> dict[tuple[str, ...], Any]:
     value = var.get_value()
     if isinstance(value, mx.MXArray):
         return {("codes",): value.codes, ("scales",): value.scales}
-    if isinstance(value, StoredWeight):  # a weight kept in its source encoding: stored dense
-        return {(): value.dense_by_rows()}
+    if isinstance(value, StoredWeight):  # kept in its source encoding: stored as its bytes,
+        return {(): value.data}          # the encoding recorded in the metadata (ENCODINGS)
     return {(): value}
+
+
+def stored_encodings(module) -> dict[str, dict]:
+    """{"params/embed_tokens/weight": {"kind": "Q4_K", "shape": [rows, cols]}} for every state
+    variable of ``module`` that holds a ``StoredWeight`` (its array is the encoded bytes)."""
+    return {"/".join((item,) + key): {"kind": var.get_value().kind,
+                                      "shape": list(var.get_value().shape)}
+            for key, (item, var) in _state_vars(module).items()
+            if isinstance(var.get_value(), StoredWeight)}
+
+
+def apply_encodings(module, encodings: Mapping[str, Any], where: str) -> None:
+    """Makes each variable ``encodings`` names (``stored_encodings``' table) of the (abstract)
+    ``module`` a StoredWeight restore target of that encoding; CheckpointError, one line, for
+    a name, kind or shape the module cannot take."""
+    if not isinstance(encodings, Mapping):
+        raise CheckpointError(f"{where}: {ENCODINGS!r} is not a table")
+    found = {"/".join((item,) + key): var for key, (item, var) in _state_vars(module).items()}
+    for name, enc in encodings.items():
+        var = found.get(name)
+        if var is None:
+            raise CheckpointError(f"{where}: {ENCODINGS!r} names {name!r}, which the model "
+                                  "does not have")
+        try:
+            target = StoredWeight.abstract(enc["kind"], enc["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: {ENCODINGS!r} entry {name!r} is unreadable "
+                                  f"({_one_line(e, 100)})") from None
+        if tuple(var.get_value().shape) != target.shape:
+            raise CheckpointError(f"{where}: {name} is {list(target.shape)} in {ENCODINGS!r}, "
+                                  f"the model's is {list(var.get_value().shape)}")
+        var.set_value(target)
 
 
 def state_arrays(module, *, device: bool = False) -> dict[str, dict]:
@@ -399,6 +437,8 @@ def set_state_arrays(module, items: dict[str, dict], where: str) -> None:
     for key, (var, leaf, _) in wanted.items():
         if leaf:
             packed.setdefault(id(var), {"var": var})[leaf[0]] = jnp.asarray(got.pop(key))
+        elif isinstance(var.get_value(), StoredWeight):
+            var.set_value(dataclasses.replace(var.get_value(), data=jnp.asarray(got.pop(key))))
         else:
             var.set_value(jnp.asarray(got.pop(key)))
     for entry in packed.values():
@@ -454,10 +494,12 @@ def weight_bytes(model) -> dict:
     weights = packed_weights(model).values()
     packed = sum(w.nbytes for w in weights)
     n_packed = sum(int(np.prod(w.shape)) for w in weights)
-    rest = [v for _, v in nnx.to_flat_state(nnx.state(model))
+    rest = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))
             if not isinstance(v.get_value(), mx.MXArray)]
-    rest_bytes = sum(int(np.asarray(v.get_value()).nbytes) for v in rest)
-    n_rest = sum(int(np.size(v.get_value())) for v in rest)
+    # a StoredWeight counts its encoded bytes and its logical elements
+    rest_bytes = sum(int(v.nbytes if hasattr(v, "nbytes") else np.asarray(v).nbytes)
+                     for v in rest)
+    n_rest = sum(int(np.size(v)) for v in rest)
     n = n_packed + n_rest
     return {"model_resident_bytes": packed + rest_bytes, "model_packed_weight_bytes": packed,
             "model_other_bytes": rest_bytes, "model_float32_bytes": 4 * n,
@@ -533,7 +575,8 @@ def save_quantized(out_dir, model: LlamaForCausalLM, result, tokenizer=None, *,
     meta.setdefault("layers", [dataclasses.asdict(r) for r in result.layers])
     meta.update(format=FORMAT, model_config=dataclasses.asdict(model.config),
                 calib_config=dataclasses.asdict(result.config), loss=result.loss_name,
-                sizes=sizes, tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)})
+                sizes=sizes, tokenizer=tokenizer is not None, **{CHECKSUMS: tree_digests(items)},
+                **{ENCODINGS: stored_encodings(model)})
     meta[FILE_CHECKSUMS] = file_digests(out, TOKENIZER_DIR)
     meta[META_DIGEST] = meta_digest(meta)
     write_json(out / METADATA_FILE, meta)
@@ -555,12 +598,12 @@ def _read(out_dir) -> tuple[LlamaForCausalLM, dict, dict]:
                                   f"{METADATA_FILE} yet); rerun its calibrate command to finish it")
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
     meta = read_json(out / METADATA_FILE)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         how = (f"upgrade it with `python -m batquant_jax.checkpoint upgrade {out}` (its arrays are "
                "verified first) or quantize the model again" if meta.get("format") in UPGRADABLE
                else "quantize the model again")
         raise CheckpointError(f"{out} is a checkpoint of format {meta.get('format')!r}; this "
-                              f"version reads {FORMAT!r} only: {how}")
+                              f"version reads {' and '.join(map(repr, READABLE))}: {how}")
     verify_metadata(out, meta)
     model, trees = _restore_verified(out, meta)
     return model, trees, meta
@@ -578,14 +621,16 @@ def _restore_verified(out: pathlib.Path, meta: Mapping[str, Any]):
     # the skeleton is built abstractly: no zero copy of the model is ever allocated, the
     # restored arrays become its values (1.5B: 2.6 GB less at load)
     model = nnx.eval_shape(lambda: skeleton(config, cfg))
+    apply_encodings(model, meta.get(ENCODINGS, {}), str(out / METADATA_FILE))
     return model, load_tree(out / CHECKPOINT_DIR, abstract_state(model), meta[CHECKSUMS])
 
 
-UPGRADABLE = ("batquant_jax.quantized/2",)  # formats whose arrays format /3 stores unchanged
+UPGRADABLE = ("batquant_jax.quantized/2",)  # formats whose arrays FORMAT stores unchanged
 
 
 def upgrade(out_dir) -> dict:
-    """Rewrites the metadata of a format /2 checkpoint as format /3 -> the new metadata.
+    """Rewrites the metadata of a format /2 checkpoint as ``FORMAT`` -> the new metadata (its
+    weights are all float: no encodings).
 
     Format /2 stored the same arrays with a sha256 table but did not protect metadata.json or
     the tokenizer files. Every array is first verified against that table (CheckpointError,
@@ -598,8 +643,8 @@ def upgrade(out_dir) -> dict:
         raise CheckpointError(f"{out} holds no finished quantized checkpoint (no {METADATA_FILE})")
     meta = read_json(out / METADATA_FILE)
     old = meta.get("format")
-    if old == FORMAT:
-        raise CheckpointError(f"{out} is already of format {FORMAT!r}")
+    if old in READABLE:
+        raise CheckpointError(f"{out} is of format {old!r}, which this version reads as it is")
     if old not in UPGRADABLE:
         raise CheckpointError(f"{out} is of format {old!r}; only {', '.join(UPGRADABLE)} can be "
                               "upgraded: quantize the model again")

@@ -311,11 +311,15 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
     from safetensors.numpy import save_file
 
     from batquant_jax import checkpoint
+    from batquant_jax.models.stored import StoredWeight
     ckpt, out = pathlib.Path(checkpoint_dir), pathlib.Path(output_dir)
     _check_output(out, ckpt, overwrite)
     model, trees, meta = checkpoint._read(ckpt)  # verifies metadata, tokenizer files, arrays
     spec = check_exportable(meta, weights_only=weights_only)
     arrays = checkpoint.flat_arrays(trees)
+    for key, enc in meta.get(checkpoint.ENCODINGS, {}).items():  # kept in the source encoding:
+        arrays[key] = np.asarray(StoredWeight(jnp.asarray(arrays[key]), enc["kind"],  # float32
+                                              tuple(enc["shape"])).dense_by_rows())
     method = meta["calib_config"]["method"]
     tensors = _tensors(arrays, method, activations=spec.a_fmt is not None)
     config = hf_config(model.config)
@@ -356,8 +360,9 @@ def export(checkpoint_dir, output_dir, *, overwrite: bool = False, weights_only:
         gen.update(_special_ids(out))
     checkpoint.write_json(out / "generation_config.json", gen)
     config.update({k: v for k, v in gen.items() if k.endswith("_token_id")})
-    config["batquant_jax"] = {"exported_from": str(ckpt.resolve()), "method": meta["method"],
-                              "setting": meta["setting"], "weights_only": weights_only,
+    config["batquant_jax"] = {"exported_from": str(ckpt.resolve()), "method": method,
+                              "setting": meta["calib_config"]["setting"],
+                              "weights_only": weights_only,
                               "format": meta["format"],
                               "transform_bytes": dense_written,
                               "weight_bytes": int(sum(v.nbytes for k, v in tensors.items()

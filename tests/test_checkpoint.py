@@ -41,7 +41,8 @@ def test_round_trip_gives_identical_model(quantized, saved):
     loaded, tokenizer, meta = checkpoint.load_quantized(out)
     assert tokenizer is None and meta["method"] == "brq"
     assert meta["calib_config"] == dataclasses.asdict(quantized[1].config)
-    assert meta["format"] == "batquant_jax.quantized/3" and meta["loss"] == "token_mse"
+    assert meta["format"] == "batquant_jax.quantized/4" and meta["loss"] == "token_mse"
+    assert meta["encodings"] == {}  # every weight of this model is float32
     assert sorted(os.listdir(out)) == ["checkpoint", "metadata.json"]
     tokens = jnp.asarray(TOKENS)
     assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
@@ -107,7 +108,8 @@ def test_old_format_is_refused_in_one_line(saved, tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_quantized(old)
     assert str(e.value) == (f"{old} is a checkpoint of format 'batquant_jax.quantized/1'; this "
-                            "version reads 'batquant_jax.quantized/3' only: quantize the model again")
+                            "version reads 'batquant_jax.quantized/4' and 'batquant_jax.quantized/3': quantize the "
+                            "model again")
 
 
 def _as_format_2(out, meta, dest):
@@ -127,7 +129,8 @@ def test_format_2_is_upgraded_after_its_arrays_are_verified(quantized, saved, tm
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_quantized(old)
     assert str(e.value) == (f"{old} is a checkpoint of format 'batquant_jax.quantized/2'; this "
-                            "version reads 'batquant_jax.quantized/3' only: upgrade it with "
+                            "version reads 'batquant_jax.quantized/4' and "
+                            "'batquant_jax.quantized/3': upgrade it with "
                             f"`python -m batquant_jax.checkpoint upgrade {old}` (its arrays are "
                             "verified first) or quantize the model again")
     new = checkpoint.upgrade(old)
@@ -136,8 +139,25 @@ def test_format_2_is_upgraded_after_its_arrays_are_verified(quantized, saved, tm
     loaded, _, _ = checkpoint.load_quantized(old)
     tokens = jnp.asarray(TOKENS)
     assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
-    with pytest.raises(checkpoint.CheckpointError, match="is already of format"):
+    with pytest.raises(checkpoint.CheckpointError, match="which this version reads as it is"):
         checkpoint.upgrade(old)
+
+
+def test_format_3_is_read_as_it_is(quantized, saved, tmp_path):
+    """/3 stored every weight that is not quantized as float32, as /4 does for a float model."""
+    import shutil
+    model, _ = quantized
+    out, meta = saved
+    old = tmp_path / "v3"
+    shutil.copytree(out, old)
+    m3 = {k: v for k, v in meta.items() if k not in ("encodings", "metadata_sha256")}
+    m3["format"] = "batquant_jax.quantized/3"
+    m3["metadata_sha256"] = checkpoint.meta_digest(m3)
+    checkpoint.write_json(old / "metadata.json", m3)
+    loaded, _, got = checkpoint.load_quantized(old)
+    assert got["format"] == "batquant_jax.quantized/3"
+    tokens = jnp.asarray(TOKENS)
+    assert bool(jnp.all(forward_nll(model, tokens) == forward_nll(loaded, tokens)))
 
 
 def test_upgrade_refuses_a_changed_array_and_leaves_the_metadata(saved, tmp_path):

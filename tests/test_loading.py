@@ -11,6 +11,7 @@ import transformers
 
 from batquant_jax.models import ModelLoadError, forward_logits, forward_nll, load_model
 from batquant_jax.models.llama import LlamaConfig, rope_inv_freq
+from batquant_jax.models.stored import StoredWeight
 from batquant_jax.models.loading import smollm2_gguf_path
 from conftest import transformers_from_gguf
 
@@ -306,7 +307,26 @@ def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
                                     log=lambda s: None)
         out[mode] = np.asarray(forward_logits(model, tokens))
         if mode == "stored":
-            checkpoint.save_quantized(str(tmp_path / "ckpt"), model, res, None)
+            meta = checkpoint.save_quantized(str(tmp_path / "ckpt"), model, res, None)
+            # embedding and head are kept in the file's encoding, not widened to float32
+            held = {"params/embed_tokens/weight": model.embed_tokens.weight.get_value(),
+                    "params/lm_head/weight": model.lm_head.weight.get_value()}
+            assert meta["encodings"] == {k: {"kind": w.kind, "shape": list(w.shape)}
+                                         for k, w in held.items()}
+            assert sorted({w.kind for w in held.values()}) == ["Q4_K", "Q6_K"]
             back, _, _ = checkpoint.load_quantized(str(tmp_path / "ckpt"))
+            for w, b in [(held["params/embed_tokens/weight"], back.embed_tokens.weight),
+                         (held["params/lm_head/weight"], back.lm_head.weight)]:
+                b = b.get_value()
+                assert isinstance(b, StoredWeight) and (b.kind, b.shape) == (w.kind, w.shape)
+                np.testing.assert_array_equal(np.asarray(b.data), np.asarray(w.data))
             np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
+            # the export writes them as float32, decoded bit for bit
+            from safetensors.numpy import load_file
+            from batquant_jax import export
+            export.export(tmp_path / "ckpt", tmp_path / "hf", weights_only=True)
+            tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+            for name, key in [("model.embed_tokens.weight", "params/embed_tokens/weight"),
+                              ("lm_head.weight", "params/lm_head/weight")]:
+                np.testing.assert_array_equal(tensors[name], np.asarray(held[key].dense()))
     np.testing.assert_array_equal(out["stored"], out["float"])

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from batquant_jax import data
@@ -512,3 +513,19 @@ def test_compare_evals_pairs_windows(tmp_path, capsys):
     # differences -0.1, -0.15, -0.05: mean -0.1, SE 0.0289 -> ratio exp(-0.1) = 0.9048
     assert out[2] == ("a/b: ratio 0.9048 [0.8541, 0.9586] over 3 windows: a better "
                       "(per-window NLL difference -0.1000 ± 0.0289)")
+
+
+def test_token_diff_splits_the_difference():
+    from experiments.token_diff import split_difference
+    # 2 windows x 4 targets; counts of ids 0..4 in the calibration text
+    a = np.zeros((2, 4))
+    b = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
+    targets = np.array([[0, 1, 2, 3], [4, 4, 4, 0]])
+    counts = np.array([0, 5, 50, 500, 7])
+    s = split_difference(a, b, targets, counts)
+    assert s["tokens"] == 8 and s["mean_diff"] == 0.5 and s["windows_b_worse"] == 1.0
+    by_count = {r["bin"]: (r["tokens"], r["share_of_total"]) for r in s["by_count"]}
+    # both differences fall on id 0, never seen in the calibration text
+    assert by_count == {"0": (2, 1.0), "1-9": (4, 0.0), "10-99": (1, 0.0), ">=100": (1, 0.0)}
+    assert [r["tokens"] for r in s["by_position"]] == [8, 0, 0]
+    assert s["top1pct_share_of_total"] == 0.75 and s["top10pct_share_of_total"] == 0.75

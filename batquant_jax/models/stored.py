@@ -57,6 +57,22 @@ class StoredWeight:
         arr = np.asarray(blocks, np.uint8).reshape(rows, cols // per * size)
         return cls(jnp.asarray(arr), kind, (rows, cols))
 
+    @classmethod
+    def abstract(cls, kind: str, shape) -> "StoredWeight":
+        """The StoredWeight of ``kind`` and logical ``shape`` with a ShapeDtypeStruct as its
+        data (a restore target). ValueError for an unknown kind or a shape it cannot hold."""
+        rows, cols = (int(s) for s in shape)
+        if kind in FLOAT_TYPES:
+            return cls(jax.ShapeDtypeStruct((rows, cols), jnp.dtype(FLOAT_TYPES[kind])), kind,
+                       (rows, cols))
+        if kind not in BLOCK_TYPES:
+            raise ValueError(f"unsupported weight encoding {kind!r}; supported: {', '.join(KINDS)}")
+        per, size = BLOCK_TYPES[kind]
+        if cols % per:
+            raise ValueError(f"{kind} rows of {cols} elements are not whole blocks of {per}")
+        return cls(jax.ShapeDtypeStruct((rows, cols // per * size), jnp.dtype(jnp.uint8)), kind,
+                   (rows, cols))
+
     @property
     def dtype(self):
         return jnp.dtype(jnp.float32)
