@@ -9,6 +9,8 @@ checkpoint, run across sessions):
 - ``heldback-<row>.json``: ``experiments/heldback.py`` (8 x 512 held-back calibration tokens,
   the only text choices are made on);
 - ``calibrate-<row>.txt``: the per-layer table ``calibrate`` prints (seconds per layer);
+- ``token-diff-<b>-<a>.json``: ``experiments/token_diff.py`` (per-token NLL of two checkpoints
+  on the same evaluation windows);
 - ``zs-<row>.json``: ``evaluate --checkpoint=<ckpt> --tasks=arc_easy,hellaswag,piqa,winogrande,
   lambada --limit=100 --output_json=...`` (row ``fp`` from ``--model``), per-item correctness.
 """
@@ -131,7 +133,22 @@ def section(folder=DIR) -> list[str]:
             vs = _pair(rec, held["brq"]) if "brq" in held and row != "brq" else "-"
             out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
     out.append("")
-    return out + zero_shot_lines(zero_shot(folder))
+    return out + zero_shot_lines(zero_shot(folder)) + token_lines(folder)
+
+
+def token_lines(folder=DIR) -> list[str]:
+    """Where batquant's gap to brq lies, token by token (``token-diff-*.json`` of
+    ``experiments/token_diff.py``)."""
+    from experiments.token_diff import tables_of
+    out = []
+    for p in sorted(pathlib.Path(folder).glob("token-diff-*.json")):
+        out += ["Per-token NLL on the same evaluation windows (`experiments/token_diff.py`), the "
+                "difference split by how often the predicted token occurs in the calibration "
+                "text (wiki-calib) and by position:", ""]
+        for t in tables_of(json.loads(p.read_text())):
+            head, rest = t.split("\n", 1)
+            out += [head, "", rest, ""]
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ difference d = NLL_b - NLL_a (nats; positive: b is worse) is then split by
 - the position of the target in its window;
 - the share of the summed difference carried by the 1% and 10% of tokens with the largest |d|;
 - the share of windows where b is worse.
-The summary is printed as a table per text; the JSON holds it and both NLL arrays.
+The summary is printed as a table per text; the JSON holds it, both NLL arrays and each target's
+count (not the token ids: the texts stay out of the results).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _bins(values: np.ndarray, bins) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def split_difference(nll_a: np.ndarray, nll_b: np.ndarray, targets: np.ndarray,
-                     counts: np.ndarray) -> dict:
-    """The summary of d = nll_b - nll_a ([windows, T-1] each; targets the predicted ids)."""
+def split_difference(nll_a: np.ndarray, nll_b: np.ndarray, target_counts: np.ndarray) -> dict:
+    """The summary of d = nll_b - nll_a ([windows, T-1] each; target_counts: how often each
+    predicted token occurs in the calibration text, the same shape)."""
     d = (nll_b - nll_a).astype(np.float64)
     total = float(d.sum())
     n = d.size
@@ -49,11 +50,12 @@ def split_difference(nll_a: np.ndarray, nll_b: np.ndarray, targets: np.ndarray,
            "mean_diff": total / n,
            "windows_b_worse": float((d.mean(axis=1) > 0).mean()), "by_count": [],
            "by_position": []}
-    for key, values, bins in (("by_count", counts[targets], COUNT_BINS),
+    for key, values, bins in (("by_count", target_counts, COUNT_BINS),
                               ("by_position", pos, POSITION_BINS)):
         for name, mask in _bins(values, bins):
             m = int(mask.sum())
             out[key].append({"bin": name, "tokens": m, "share_of_tokens": m / n,
+                             "mean_a": float(nll_a[mask].mean()) if m else 0.0,
                              "mean_diff": float(d[mask].mean()) if m else 0.0,
                              "share_of_total": float(d[mask].sum()) / total if total else 0.0})
     order = np.argsort(-np.abs(d).ravel())
@@ -70,13 +72,27 @@ def table(name_a: str, name_b: str, text: str, s: dict) -> str:
              f"{name_b} worse on {100 * s['windows_b_worse']:.0f}% of windows; top 1% of tokens "
              f"by |d| carry {100 * s['top1pct_share_of_total']:.0f}% of the total, top 10% "
              f"{100 * s['top10pct_share_of_total']:.0f}%",
-             "| split | bin | share of tokens | mean d (nats) | share of the total |",
-             "|---|---|---|---|---|"]
+             f"| split | bin | share of tokens | {name_a} NLL | mean d (nats) | d / {name_a} NLL "
+             "| share of the total |",
+             "|---|---|---|---|---|---|---|"]
     for key, label in (("by_count", "count in calibration text"), ("by_position", "position")):
         for row in s[key]:
+            rel = row["mean_diff"] / row["mean_a"] if row["mean_a"] else 0.0
             lines.append(f"| {label} | {row['bin']} | {100 * row['share_of_tokens']:.1f}% | "
-                         f"{row['mean_diff']:+.4f} | {100 * row['share_of_total']:.0f}% |")
+                         f"{row['mean_a']:.3f} | {row['mean_diff']:+.4f} | {100 * rel:+.1f}% | "
+                         f"{100 * row['share_of_total']:.0f}% |")
     return "\n".join(lines)
+
+
+def tables_of(result: dict) -> list[str]:
+    """The tables of a run's JSON (its NLLs and target counts), one per text."""
+    a, b = result["a"][0], result["b"][0]
+    out = []
+    for text, rec in result["texts"].items():
+        s = split_difference(np.asarray(rec["nll"][a]), np.asarray(rec["nll"][b]),
+                             np.asarray(rec["target_counts"]))
+        out.append(table(a, b, pathlib.Path(text).name, s))
+    return out
 
 
 def main(argv=None) -> int:
@@ -90,7 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max_tokens", type=int, default=4096)
     ap.add_argument("--output_json", default=None)
+    ap.add_argument("--from_json", default=None,
+                    help="summarize a previous --output_json again (no model is run)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        print("\n".join(tables_of(json.loads(pathlib.Path(args.from_json).read_text()))))
+        return 0
     runs = [tuple(x.split(":", 1)) for x in (args.a, args.b)]
     if any(len(r) != 2 for r in runs):
         ap.error("--a and --b take NAME:CHECKPOINT_DIR")
@@ -118,9 +139,12 @@ def main(argv=None) -> int:
     (a, _), (b, _) = runs
     result = {"a": runs[0], "b": runs[1], "seqlen": args.seqlen, "texts": {}}
     for text in texts:
-        s = split_difference(nll[text][a], nll[text][b], windows[text][:, 1:], counts)
+        target_counts = counts[windows[text][:, 1:]]  # no token ids kept: the text stays out
+        s = split_difference(nll[text][a], nll[text][b], target_counts)
         print(table(a, b, pathlib.Path(text).name, s))
-        result["texts"][text] = dict(s, nll={k: v.tolist() for k, v in nll[text].items()})
+        result["texts"][text] = dict(
+            s, nll={k: np.round(v, 5).tolist() for k, v in nll[text].items()},
+            target_counts=target_counts.tolist())
     if args.output_json:
         pathlib.Path(args.output_json).write_text(json.dumps(result))
     return 0

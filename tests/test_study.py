@@ -522,7 +522,7 @@ def test_token_diff_splits_the_difference():
     b = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
     targets = np.array([[0, 1, 2, 3], [4, 4, 4, 0]])
     counts = np.array([0, 5, 50, 500, 7])
-    s = split_difference(a, b, targets, counts)
+    s = split_difference(a, b, counts[targets])
     assert s["tokens"] == 8 and s["mean_diff"] == 0.5 and s["windows_b_worse"] == 1.0
     by_count = {r["bin"]: (r["tokens"], r["share_of_total"]) for r in s["by_count"]}
     # both differences fall on id 0, never seen in the calibration text
