@@ -27,6 +27,7 @@ DIR = HERE / "results" / "qwen15b"
 TEXTS = ("wiki-eval", "shakespeare")
 ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
 BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
+SETTINGS = (("", "W4A4KV16"), ("-w4a8", "W4A8KV16"))  # row suffix, setting
 
 
 def zero_shot(folder=DIR) -> dict[str, dict]:
@@ -75,7 +76,7 @@ def load(folder=DIR) -> tuple[dict, dict, dict]:
     seconds = {}
     for p in sorted(d.glob("calibrate-*.txt")):
         rows = [line.split() for line in p.read_text().splitlines()[1:]]
-        secs = [float(r[-1]) for r in rows if r and r[0].isdigit()]
+        secs = [float(r[6]) for r in rows if r and r[0].isdigit()]  # after it: "fell back"
         if secs:
             seconds[p.stem[len("calibrate-"):]] = sum(secs)
     return evals, held, seconds
@@ -98,9 +99,10 @@ def section(folder=DIR) -> list[str]:
     evals, held, seconds = load(folder)
     if not evals:
         return []
-    out = ["## Second model: Qwen2.5-Coder-1.5B-Instruct (W4A4KV16, seed 0, default budget)", "",
+    out = ["## Second model: Qwen2.5-Coder-1.5B-Instruct (seed 0, default budget)", "",
            "qwen2, 28 layers, hidden 1536, from its Q4_K_M GGUF (the same caveat as SmolLM2's: "
-           "the weights were 4-bit once). 8 x 512 evaluation tokens per text; ratios are paired "
+           "the weights were 4-bit once). Rows are W4A4KV16 unless named `-w4a8` (W4A8KV16). "
+           "8 x 512 evaluation tokens per text; ratios are paired "
            "over the windows with ±2 SE. Calibration time is the sum of the per-layer times "
            "(one core of 2, the other busy; excludes loading and the checkpoint write).", "",
            "| row | " + " | ".join(f"{t} ppl | vs fp" for t in TEXTS) + " | calibration |",
@@ -116,13 +118,16 @@ def section(folder=DIR) -> list[str]:
         secs = seconds.get(row)
         out.append(f"| {row} | " + " | ".join(cells) + " | "
                    + (f"{secs / 60:.0f} min" if secs else "-") + " |")
-    if "batquant" in evals:
-        out += ["", "BATQuant against each baseline (ratio < 1 favours BATQuant):", "",
-                "| batquant / | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
-        for base in BASELINES:
+    for suffix, setting in SETTINGS:
+        ours = "batquant" + suffix
+        if ours not in evals or not any(b + suffix in evals for b in BASELINES):
+            continue
+        out += ["", f"BATQuant against each baseline at {setting} (ratio < 1 favours BATQuant):",
+                "", f"| {ours} / | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
+        for base in (b + suffix for b in BASELINES):
             if base in evals:
-                cells = [_pair(evals["batquant"][t], evals[base][t])
-                         if t in evals["batquant"] and t in evals[base] else "-" for t in TEXTS]
+                cells = [_pair(evals[ours][t], evals[base][t])
+                         if t in evals[ours] and t in evals[base] else "-" for t in TEXTS]
                 out.append(f"| {base} | " + " | ".join(cells) + " |")
     if held:
         out += ["", "Held-back calibration windows (8 x 512 tokens of wiki-calib's last 10% "
