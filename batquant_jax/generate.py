@@ -123,6 +123,7 @@ def load(cfg: GenerateConfig) -> tuple[Any, Any, str]:
     there is no tokenizer."""
     net, tokenizer, description, _ = cli.load_for_command(cfg.model, cfg.checkpoint,
                                                           GenerateError)
+    net.decode_head()  # one token per forward: decode a stored head once, not at every token
     return net, tokenizer, description
 
 

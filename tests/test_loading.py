@@ -321,6 +321,12 @@ def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
                 assert isinstance(b, StoredWeight) and (b.kind, b.shape) == (w.kind, w.shape)
                 np.testing.assert_array_equal(np.asarray(b.data), np.asarray(w.data))
             np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
+            back.decode_head()  # what generate does: the head as float32, the same logits
+            head = back.lm_head.weight.get_value()
+            assert not isinstance(head, StoredWeight) and head.dtype == np.float32
+            np.testing.assert_array_equal(np.asarray(head),
+                                          np.asarray(held["params/lm_head/weight"].dense()))
+            np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
             # the export writes them as float32, decoded bit for bit
             from safetensors.numpy import load_file
             from batquant_jax import export
