@@ -116,7 +116,7 @@ def quantized_skeleton(model, cfg, layout: Layout):
     return model
 
 
-_SUMS = "checksums.json"
+_SUMS, _ENCODINGS = "checksums.json", "encodings.json"
 
 
 def save_module(folder, module) -> None:
@@ -127,6 +127,8 @@ def save_module(folder, module) -> None:
     items = checkpoint.state_arrays(module, device=True)
     checkpoint.save_tree(folder / "arrays", items)
     checkpoint.write_json(folder / _SUMS, checkpoint.tree_digests(items))
+    # weights held in their source encoding (StoredWeight) are stored as those bytes
+    checkpoint.write_json(folder / _ENCODINGS, checkpoint.stored_encodings(module))
 
 
 def load_module(folder, skeleton):
@@ -136,6 +138,9 @@ def load_module(folder, skeleton):
     from batquant_jax import checkpoint
     folder = pathlib.Path(folder)
     digests = checkpoint.read_json(folder / _SUMS)
+    if (folder / _ENCODINGS).is_file():
+        checkpoint.apply_encodings(skeleton, checkpoint.read_json(folder / _ENCODINGS),
+                                   str(folder / _ENCODINGS))
     trees = checkpoint.load_tree(folder / "arrays", checkpoint.abstract_state(skeleton), digests)
     checkpoint.set_state_arrays(skeleton, trees, str(folder))
     return skeleton

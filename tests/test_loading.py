@@ -321,6 +321,14 @@ def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
                 assert isinstance(b, StoredWeight) and (b.kind, b.shape) == (w.kind, w.shape)
                 np.testing.assert_array_equal(np.asarray(b.data), np.asarray(w.data))
             np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
+            # the research path (layout.save_module / load_module) keeps the encoding too
+            from flax import nnx
+            from batquant_jax.layout import LLAMA, load_module, quantized_skeleton, save_module
+            save_module(tmp_path / "module", model)
+            again = load_module(tmp_path / "module", quantized_skeleton(
+                type(model)(model.config, nnx.Rngs(0)), res.config, LLAMA))
+            assert isinstance(again.lm_head.weight.get_value(), StoredWeight)
+            np.testing.assert_array_equal(np.asarray(forward_logits(again, tokens)), out[mode])
             back.decode_head()  # what generate does: the head as float32, the same logits
             head = back.lm_head.weight.get_value()
             assert not isinstance(head, StoredWeight) and head.dtype == np.float32
