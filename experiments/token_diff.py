@@ -34,8 +34,8 @@ def _bins(values: np.ndarray, bins) -> list[tuple[str, np.ndarray]]:
     out = []
     for lo, hi in bins:
         mask = (values >= lo) & (values <= (np.inf if hi is None else hi))
-        out.append((f"{lo}-{hi}" if hi is not None and hi != lo else
-                    (f"{lo}" if hi == lo else f">={lo}"), mask))
+        name = str(lo) if hi == lo else f">={lo}" if hi is None else f"{lo}-{hi}"
+        out.append((name, mask))
     return out
 
 

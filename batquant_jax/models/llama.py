@@ -521,15 +521,18 @@ class LlamaForCausalLM(nnx.Module):
         here on: the same values, decoded once (2,048 rows at a time). For generation, whose
         every forward is one token: decoding the 151,936-row head of Qwen at each token cost
         ten times the product itself. No-op for a float head."""
-        mod = self.embed_tokens if self.lm_head is None else self.lm_head
-        w = mod.weight.get_value()
-        if isinstance(w, StoredWeight):
-            mod.weight.set_value(w.dense_by_rows())
+        weight = self._head_weight()
+        if isinstance(weight.get_value(), StoredWeight):
+            weight.set_value(weight.get_value().dense_by_rows())
+
+    def _head_weight(self) -> nnx.Param:
+        """The output head's weight variable (the embedding's when tied)."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head).weight
 
     def _chunked_head(self):
         """The output head's weight when scores go over vocabulary chunks (a stored head, or
         more than CHUNKED_VOCAB_ABOVE rows), else None."""
-        w = (self.embed_tokens if self.lm_head is None else self.lm_head).weight.get_value()
+        w = self._head_weight().get_value()
         return w if isinstance(w, StoredWeight) or w.shape[0] > CHUNKED_VOCAB_ABOVE else None
 
     def target_scores(self, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -45,17 +45,10 @@ class StoredWeight:
     @classmethod
     def from_ggml(cls, blocks, kind: str, shape) -> "StoredWeight":
         """blocks: uint8 [rows, row_bytes] (row-major GGML rows) of a 2-D weight [rows, cols]."""
-        rows, cols = (int(s) for s in shape)
-        if kind in FLOAT_TYPES:
-            arr = np.asarray(blocks).view(np.dtype(FLOAT_TYPES[kind])).reshape(rows, cols)
-            return cls(jnp.asarray(arr), kind, (rows, cols))
-        if kind not in BLOCK_TYPES:
-            raise ValueError(f"unsupported weight encoding {kind!r}; supported: {', '.join(KINDS)}")
-        per, size = BLOCK_TYPES[kind]
-        if cols % per:
-            raise ValueError(f"{kind} rows of {cols} elements are not whole blocks of {per}")
-        arr = np.asarray(blocks, np.uint8).reshape(rows, cols // per * size)
-        return cls(jnp.asarray(arr), kind, (rows, cols))
+        target = cls.abstract(kind, shape)  # checks kind and shape
+        raw = np.asarray(blocks) if kind in FLOAT_TYPES else np.asarray(blocks, np.uint8)
+        arr = raw.view(target.data.dtype).reshape(target.data.shape)
+        return cls(jnp.asarray(arr), kind, target.shape)
 
     @classmethod
     def abstract(cls, kind: str, shape) -> "StoredWeight":
