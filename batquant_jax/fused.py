@@ -8,12 +8,16 @@ fused products read the codes and scales directly:
 
 - ``mxfp4_dot(x, w)``: float activations x `[..., K]` times w `[N, K]` (W4A16, W4A8);
 - ``mxfp4_dot_q(xq, w)``: MXFP4 activations (an MXArray `[..., K]`) times w: exact integer
-  block dot products, scaled once per block (W4A4).
+  block dot products, scaled once per block (W4A4);
+- ``stored_dot(x, w)``: float activations times a full-precision weight still in its GGUF
+  block encoding (``models.stored.StoredWeight``), one weight row decoded at a time (the
+  float32 model's decode steps, under the same mode rule, ``choose_stored``).
 
-On the CPU they run a small C++ kernel (``csrc/mxfp4_dot.cc``) registered with XLA's FFI; it is
-compiled with the system C++ compiler (``$CXX`` or g++) on first use, or by ``scripts/setup.sh``,
-into the cache (``<cache>/kernels``). Without a compiler, one message says so and the products
-fall back to ``reference_dot``. On GPU and TPU they dispatch to a Pallas kernel (``pallas_dot``)
+On the CPU they run a small C++ kernel (``csrc/mxfp4_dot.cc``) registered with XLA's FFI. It is
+built, with the GGML block decoders that ``models.stored`` uses (``csrc/ggml_decode.cc``), into
+one library by the system C++ compiler (``$CXX`` or g++) on first use, or by
+``scripts/setup.sh``, into the cache (``<cache>/kernels``). Without a compiler, one message says
+so, the products fall back to ``reference_dot`` and the decoders to their XLA form. On GPU and TPU they dispatch to a Pallas kernel (``pallas_dot``)
 or to the reference path (see ``PALLAS``). The results equal the reference path to float32
 rounding (only the order of the sums differs).
 
@@ -50,20 +54,25 @@ import numpy as np
 
 from batquant_jax import mx
 
-__all__ = ["mxfp4_dot", "mxfp4_dot_q", "reference_dot", "available", "unavailable_reason",
+__all__ = ["mxfp4_dot", "mxfp4_dot_q", "stored_dot", "choose_stored", "reference_dot", "available", "unavailable_reason",
            "build", "choose", "describe", "set_mode", "get_mode", "matmul_mode", "MODES", "AUTO_MAX_ROWS",
            "library_path"]
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "mxfp4_dot.cc"
+CSRC = pathlib.Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "mxfp4_dot.cc", CSRC / "ggml_decode.cc")  # compiled into one library
+HEADERS = (CSRC / "parallel.h",)
 MODES = ("auto", "on", "off")
 AUTO_MAX_ROWS = 64  # "auto" fuses products of at most this many activation rows
 BLOCK = 32
 # $BATQUANT_KERNEL_ARCH replaces "native" (e.g. "x86-64": the portable loops, no AVX2; the tests
 # build that variant too)
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC",
-            f"-march={os.environ.get('BATQUANT_KERNEL_ARCH', 'native')}", "-fno-math-errno")
-# product -> (XLA custom-call target, the handler's symbol in the library)
-_TARGETS = {"q": ("bq_mxfp4_dot_q", "BqMxfp4DotQ"), "f32": ("bq_mxfp4_dot_f32", "BqMxfp4DotF32")}
+            f"-march={os.environ.get('BATQUANT_KERNEL_ARCH', 'native')}", "-fno-math-errno",
+            "-ffp-contract=off")  # a * b + c stays two roundings (the decoders equal XLA's bits)
+# name -> (XLA custom-call target, the handler's symbol in the library)
+_TARGETS = {"q": ("bq_mxfp4_dot_q", "BqMxfp4DotQ"), "f32": ("bq_mxfp4_dot_f32", "BqMxfp4DotF32"),
+            "ggml_decode": ("bq_ggml_decode", "BqGgmlDecode"),
+            "ggml_dot": ("bq_ggml_dot", "BqGgmlDot")}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "ok": True, or "reason": why the kernel is unavailable
@@ -88,18 +97,18 @@ def _cpu_signature() -> str:
 
 
 def library_path() -> pathlib.Path:
-    """Where the compiled kernel lives: the cache, keyed by the source, jaxlib's version, the
+    """Where the compiled kernels live: the cache, keyed by the sources, jaxlib's version, the
     compiler flags and the CPU (a changed one is rebuilt, an old one never reused)."""
     from batquant_jax.data import cache_dir
     import jaxlib
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(),
-                                     " ".join(CXXFLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS),
+                                     jaxlib.__version__.encode(), " ".join(CXXFLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"mxfp4_dot-{key}.so"
+    return cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
 
 
 def build(force: bool = False) -> pathlib.Path:
-    """Compiles the kernel into ``library_path()`` (unless it is there) -> its path.
+    """Compiles the kernels into ``library_path()`` (unless it is there) -> its path.
     KernelError (one line) without a compiler or when compilation fails."""
     out = library_path()
     if out.exists() and not force:
@@ -110,12 +119,13 @@ def build(force: bool = False) -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / out.name
-        cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
+        cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+               str(tmp_out)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             first = next((line for line in run.stderr.splitlines() if "error" in line),
                          run.stderr.strip()[:200])
-            raise KernelError(f"{cxx} failed to compile {SOURCE.name}: {first}")
+            raise KernelError(f"{cxx} failed to compile {CSRC.name}/: {first}")
         os.replace(tmp_out, out)  # atomic: another process never loads half a file
     return out
 
@@ -129,7 +139,7 @@ def _load() -> None:
 
 
 def available() -> bool:
-    """True when the CPU kernel is built and registered (built on first call when a compiler is
+    """True when the CPU kernels are built and registered (built on first call when a compiler is
     present). Otherwise prints once, on stderr, why and that the reference path is used."""
     with _lock:
         if not _loaded:
@@ -138,9 +148,9 @@ def available() -> bool:
                 _loaded["ok"] = True
             except (KernelError, OSError, AttributeError) as e:
                 _loaded["reason"] = str(e).splitlines()[0] if str(e) else type(e).__name__
-                print(f"batquant_jax: the fused MXFP4 CPU kernel is unavailable "
-                      f"({_loaded['reason']}); using the dequantize-then-dot path",
-                      file=sys.stderr)
+                print(f"batquant_jax: the C++ CPU kernels are unavailable "
+                      f"({_loaded['reason']}); using the dequantize-then-dot path and XLA's "
+                      f"weight decoders", file=sys.stderr)
     return "ok" in _loaded
 
 
@@ -192,6 +202,19 @@ def choose(w, rows: int, a_fmt: str | None) -> str | None:
     if _kernel()[0] is None:
         return None
     return "q" if a_fmt == "mxfp4" else "f32"
+
+
+def choose_stored(w, rows: int) -> bool:
+    """Whether a linear whose weight ``w`` is kept in a GGML block encoding (a
+    ``models.stored.StoredWeight``) multiplies ``rows`` activation rows with ``stored_dot``
+    (the mode's rule, as for packed weights; the C++ kernel, so only on the CPU) rather than
+    decoding the whole weight first."""
+    from batquant_jax.models.stored import KERNEL_KINDS, StoredWeight
+    mode = get_mode()
+    if (mode == "off" or not isinstance(w, StoredWeight) or w.kind not in KERNEL_KINDS
+            or (mode == "auto" and rows > AUTO_MAX_ROWS) or jax.default_backend() != "cpu"):
+        return False
+    return available()
 
 
 def _kernel() -> tuple[str | None, str]:
@@ -292,6 +315,27 @@ def mxfp4_dot_q(xq: mx.MXArray, w: mx.MXArray) -> jax.Array:
     return y.reshape(lead + (n,))
 
 
+def stored_dot(x, w) -> jax.Array:
+    """Float activations x `[..., K]` times a weight w `[N, K]` held in a GGML block encoding
+    (a ``models.stored.StoredWeight`` of a block kind) -> `[..., N]` float32, on the CPU kernel:
+    each weight row is decoded into a buffer and multiplied there, so a decode step never writes
+    the float32 matrix (55 MB for one 8960 x 1536 linear of the 1.5B). Equals
+    ``x @ w.dense().T`` to float32 rounding (which it returns off the CPU or without the
+    kernel)."""
+    from batquant_jax.models.stored import KERNEL_KINDS
+    x = jnp.asarray(x, jnp.float32)
+    k = int(x.shape[-1])
+    if w.shape[-1] != k:
+        raise ValueError(f"x has {k} features, the weight {w.shape[-1]}")
+    if w.kind not in KERNEL_KINDS or jax.default_backend() != "cpu" or not available():
+        return jnp.einsum("...k,nk->...n", x, w.dense())
+    lead, n = x.shape[:-1], int(w.shape[0])
+    y = jax.ffi.ffi_call(_TARGETS["ggml_dot"][0], jax.ShapeDtypeStruct((_rows(lead), n), jnp.float32),
+                         vmap_method="sequential")(x.reshape(_rows(lead), k), w.data,
+                                                   kind=np.int32(KERNEL_KINDS[w.kind]))
+    return y.reshape(lead + (n,))
+
+
 # ----------------------------------------------------------------------------- GPU / TPU
 
 PALLAS = False  # set True once the Pallas kernel below is timed on a GPU; until then the
@@ -341,7 +385,8 @@ def _main() -> int:
     """``python -m batquant_jax.fused``: builds the CPU kernel (set-up runs it); a missing
     compiler is reported in one line and is not an error (the reference path is used)."""
     if available():
-        print(f"fused MXFP4 CPU kernel: {library_path()}", file=sys.stderr)
+        print(f"C++ CPU kernels (fused MXFP4 products, GGML decoders): {library_path()}",
+              file=sys.stderr)
     return 0
 
 

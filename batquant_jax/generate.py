@@ -59,8 +59,9 @@ class GenerateConfig:
     seed: int = dataclasses.field(default=0, metadata=cli.help_("PRNG seed of the sampling"))
     # fused.MODES: how packed MXFP4 weights are multiplied
     fused: str = dataclasses.field(default="auto", metadata=cli.help_(
-        "packed MXFP4 weights: auto = the fused kernel for decode, dequantize-then-dot for long "
-        "prefills; on = fused everywhere; off = always dequantize-then-dot"))
+        "packed MXFP4 weights (and GGUF-encoded full-precision ones): auto = the fused kernel "
+        "for decode, dequantize-then-dot for long prefills; on = fused everywhere; off = always "
+        "dequantize-then-dot"))
 
     @property
     def sampling(self) -> Sampling:

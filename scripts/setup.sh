@@ -19,6 +19,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # Fetch and cache the Wikipedia excerpt (outside git) so later runs need no network.
 .venv/bin/python -m batquant_jax.data --prepare >&2
-# Compile the fused MXFP4 CPU kernel into the cache (without a C++ compiler: one line, and the
-# dequantize-then-dot path is used).
+# Compile the C++ CPU kernels (fused MXFP4 products, GGML weight decoders) into the cache
+# (without a C++ compiler: one line, and the XLA paths are used).
 .venv/bin/python -m batquant_jax.fused

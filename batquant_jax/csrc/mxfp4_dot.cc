@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -32,6 +33,7 @@
 #endif
 
 namespace ffi = xla::ffi;
+using batquant::parallel_for;
 
 namespace {
 
@@ -115,34 +117,6 @@ inline __m512i decode_pair_avx512(const uint8_t* codes) {
   return _mm512_shuffle_i64x2(ab, ab, _MM_SHUFFLE(3, 1, 2, 0));            // [a0 b0 a1 b1]
 }
 #endif
-
-// Runs f(begin, end) over [0, n) in chunks of `grain`, on the calling thread and XLA's
-// intra-op pool. Chunks are claimed from a shared counter, so the calling thread finishes the
-// work alone when no pool thread is free; a pool task that starts late finds no chunk left.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), chunks);
-  if (threads <= 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  const F* body = &f;  // only dereferenced for a claimed chunk, i.e. before this call returns
-  auto work = [shared, body, n, grain, chunks]() {
-    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
-      (*body)(c * grain, std::min(n, (c + 1) * grain));
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
 
 // Rows of W per chunk: about 64k weights, so that small products stay on one thread.
 int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k, 1)); }

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from batquant_jax import mx
+from batquant_jax import fused, mx
 from batquant_jax.models.stored import StoredWeight, dense, dense_after
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
@@ -195,8 +195,12 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
-        x, w = dense_after(x, self.weight.get_value(), self.dtype)
-        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w)
+        value = self.weight.get_value()
+        if self.dtype == jnp.float32 and fused.choose_stored(value, int(np.prod(x.shape[:-1]))):
+            y = fused.stored_dot(x, value)  # few rows (decoding): never the float32 matrix
+        else:
+            x, w = dense_after(x, value, self.dtype)
+            y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -654,7 +658,8 @@ class state_jit:
     copy of all weights on each call: 2.6 GB more for the 1.5B checkpoint, and its evaluation
     peaked at 7.1 GiB instead of 4.7. Here the module is split, its state passed in and nothing
     but ``fn``'s result comes out (mutations inside ``fn`` are dropped: for pure forwards). One
-    compiled program per (model structure, argument shapes); ``lower`` as ``jax.jit``'s."""
+    compiled program per (model structure, fused-product mode, argument shapes: a forward traced
+    under one ``fused`` mode is not reused under another); ``lower`` as ``jax.jit``'s."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -662,7 +667,7 @@ class state_jit:
 
     def _jitted(self, model):
         graphdef, state = nnx.split(model)
-        return _state_jitted(graphdef, self.fn), state
+        return _state_jitted(graphdef, self.fn, fused.get_mode()), state
 
     def __call__(self, model, *args):
         jitted, state = self._jitted(model)
@@ -674,7 +679,7 @@ class state_jit:
 
 
 @functools.lru_cache(maxsize=32)
-def _state_jitted(graphdef, fn):
+def _state_jitted(graphdef, fn, mode):  # mode: only a cache key (read when fn is traced)
     return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))
 
 

@@ -7,6 +7,11 @@ it and `dense()` turns it into float32 with exactly the values a float32 copy wo
 `gguf` package's numpy dequantizer; bfloat16 and float16 widen exactly). The forward decodes
 per call, so memory holds the compact form and one layer's float32 weights at a time.
 
+On the CPU the block formats decode in one pass of a C++ kernel (``csrc/ggml_decode.cc``, built
+with the fused MXFP4 products, see ``batquant_jax.fused``) that gives the same bits as the XLA
+decoders below; those serve the other backends, a machine without a compiler, and
+``xla_decoders()`` (a context for comparing the two).
+
     w = StoredWeight.from_ggml(blocks_uint8, "Q4_K", (rows, cols))   # [rows, row_bytes]
     dense = w.dense()                                                # float32 [rows, cols]
 
@@ -15,6 +20,7 @@ Supported encodings: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -28,6 +34,9 @@ BLOCK_TYPES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32
                "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210)}
 FLOAT_TYPES = {"F16": jnp.float16, "BF16": jnp.bfloat16}
 KINDS = tuple(BLOCK_TYPES) + tuple(FLOAT_TYPES)
+# the C++ decoder's number for each block kind (csrc/ggml_decode.cc's Kind)
+KERNEL_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
+_use_kernel = [True]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +154,33 @@ def decode_rows(data: jax.Array, kind: str, cols: int) -> jax.Array:
     per, size = BLOCK_TYPES[kind]
     lead = data.shape[:-1]
     blocks = data.reshape(-1, size)
-    out = _DECODERS[kind](blocks)
+    if _kernel_ready():
+        out = jax.ffi.ffi_call("bq_ggml_decode", jax.ShapeDtypeStruct((blocks.shape[0], per),
+                                                                      jnp.float32),
+                               vmap_method="broadcast_all")(blocks, kind=np.int32(KERNEL_KINDS[kind]))
+    else:
+        out = _DECODERS[kind](blocks)
     return out.reshape(lead + (cols,))
+
+
+def _kernel_ready() -> bool:
+    """Whether decodes traced now use the C++ kernel (CPU backend, kernel built)."""
+    if not _use_kernel[0] or jax.default_backend() != "cpu":
+        return False
+    from batquant_jax import fused  # the library that holds the decoder
+    return fused.available()
+
+
+@contextlib.contextmanager
+def xla_decoders():
+    """``with xla_decoders(): ...``: decodes traced inside use the XLA decoders even where the
+    C++ kernel is available (jitted functions compiled earlier keep their choice)."""
+    old = _use_kernel[0]
+    _use_kernel[0] = False
+    try:
+        yield
+    finally:
+        _use_kernel[0] = old
 
 
 def _f16(b: jax.Array) -> jax.Array:
