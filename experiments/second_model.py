@@ -18,6 +18,7 @@ checkpoint, run across sessions):
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 from experiments.rows import interval, paired_nll, paired_recovery, verdict
@@ -28,6 +29,7 @@ TEXTS = ("wiki-eval", "shakespeare")
 ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
 BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
 SETTINGS = (("", "W4A4KV16"), ("-w4a8", "W4A8KV16"))  # row suffix, setting
+SEEDS = (0, 1, 2)  # calibration seeds of batquant and brq at W4A4KV16: rows <method>-s<seed>
 
 
 def zero_shot(folder=DIR) -> dict[str, dict]:
@@ -129,6 +131,7 @@ def section(folder=DIR) -> list[str]:
                 cells = [_pair(evals[ours][t], evals[base][t])
                          if t in evals[ours] and t in evals[base] else "-" for t in TEXTS]
                 out.append(f"| {base} | " + " | ".join(cells) + " |")
+    out += seed_lines(evals)
     if held:
         out += ["", "Held-back calibration windows (8 x 512 tokens of wiki-calib's last 10% "
                 "that no calibration window touches; `experiments/heldback.py`), where the "
@@ -139,6 +142,39 @@ def section(folder=DIR) -> list[str]:
             out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
     out.append("")
     return out + zero_shot_lines(zero_shot(folder)) + token_lines(folder)
+
+
+def _seed_row(method: str, seed: int) -> str:
+    return method if seed == 0 else f"{method}-s{seed}"
+
+
+def seed_lines(evals: dict) -> list[str]:
+    """batquant / brq at W4A4KV16 on each calibration seed that both rows have (seed 0: the
+    plain rows; seed s: ``<method>-s<s>``, ``calibrate --seed=s``): the paired ratio per text
+    and how many seeds meet the goal (ratio <= 0.97 with the ±2 SE interval below 1)."""
+    pairs = [(s, evals[_seed_row("batquant", s)], evals[_seed_row("brq", s)]) for s in SEEDS
+             if _seed_row("batquant", s) in evals and _seed_row("brq", s) in evals]
+    if not any(s for s, _, _ in pairs):
+        return []  # seed 0 alone is in the table above
+    out = ["", "BATQuant / BRQ at W4A4KV16 across calibration seeds (each seed calibrates both "
+           "on its own windows; ratio < 1 favours BATQuant):", "",
+           "| seed | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
+    met = {t: 0 for t in TEXTS}
+    for seed, ours, base in pairs:
+        cells = []
+        for t in TEXTS:
+            res = paired_nll(ours[t]["window_nll"], base[t]["window_nll"]) \
+                if t in ours and t in base else None
+            if res is None:
+                cells.append("-")
+                continue
+            mean, se, _ = res
+            met[t] += math.exp(mean) <= 0.97 and mean + 2 * se < 0
+            cells.append(f"{interval(mean, se)} {verdict(mean, se).split(' ')[0]}")
+        out.append(f"| {seed} | " + " | ".join(cells) + " |")
+    out += ["", "Seeds meeting the goal (ratio <= 0.97, interval below 1): "
+            + ", ".join(f"{t} {met[t]} of {len(pairs)}" for t in TEXTS) + "."]
+    return out
 
 
 def token_lines(folder=DIR) -> list[str]:

@@ -529,3 +529,26 @@ def test_token_diff_splits_the_difference():
     assert by_count == {"0": (2, 1.0), "1-9": (4, 0.0), "10-99": (1, 0.0), ">=100": (1, 0.0)}
     assert [r["tokens"] for r in s["by_position"]] == [8, 0, 0]
     assert s["top1pct_share_of_total"] == 0.75 and s["top10pct_share_of_total"] == 0.75
+
+
+def test_second_model_seed_table(tmp_path):
+    from experiments.second_model import section
+    def ev(name, text, nll):
+        (tmp_path / f"ev-{name}-{text}.json").write_text(json.dumps(
+            {"perplexity": float(np.exp(np.mean(nll))), "window_nll": nll}))
+    for t in ("wiki-eval", "shakespeare"):
+        ev("brq", t, [2.0, 2.2, 2.4])
+        ev("batquant", t, [2.1, 2.35, 2.45])  # worse: +0.1 mean
+        ev("brq-s1", t, [2.0, 2.2, 2.4])
+        ev("batquant-s1", t, [1.9, 2.05, 2.35])  # better: -0.1, SE 0.0289
+    ev("brq-s2", "wiki-eval", [2.0, 2.2, 2.4])  # seed 2 has no batquant row yet: left out
+    lines = section(tmp_path)
+    i = lines.index("| seed | wiki-eval | shakespeare |")
+    assert lines[i + 2:i + 4] == [
+        "| 0 | 1.1052 [1.0432, 1.1709] worse | 1.1052 [1.0432, 1.1709] worse |",
+        "| 1 | 0.9048 [0.8541, 0.9586] better | 0.9048 [0.8541, 0.9586] better |"]
+    assert lines[i + 5] == ("Seeds meeting the goal (ratio <= 0.97, interval below 1): "
+                            "wiki-eval 1 of 2, shakespeare 1 of 2.")
+    for p in tmp_path.glob("*-s1-*.json"):
+        p.unlink()
+    assert "| seed | wiki-eval | shakespeare |" not in section(tmp_path)  # seed 0 alone
