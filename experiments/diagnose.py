@@ -45,6 +45,11 @@ def split_calib(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[:cut], ids[cut:]
 
 
+def _batches(cal: LayerCalibrator, a: jax.Array) -> jax.Array:
+    """[N, T, d] -> the calibrator's batches [N // bs, bs, T, d]."""
+    return cal.place.batches(a, cal.cfg.batch_size)
+
+
 def token_stats(out: jax.Array, target: jax.Array) -> dict:
     """out, target: [N, T, d] -> statistics of the per-token squared error."""
     err = np.asarray(jnp.sum(jnp.square(out - target), axis=-1), np.float64)  # [N, T]
@@ -90,6 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hparams", default="{}", help="JSON dict of extra CalibConfig fields")
     ap.add_argument("--report_eval", action="store_true",
                     help="also measure wiki-eval and shakespeare (reporting only)")
+    ap.add_argument("--other_text", default="",
+                    help="also measure each layer on held-out windows of this text (a UTF-8 "
+                         "file or folder of another register, neither calibration nor "
+                         "evaluation text: how far what the layer learned carries)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--layers", default="", help="probe: calibrate only these layer indices "
                     "(comma-separated; the others stay full precision, no perplexity)")
@@ -101,43 +110,54 @@ def main(argv=None) -> int:
            f"_s{args.seed}{'_' + args.tag if args.tag else ''}" \
            f"{'_layers' + '-'.join(map(str, probe)) if probe else ''}"
     out_dir = RESULTS / "probes" if probe else RESULTS
+    if args.model != "smollm2-135m":  # each other model's runs in a folder of their own
+        out_dir = out_dir / args.model
 
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     pool, dev = split_calib(data.tokenize_corpus(data.load_corpus("wiki-calib"), tok))
     windows = jnp.asarray(data.sample_windows(pool, args.nsamples, args.seqlen, args.seed))
     held = jnp.asarray(data.sample_windows(dev, args.holdout, args.seqlen, args.seed))
+    other = (jnp.asarray(data.sample_windows(
+        data.tokenize_corpus(data.load_corpus(args.other_text), tok), args.holdout, args.seqlen,
+        args.seed)) if args.other_text else None)
 
     cfg = CalibConfig(method=args.method, setting=args.setting, epochs=args.epochs,
                       seed=args.seed, **hparams).validate()
     cal = LayerCalibrator(cfg, args.nsamples)
     hcal = LayerCalibrator(cfg, args.holdout)
     xs, hx = model.embed(windows), model.embed(held)
+    ox = model.embed(other) if other is not None else None
     layers, t0 = [], time.time()
     n = len(model.layers)
     for i in range(n):
         fp = model.layers[i]
-        hy = hcal.outputs(fp, hcal._batches(hx))
+        hy = hcal.outputs(fp, _batches(hcal, hx))
+        oy = hcal.outputs(fp, _batches(hcal, ox)) if ox is not None else None
         if probe and i not in probe:  # teacher forcing: the next inputs are full precision
-            xs, hx = cal.outputs(fp, cal._batches(xs)), hy
+            xs, hx, ox = cal.outputs(fp, _batches(cal, xs)), hy, oy
             if i > max(probe):
                 break
             continue
-        layer, ys, rep, _ = cal.calibrate(fp, xs, i, n, next_norm_gain(model, i))
-        out_train = cal.outputs(layer, cal._batches(xs))
-        out_held = hcal.outputs(layer, hcal._batches(hx))
+        ys = cal.outputs(fp, _batches(cal, xs))  # the full-precision targets
+        layer, _, rep = cal.calibrate(fp, xs, i, n, next_norm_gain(model, i))
+        out_train = cal.outputs(layer, _batches(cal, xs))
+        out_held = hcal.outputs(layer, _batches(hcal, hx))
         row = {**vars(rep), "train": token_stats(out_train, ys[: out_train.shape[0]]),
                "held": token_stats(out_held, hy)}
+        if ox is not None:
+            row["other"] = token_stats(hcal.outputs(layer, _batches(hcal, ox)), oy)
         layers.append(row)
         model.layers[i] = layer
         print(rep.line(n) + f" | raw train {row['train']['mse']:.4g} held "
               f"{row['held']['mse']:.4g} top1% {row['train']['top1pct_share']:.2f} pos0 "
               f"{row['train']['pos0_share']:.2f} [{time.time() - t0:.0f}s]", file=sys.stderr,
               flush=True)
-        xs, hx = ys, hy
+        xs, hx, ox = ys, hy, oy
     calib_s = time.time() - t0
     config = {**dataclasses.asdict(cfg), "method_spec": dataclasses.asdict(cfg.method_spec)}
-    out = {"method": args.method, "setting": args.setting, "nsamples": args.nsamples,
+    out = {"model": args.model, "method": args.method, "setting": args.setting,
+           "nsamples": args.nsamples, "other_text": args.other_text or None,
            "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "hparams": hparams,
            "config": config,
            "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers}
@@ -147,7 +167,9 @@ def main(argv=None) -> int:
         out["probe_layers"] = probe
         path.write_text(json.dumps(out, indent=1))
         print(f"RESULT {name} mean held rel_err "
-              f"{np.mean([l['held']['rel_err'] for l in layers]):.5f}", flush=True)
+              f"{np.mean([l['held']['rel_err'] for l in layers]):.5f}"
+              + (f" other rel_err {np.mean([l['other']['rel_err'] for l in layers]):.5f}"
+                 if other is not None else ""), flush=True)
         return 0
     out["dev"] = ppl(model, dev, args.eval_seqlen, args.eval_max_tokens)
     path.write_text(json.dumps(out, indent=1))

@@ -25,6 +25,7 @@ from experiments.rows import interval, paired_nll, paired_recovery, verdict
 
 HERE = pathlib.Path(__file__).resolve().parent
 DIR = HERE / "results" / "qwen15b"
+PROBES = HERE / "results" / "diagnose" / "probes" / "qwen2.5-coder-1.5b"
 TEXTS = ("wiki-eval", "shakespeare")
 ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
 BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
@@ -141,7 +142,34 @@ def section(folder=DIR) -> list[str]:
             vs = _pair(rec, held["brq"]) if "brq" in held and row != "brq" else "-"
             out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
     out.append("")
-    return out + zero_shot_lines(zero_shot(folder)) + token_lines(folder)
+    return (out + zero_shot_lines(zero_shot(folder)) + token_lines(folder)
+            + probe_lines(PROBES if folder == DIR else pathlib.Path(folder) / "probes"))
+
+
+def probe_lines(folder=None) -> list[str]:
+    """Layer probes of ``experiments/diagnose.py --layers=... --other_text=...``: per probed
+    layer, batquant's per-token relative output error over brq's on held-back calibration
+    windows and on windows of another text (neither calibration nor evaluation text)."""
+    folder = pathlib.Path(PROBES if folder is None else folder)
+    runs = {r["method"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))
+            if r.get("other_text")}
+    if "brq" not in runs or "batquant" not in runs:
+        return []
+    ours, base = runs["batquant"], runs["brq"]
+    other = pathlib.Path(ours["other_text"]).name
+    out = ["Layer probes (`experiments/diagnose.py --layers=... --other_text=...`: only these "
+           "layers calibrated, teacher-forced, 32 x 256 calibration tokens): batquant's per-token "
+           "relative output error over brq's, on 8 held-back wiki-calib windows and on 8 windows "
+           f"of another register (`{other}`, Python source; neither calibration nor evaluation "
+           "text). Layers are 0-based; below 1 favours batquant.", "",
+           "| windows | " + " | ".join(f"layer {i}" for i in ours["probe_layers"])
+           + " | geometric mean |", "|---|" + "---|" * (len(ours["probe_layers"]) + 1)]
+    for key, name in (("train", "calibration (trained on)"), ("held", "held-back wiki-calib"),
+                      ("other", f"other text ({other})")):
+        r = [a[key]["rel_err"] / b[key]["rel_err"] for a, b in zip(ours["layers"], base["layers"])]
+        geo = math.exp(sum(map(math.log, r)) / len(r))
+        out.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in r) + f" | {geo:.3f} |")
+    return out + [""]
 
 
 def _seed_row(method: str, seed: int) -> str:

@@ -552,3 +552,19 @@ def test_second_model_seed_table(tmp_path):
     for p in tmp_path.glob("*-s1-*.json"):
         p.unlink()
     assert "| seed | wiki-eval | shakespeare |" not in section(tmp_path)  # seed 0 alone
+
+
+def test_second_model_probe_table(tmp_path):
+    from experiments.second_model import probe_lines
+    def run(method, errs):
+        return {"method": method, "other_text": "/x/asyncio", "probe_layers": [2, 9],
+                "layers": [{k: {"rel_err": e} for k, e in zip(("train", "held", "other"), row)}
+                           for row in errs]}
+    (tmp_path / "brq.json").write_text(json.dumps(run("brq", [(0.1, 0.1, 0.1), (0.2, 0.2, 0.2)])))
+    assert probe_lines(tmp_path) == []  # no batquant run yet
+    (tmp_path / "bq.json").write_text(json.dumps(run("batquant", [(0.08, 0.09, 0.11),
+                                                                  (0.18, 0.18, 0.22)])))
+    lines = probe_lines(tmp_path)
+    assert lines[-4:] == ["| calibration (trained on) | 0.800 | 0.900 | 0.849 |",
+                          "| held-back wiki-calib | 0.900 | 0.900 | 0.900 |",
+                          "| other text (asyncio) | 1.100 | 1.100 | 1.100 |", ""]
