@@ -351,3 +351,20 @@ def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
                               ("lm_head.weight", "params/lm_head/weight")]:
                 np.testing.assert_array_equal(tensors[name], np.asarray(held[key].dense()))
     np.testing.assert_array_equal(out["stored"], out["float"])
+
+
+def test_learned_transforms_train_on_stored_weights_as_on_float(tmp_path):
+    """batquant's training steps differentiate through layers whose weights are decoded by the
+    C++ kernel (a custom call with no derivative: the weights are constants of the step): the
+    same quantized model, bit for bit, as from float32 weights."""
+    from batquant_jax.calibration import quantize_model
+    path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2", seed=3)
+    tokens = np.random.default_rng(2).integers(0, 300, size=(4, 32)).astype(np.int32)
+    out = {}
+    for mode in ("float", "stored"):
+        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
+        model, res = quantize_model(loaded.model, tokens, "batquant", "W4A4KV16", batch_size=4,
+                                    log=lambda s: None)
+        assert sum(r.steps for r in res.layers) > 0
+        out[mode] = np.asarray(forward_logits(model, tokens))
+    np.testing.assert_array_equal(out["stored"], out["float"])
