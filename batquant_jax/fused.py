@@ -54,9 +54,9 @@ import numpy as np
 
 from batquant_jax import mx
 
-__all__ = ["mxfp4_dot", "mxfp4_dot_q", "stored_dot", "choose_stored", "reference_dot", "available", "unavailable_reason",
-           "build", "choose", "describe", "set_mode", "get_mode", "matmul_mode", "MODES", "AUTO_MAX_ROWS",
-           "library_path"]
+__all__ = ["mxfp4_dot", "mxfp4_dot_q", "stored_dot", "choose_stored", "reference_dot", "available",
+           "cpu_kernels", "unavailable_reason", "build", "choose", "describe", "set_mode",
+           "get_mode", "matmul_mode", "MODES", "AUTO_MAX_ROWS", "library_path"]
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "mxfp4_dot.cc", CSRC / "ggml_decode.cc")  # compiled into one library
@@ -154,6 +154,12 @@ def available() -> bool:
     return "ok" in _loaded
 
 
+def cpu_kernels() -> bool:
+    """True when the default backend is the CPU and the C++ kernels are available (what the
+    fused products and the GGML decoders of ``models.stored`` need)."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def unavailable_reason() -> str | None:
     """Why the CPU kernel is unavailable (None when it is, or before the first ``available``)."""
     return _loaded.get("reason")
@@ -211,10 +217,8 @@ def choose_stored(w, rows: int) -> bool:
     decoding the whole weight first."""
     from batquant_jax.models.stored import KERNEL_KINDS, StoredWeight
     mode = get_mode()
-    if (mode == "off" or not isinstance(w, StoredWeight) or w.kind not in KERNEL_KINDS
-            or (mode == "auto" and rows > AUTO_MAX_ROWS) or jax.default_backend() != "cpu"):
-        return False
-    return available()
+    return (mode != "off" and isinstance(w, StoredWeight) and w.kind in KERNEL_KINDS
+            and not (mode == "auto" and rows > AUTO_MAX_ROWS) and cpu_kernels())
 
 
 def _kernel() -> tuple[str | None, str]:
@@ -327,7 +331,7 @@ def stored_dot(x, w) -> jax.Array:
     k = int(x.shape[-1])
     if w.shape[-1] != k:
         raise ValueError(f"x has {k} features, the weight {w.shape[-1]}")
-    if w.kind not in KERNEL_KINDS or jax.default_backend() != "cpu" or not available():
+    if w.kind not in KERNEL_KINDS or not cpu_kernels():
         return jnp.einsum("...k,nk->...n", x, w.dense())
     lead, n = x.shape[:-1], int(w.shape[0])
     y = jax.ffi.ffi_call(_TARGETS["ggml_dot"][0], jax.ShapeDtypeStruct((_rows(lead), n), jnp.float32),

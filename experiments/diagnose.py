@@ -139,8 +139,9 @@ def main(argv=None) -> int:
             if i > max(probe):
                 break
             continue
-        ys = cal.outputs(fp, _batches(cal, xs))  # the full-precision targets
-        layer, _, rep = cal.calibrate(fp, xs, i, n, next_norm_gain(model, i))
+        layer, nxt, rep = cal.calibrate(fp, xs, i, n, next_norm_gain(model, i))
+        # the full-precision targets: what calibrate passes on under propagate="fp"
+        ys = nxt if cfg.propagate == "fp" else cal.outputs(fp, _batches(cal, xs))
         out_train = cal.outputs(layer, _batches(cal, xs))
         out_held = hcal.outputs(layer, _batches(hcal, hx))
         row = {**vars(rep), "train": token_stats(out_train, ys[: out_train.shape[0]]),
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
               f"{row['held']['mse']:.4g} top1% {row['train']['top1pct_share']:.2f} pos0 "
               f"{row['train']['pos0_share']:.2f} [{time.time() - t0:.0f}s]", file=sys.stderr,
               flush=True)
-        xs, hx, ox = ys, hy, oy
+        xs, hx, ox = nxt, hy, oy
     calib_s = time.time() - t0
     config = {**dataclasses.asdict(cfg), "method_spec": dataclasses.asdict(cfg.method_spec)}
     out = {"model": args.model, "method": args.method, "setting": args.setting,

@@ -91,9 +91,11 @@ def _rows(evals: dict) -> list[str]:
 
 def _pair(a: dict, b: dict) -> str:
     res = paired_nll(a["window_nll"], b["window_nll"])
-    if res is None:
-        return "n/a"
-    mean, se, _ = res
+    return "n/a" if res is None else _cell(*res[:2])
+
+
+def _cell(mean: float, se: float) -> str:
+    """'ratio [low, high] better|worse|tie' of a paired per-window NLL difference."""
     return f"{interval(mean, se)} {verdict(mean, se).split(' ')[0]}"
 
 
@@ -146,22 +148,23 @@ def section(folder=DIR) -> list[str]:
             + probe_lines(PROBES if folder == DIR else pathlib.Path(folder) / "probes"))
 
 
-def probe_lines(folder=None) -> list[str]:
+def probe_lines(folder=PROBES) -> list[str]:
     """Layer probes of ``experiments/diagnose.py --layers=... --other_text=...``: per probed
     layer, batquant's per-token relative output error over brq's on held-back calibration
     windows and on windows of another text (neither calibration nor evaluation text)."""
-    folder = pathlib.Path(PROBES if folder is None else folder)
-    runs = {r["method"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))
+    runs = {r["method"]: r for r in (json.loads(p.read_text())
+                                     for p in sorted(pathlib.Path(folder).glob("*.json")))
             if r.get("other_text")}
     if "brq" not in runs or "batquant" not in runs:
         return []
     ours, base = runs["batquant"], runs["brq"]
     other = pathlib.Path(ours["other_text"]).name
     out = ["Layer probes (`experiments/diagnose.py --layers=... --other_text=...`: only these "
-           "layers calibrated, teacher-forced, 32 x 256 calibration tokens): batquant's per-token "
-           "relative output error over brq's, on 8 held-back wiki-calib windows and on 8 windows "
-           f"of another register (`{other}`, Python source; neither calibration nor evaluation "
-           "text). Layers are 0-based; below 1 favours batquant.", "",
+           f"layers calibrated, teacher-forced, {ours['nsamples']} x {ours['seqlen']} calibration "
+           "tokens): batquant's per-token relative output error over brq's, on "
+           f"{ours['holdout']} held-back wiki-calib windows and on {ours['holdout']} windows of "
+           f"another register (`{other}`; neither calibration nor evaluation text). Layers are "
+           "0-based; below 1 favours batquant.", "",
            "| windows | " + " | ".join(f"layer {i}" for i in ours["probe_layers"])
            + " | geometric mean |", "|---|" + "---|" * (len(ours["probe_layers"]) + 1)]
     for key, name in (("train", "calibration (trained on)"), ("held", "held-back wiki-calib"),
@@ -198,7 +201,7 @@ def seed_lines(evals: dict) -> list[str]:
                 continue
             mean, se, _ = res
             met[t] += math.exp(mean) <= 0.97 and mean + 2 * se < 0
-            cells.append(f"{interval(mean, se)} {verdict(mean, se).split(' ')[0]}")
+            cells.append(_cell(mean, se))
         out.append(f"| {seed} | " + " | ".join(cells) + " |")
     out += ["", "Seeds meeting the goal (ratio <= 0.97, interval below 1): "
             + ", ".join(f"{t} {met[t]} of {len(pairs)}" for t in TEXTS) + "."]

@@ -299,72 +299,72 @@ def test_tiny_gguf_of_every_block_type_matches_transformers(tmp_path, arch, monk
             np.testing.assert_allclose(nll, dense_nll, rtol=1e-5, atol=1e-4)
 
 
+def _quantize_float_and_stored(tmp_path, method):
+    """The tiny qwen2 GGUF loaded with float32 weights and with weights kept in its encoding,
+    each quantized by ``method`` at W4A4KV16 -> (tokens, {mode: (model, result, logits)})."""
+    from batquant_jax.calibration import quantize_model
+    path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2", seed=3)
+    tokens = np.random.default_rng(2).integers(0, 300, size=(4, 32)).astype(np.int32)
+    runs = {}
+    for mode in ("float", "stored"):
+        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
+        model, res = quantize_model(loaded.model, tokens, method, "W4A4KV16", batch_size=4,
+                                    log=lambda s: None)
+        runs[mode] = model, res, np.asarray(forward_logits(model, tokens))
+    return tokens, runs
+
+
 def test_calibration_and_checkpoint_of_stored_weights_equal_float(tmp_path):
     """quantize_model, save and load of a model whose weights stay in GGUF encoding give the
     bits of the same model held in float32."""
     from batquant_jax import checkpoint
-    from batquant_jax.calibration import quantize_model
 
-    path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2", seed=3)
-    tokens = np.random.default_rng(2).integers(0, 300, size=(4, 32)).astype(np.int32)
-    out = {}
-    for mode in ("float", "stored"):
-        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
-        model, res = quantize_model(loaded.model, tokens, "brq", "W4A4KV16", batch_size=4,
-                                    log=lambda s: None)
-        out[mode] = np.asarray(forward_logits(model, tokens))
-        if mode == "stored":
-            meta = checkpoint.save_quantized(str(tmp_path / "ckpt"), model, res, None)
-            # embedding and head are kept in the file's encoding, not widened to float32
-            held = {"params/embed_tokens/weight": model.embed_tokens.weight.get_value(),
-                    "params/lm_head/weight": model.lm_head.weight.get_value()}
-            assert meta["encodings"] == {k: {"kind": w.kind, "shape": list(w.shape)}
-                                         for k, w in held.items()}
-            assert sorted({w.kind for w in held.values()}) == ["Q4_K", "Q6_K"]
-            back, _, _ = checkpoint.load_quantized(str(tmp_path / "ckpt"))
-            for w, b in [(held["params/embed_tokens/weight"], back.embed_tokens.weight),
-                         (held["params/lm_head/weight"], back.lm_head.weight)]:
-                b = b.get_value()
-                assert isinstance(b, StoredWeight) and (b.kind, b.shape) == (w.kind, w.shape)
-                np.testing.assert_array_equal(np.asarray(b.data), np.asarray(w.data))
-            np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
-            # the research path (layout.save_module / load_module) keeps the encoding too
-            from flax import nnx
-            from batquant_jax.layout import LLAMA, load_module, quantized_skeleton, save_module
-            save_module(tmp_path / "module", model)
-            again = load_module(tmp_path / "module", quantized_skeleton(
-                type(model)(model.config, nnx.Rngs(0)), res.config, LLAMA))
-            assert isinstance(again.lm_head.weight.get_value(), StoredWeight)
-            np.testing.assert_array_equal(np.asarray(forward_logits(again, tokens)), out[mode])
-            back.decode_head()  # what generate does: the head as float32, the same logits
-            head = back.lm_head.weight.get_value()
-            assert not isinstance(head, StoredWeight) and head.dtype == np.float32
-            np.testing.assert_array_equal(np.asarray(head),
-                                          np.asarray(held["params/lm_head/weight"].dense()))
-            np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), out[mode])
-            # the export writes them as float32, decoded bit for bit
-            from safetensors.numpy import load_file
-            from batquant_jax import export
-            export.export(tmp_path / "ckpt", tmp_path / "hf", weights_only=True)
-            tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
-            for name, key in [("model.embed_tokens.weight", "params/embed_tokens/weight"),
-                              ("lm_head.weight", "params/lm_head/weight")]:
-                np.testing.assert_array_equal(tensors[name], np.asarray(held[key].dense()))
-    np.testing.assert_array_equal(out["stored"], out["float"])
+    tokens, runs = _quantize_float_and_stored(tmp_path, "brq")
+    np.testing.assert_array_equal(runs["stored"][2], runs["float"][2])
+    model, res, logits = runs["stored"]
+    meta = checkpoint.save_quantized(str(tmp_path / "ckpt"), model, res, None)
+    # embedding and head are kept in the file's encoding, not widened to float32
+    held = {"params/embed_tokens/weight": model.embed_tokens.weight.get_value(),
+            "params/lm_head/weight": model.lm_head.weight.get_value()}
+    assert meta["encodings"] == {k: {"kind": w.kind, "shape": list(w.shape)}
+                                 for k, w in held.items()}
+    assert sorted({w.kind for w in held.values()}) == ["Q4_K", "Q6_K"]
+    back, _, _ = checkpoint.load_quantized(str(tmp_path / "ckpt"))
+    for w, b in [(held["params/embed_tokens/weight"], back.embed_tokens.weight),
+                 (held["params/lm_head/weight"], back.lm_head.weight)]:
+        b = b.get_value()
+        assert isinstance(b, StoredWeight) and (b.kind, b.shape) == (w.kind, w.shape)
+        np.testing.assert_array_equal(np.asarray(b.data), np.asarray(w.data))
+    np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), logits)
+    # the research path (layout.save_module / load_module) keeps the encoding too
+    from flax import nnx
+    from batquant_jax.layout import LLAMA, load_module, quantized_skeleton, save_module
+    save_module(tmp_path / "module", model)
+    again = load_module(tmp_path / "module", quantized_skeleton(
+        type(model)(model.config, nnx.Rngs(0)), res.config, LLAMA))
+    assert isinstance(again.lm_head.weight.get_value(), StoredWeight)
+    np.testing.assert_array_equal(np.asarray(forward_logits(again, tokens)), logits)
+    back.decode_head()  # what generate does: the head as float32, the same logits
+    head = back.lm_head.weight.get_value()
+    assert not isinstance(head, StoredWeight) and head.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(head),
+                                  np.asarray(held["params/lm_head/weight"].dense()))
+    np.testing.assert_array_equal(np.asarray(forward_logits(back, tokens)), logits)
+    # the export writes them as float32, decoded bit for bit
+    from safetensors.numpy import load_file
+    from batquant_jax import export
+    export.export(tmp_path / "ckpt", tmp_path / "hf", weights_only=True)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, key in [("model.embed_tokens.weight", "params/embed_tokens/weight"),
+                      ("lm_head.weight", "params/lm_head/weight")]:
+        np.testing.assert_array_equal(tensors[name], np.asarray(held[key].dense()))
 
 
 def test_learned_transforms_train_on_stored_weights_as_on_float(tmp_path):
     """batquant's training steps differentiate through layers whose weights are decoded by the
     C++ kernel (a custom call with no derivative: the weights are constants of the step): the
     same quantized model, bit for bit, as from float32 weights."""
-    from batquant_jax.calibration import quantize_model
-    path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2", seed=3)
-    tokens = np.random.default_rng(2).integers(0, 300, size=(4, 32)).astype(np.int32)
-    out = {}
-    for mode in ("float", "stored"):
-        loaded = load_model(str(path), weights=mode, with_tokenizer=False)
-        model, res = quantize_model(loaded.model, tokens, "batquant", "W4A4KV16", batch_size=4,
-                                    log=lambda s: None)
-        assert sum(r.steps for r in res.layers) > 0
-        out[mode] = np.asarray(forward_logits(model, tokens))
-    np.testing.assert_array_equal(out["stored"], out["float"])
+    _, runs = _quantize_float_and_stored(tmp_path, "batquant")
+    assert sum(r.steps for r in runs["stored"][1].layers) > 0
+    assert sum(r.steps for r in runs["float"][1].layers) > 0
+    np.testing.assert_array_equal(runs["stored"][2], runs["float"][2])

@@ -558,6 +558,7 @@ def test_second_model_probe_table(tmp_path):
     from experiments.second_model import probe_lines
     def run(method, errs):
         return {"method": method, "other_text": "/x/asyncio", "probe_layers": [2, 9],
+                "nsamples": 32, "seqlen": 256, "holdout": 8,
                 "layers": [{k: {"rel_err": e} for k, e in zip(("train", "held", "other"), row)}
                            for row in errs]}
     (tmp_path / "brq.json").write_text(json.dumps(run("brq", [(0.1, 0.1, 0.1), (0.2, 0.2, 0.2)])))
@@ -565,6 +566,9 @@ def test_second_model_probe_table(tmp_path):
     (tmp_path / "bq.json").write_text(json.dumps(run("batquant", [(0.08, 0.09, 0.11),
                                                                   (0.18, 0.18, 0.22)])))
     lines = probe_lines(tmp_path)
+    assert "teacher-forced, 32 x 256 calibration tokens" in lines[0]
+    assert "on 8 held-back wiki-calib windows and on 8 windows of another register (`asyncio`;" \
+        in lines[0]
     assert lines[-4:] == ["| calibration (trained on) | 0.800 | 0.900 | 0.849 |",
                           "| held-back wiki-calib | 0.900 | 0.900 | 0.900 |",
                           "| other text (asyncio) | 1.100 | 1.100 | 1.100 |", ""]

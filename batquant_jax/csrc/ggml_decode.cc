@@ -19,6 +19,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using batquant::grain_rows;
 using batquant::parallel_for;
 
 namespace {
@@ -162,8 +163,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x,
   const DecodeFn decode = kDecoders[kind];
   const uint8_t* in = x.typed_data();
   float* out = y->typed_data();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / layout.elements);
-  parallel_for(pool, blocks, grain, [&](int64_t b0, int64_t b1) {
+  parallel_for(pool, blocks, grain_rows(layout.elements), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) decode(in + i * layout.bytes, out + i * layout.elements);
   });
   return ffi::Error::Success();
@@ -202,8 +202,7 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xp = x.typed_data();
   const uint8_t* wp = w.typed_data();
   float* out = y->typed_data();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k, 1));
-  parallel_for(pool, n, grain, [&](int64_t n0, int64_t n1) {
+  parallel_for(pool, n, grain_rows(k), [&](int64_t n0, int64_t n1) {
     std::vector<float> row(k);
     for (int64_t r = n0; r < n1; ++r) {
       const uint8_t* blocks = wp + r * row_bytes;

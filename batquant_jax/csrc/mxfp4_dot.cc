@@ -33,6 +33,7 @@
 #endif
 
 namespace ffi = xla::ffi;
+using batquant::grain_rows;
 using batquant::parallel_for;
 
 namespace {
@@ -118,8 +119,6 @@ inline __m512i decode_pair_avx512(const uint8_t* codes) {
 }
 #endif
 
-// Rows of W per chunk: about 64k weights, so that small products stay on one thread.
-int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k, 1)); }
 
 // The loop of both products without SIMD intrinsics (compilers vectorise the inner sums):
 // y[t * ldy] = sum over blocks j of block_sum(t, j, decoded weight block j) * weight scale j,

@@ -40,6 +40,12 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const F&
   while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// Rows (or blocks) of k elements per chunk: about 64k elements, so that small work stays on
+// one thread.
+inline int64_t grain_rows(int64_t k) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k, 1));
+}
+
 }  // namespace batquant
 
 #endif  // BATQUANT_JAX_CSRC_PARALLEL_H_
