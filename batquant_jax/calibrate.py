@@ -98,6 +98,10 @@ class _CalibrateConfigMethods:
             raise ConfigError(e.flag_message()) from None
         if not self.output_dir.strip():
             raise ConfigError("--output_dir is required")
+        sources = data.calib_sources(self.calib_data)
+        if len(sources) > self.nsamples:
+            raise ConfigError(f"--nsamples {self.nsamples} is fewer than the {len(sources)} "
+                              "--calib_data sources; each needs a window")
         if self.nsamples < 1:
             raise ConfigError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.nsamples < self.batch_size and self.trains():
@@ -197,7 +201,10 @@ def inspect_output_dir(cfg: CalibrateConfig) -> tuple[str, dict | None]:
     if record is None:
         return "new", None
     before, now = record.get("flags", {}), cfg.run_flags()
-    diff = [f"--{k}={before.get(k)} (now {now[k]})" for k in now if before.get(k) != now[k]]
+    # a flag newer than the run is absent from its record: the run had its default
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    before = {k: before.get(k, defaults[k]) for k in now}
+    diff = [f"--{k}={before[k]} (now {now[k]})" for k in now if before[k] != now[k]]
     if diff:
         raise ConfigError(f"--output_dir {out} holds a run with different flags: "
                           f"{', '.join(diff)}; rerun with the same flags to resume, pass "
@@ -221,6 +228,13 @@ def _sizes_line(s: dict) -> str:
             f"{s['qweights_on_disk_bytes']:,} bytes on disk) vs {s['float32_bytes']:,} float32 "
             f"({s['ratio_vs_float32']:.1%}) and {s['bfloat16_bytes']:,} bfloat16 "
             f"({s['ratio_vs_bfloat16']:.1%})")
+
+
+def _text_digest(texts: list[str]) -> str:
+    """SHA-256 of the calibration text; of several sources, of their digests joined by ","."""
+    digests = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(
+        ",".join(digests).encode("ascii")).hexdigest()
 
 
 def _perplexity(model, ids, cfg: CalibrateConfig, mesh=None) -> float:
@@ -317,7 +331,7 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
         return record
     mesh = _mesh(cfg)
     log(f"reading {cfg.calib_data}")
-    text = data.load_corpus(cfg.calib_data)
+    texts = [data.load_corpus(name) for name in data.calib_sources(cfg.calib_data)]
     eval_text = data.load_corpus(cfg.eval_data) if cfg.eval_data else None
     log(f"loading model {cfg.model}")
     from batquant_jax.calibration import CalibrationResult, LayerReport, quantize_model
@@ -337,9 +351,10 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
         raise ConfigError(f"model {cfg.model} has no tokenizer "
                           f"({loaded.info.get('tokenizer_note', 'none found')})")
     _check_memory(cfg, loaded.config.hidden_size)
-    log(f"tokenizing {len(text):,} characters")
-    ids = data.tokenize_corpus(text, loaded.tokenizer)
-    windows = data.sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    log(f"tokenizing {sum(map(len, texts)):,} characters")
+    token_ids = [data.tokenize_corpus(text, loaded.tokenizer) for text in texts]
+    n_tokens = sum(int(ids.size) for ids in token_ids)
+    windows = data.sample_mixed(token_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     tokens_sha = checkpoint.array_digest(np.asarray(windows, np.int32))
     if kind == "resume" and int(record.get("layers_done", 0)) > 0:
         before, done = record.get("calib_tokens_sha256"), int(record["layers_done"])
@@ -358,7 +373,7 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
         if eval_ids.size < cfg.eval_seqlen:
             raise data.DataError(f"{cfg.eval_data} has {eval_ids.size} tokens; one window of "
                                  f"--eval_seqlen {cfg.eval_seqlen} needs more")
-    log(f"{ids.size:,} tokens; {cfg.nsamples} windows of {cfg.seqlen} tokens (seed {cfg.seed})")
+    log(f"{n_tokens:,} tokens; {cfg.nsamples} windows of {cfg.seqlen} tokens (seed {cfg.seed})")
 
     model, n_layers = loaded.model, loaded.config.num_layers
     n_layers_out.append(n_layers)
@@ -413,8 +428,8 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
             "source_model": {"spec": cfg.model, "path": loaded.source,
                              "format": loaded.info.get("format"),
                              "num_params": loaded.info.get("num_params")},
-            "calib_data": {"name": cfg.calib_data, "chars": len(text), "tokens": int(ids.size),
-                           "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "calib_data": {"name": cfg.calib_data, "chars": sum(map(len, texts)),
+                           "tokens": n_tokens, "sha256": _text_digest(texts),
                            "tokens_sha256": tokens_sha,
                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
             "layers": progress["reports"], "sessions": progress["sessions"]}
@@ -460,7 +475,8 @@ FLAGS = flags.FLAGS
 _RUN_HELP = {
     "model": "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file",
     "output_dir": "folder for the checkpoint (created; reruns resume)",
-    "calib_data": "wiki-calib, or a UTF-8 text file or folder",
+    "calib_data": "wiki-calib, or a UTF-8 text file or folder; several joined by ',' share "
+                  "the windows evenly (e.g. wiki-calib,/path/to/code)",
     "nsamples": "calibration windows",
     "seqlen": "tokens per calibration window",
     "eval_data": "if set, report FP and quantized perplexity on this text",

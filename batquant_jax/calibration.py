@@ -27,7 +27,7 @@ import functools
 import math
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,11 +164,34 @@ def _healthy(layer, max_cond: float, groups=GROUPS) -> bool:
                for q in group_heads(layer, groups).values())
 
 
+class DecayToStartState(NamedTuple):
+    start: Any  # the parameters ``init`` was given
+
+
+def decay_to_start(rate: float) -> optax.GradientTransformation:
+    """Adds ``rate * (params - start)`` to the updates, ``start`` being the parameters ``init``
+    saw: AdamW's decoupled weight decay, pulling towards the starting point instead of zero.
+    Chained before the learning rate, as ``optax.adamw`` chains its decay."""
+    def init(params):
+        return DecayToStartState(jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params):
+        if params is None:
+            raise ValueError("decay_to_start needs the parameters in update()")
+        return jax.tree.map(lambda u, p, s: u + rate * (p - s), updates, params,
+                            state.start), state
+    return optax.GradientTransformation(init, update)
+
+
 def default_optimizers(cfg: CalibConfig, total_steps: int):
-    """(transform optimizer, clipping optimizer): AdamW with cosine decay from cfg.lr / clip_lr."""
+    """(transform optimizer, clipping optimizer): AdamW with cosine decay from cfg.lr / clip_lr;
+    with cfg.anchor > 0 the transforms' AdamW also decays towards their start."""
     total = max(1, total_steps)
-    return (optax.adamw(optax.cosine_decay_schedule(cfg.lr, total), weight_decay=cfg.weight_decay),
-            optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0))
+    lr_t = optax.cosine_decay_schedule(cfg.lr, total)
+    tx_t = (optax.adamw(lr_t, weight_decay=cfg.weight_decay) if cfg.anchor == 0 else
+            optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay),
+                        decay_to_start(cfg.anchor), optax.scale_by_learning_rate(lr_t)))
+    return tx_t, optax.adamw(optax.cosine_decay_schedule(cfg.clip_lr, total), weight_decay=0.0)
 
 
 class LayerCalibrator:

@@ -489,7 +489,8 @@ def tokenize_corpus(text: str, tokenizer: Any, *, chunk_chars: int = 1 << 18) ->
     return out.astype(np.int32)
 
 
-def sample_windows(token_ids: np.ndarray, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
+def sample_windows(token_ids: np.ndarray, nsamples: int, seqlen: int,
+                   seed: int | Sequence[int]) -> np.ndarray:
     """``nsamples`` random contiguous windows of ``seqlen`` tokens -> int32 ``[nsamples, seqlen]``.
 
     Start positions are drawn uniformly with ``np.random.default_rng(seed)``, so the same
@@ -505,6 +506,31 @@ def sample_windows(token_ids: np.ndarray, nsamples: int, seqlen: int, seed: int)
                         f"least {seqlen}")
     starts = np.random.default_rng(seed).integers(0, ids.size - seqlen + 1, size=nsamples)
     return ids[starts[:, None] + np.arange(seqlen)].astype(np.int32)
+
+
+def calib_sources(spec: str) -> list[str]:
+    """``--calib_data``'s sources: one corpus (``load_corpus``) or several joined by ","."""
+    names = [n.strip() for n in spec.split(",")]
+    if not all(names):
+        raise DataError(f"--calib_data {spec!r} has an empty source; give corpora separated by "
+                        "',' (e.g. wiki-calib,/path/to/code)")
+    return names
+
+
+def sample_mixed(token_ids: Sequence[np.ndarray], nsamples: int, seqlen: int,
+                 seed: int) -> np.ndarray:
+    """``nsamples`` windows shared evenly among the sources (the first ones take the
+    remainder), each source's drawn by ``sample_windows`` with the seed ``[seed, i]`` ->
+    int32 ``[nsamples, seqlen]`` in source order. One source: ``sample_windows`` itself."""
+    k = len(token_ids)
+    if k == 1:
+        return sample_windows(token_ids[0], nsamples, seqlen, seed)
+    if nsamples < k:
+        raise DataError(f"--nsamples {nsamples} is fewer than the {k} calibration sources; "
+                        "each needs a window")
+    counts = [nsamples // k + (i < nsamples % k) for i in range(k)]
+    return np.concatenate([sample_windows(ids, n, seqlen, [seed, i])
+                           for i, (ids, n) in enumerate(zip(token_ids, counts))])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -245,6 +245,9 @@ class CalibConfig:
         "learning rate of the clipping logits"))
     weight_decay: float = dataclasses.field(default=0.0, metadata=_help(
         "AdamW weight decay of the transforms"))
+    anchor: float = dataclasses.field(default=0.0, metadata=_help(
+        "decay of the transforms towards their start (decoupled, like AdamW's weight decay but "
+        "pulling to the initial transform instead of zero; 0: none)"))
     g1: int = dataclasses.field(default=8, metadata=_help(
         "GPK global factor size (g1 * g2: " + ", ".join(map(str, TRANSFORM_BLOCKS)) + ")"))
     g2: int = dataclasses.field(default=4, metadata=_help(
@@ -332,9 +335,11 @@ class CalibConfig:
             raise RecipeError(f"clip_init must be a finite logit in [-{self.MAX_CLIP_LOGIT:g}, "
                               f"{self.MAX_CLIP_LOGIT:g}], got {self.clip_init}", "clip_init",
                               self.clip_init)
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise RecipeError(f"weight_decay must be a finite number >= 0, got "
-                              f"{self.weight_decay}", "weight_decay", self.weight_decay)
+        for name in ("weight_decay", "anchor"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise RecipeError(f"{name} must be a finite number >= 0, got {value}", name,
+                                  value)
         if not (math.isfinite(self.max_cond) and self.max_cond >= 1):
             raise RecipeError(f"max_cond must be a finite number >= 1 (a condition number), got "
                               f"{self.max_cond}", "max_cond", self.max_cond)

@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=8, help="held-back windows (dev part)")
     ap.add_argument("--eval_seqlen", type=int, default=512)
     ap.add_argument("--eval_max_tokens", type=int, default=8192)
+    ap.add_argument("--calib_data", default="wiki-calib",
+                    help="calibration sources as calibrate takes them (several joined by ',' "
+                         "share the windows); wiki-calib stands for its first 90%%")
     ap.add_argument("--hparams", default="{}", help="JSON dict of extra CalibConfig fields")
     ap.add_argument("--report_eval", action="store_true",
                     help="also measure wiki-eval and shakespeare (reporting only)")
@@ -116,7 +119,9 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     pool, dev = split_calib(data.tokenize_corpus(data.load_corpus("wiki-calib"), tok))
-    windows = jnp.asarray(data.sample_windows(pool, args.nsamples, args.seqlen, args.seed))
+    pools = [pool if name == "wiki-calib" else data.tokenize_corpus(data.load_corpus(name), tok)
+             for name in data.calib_sources(args.calib_data)]
+    windows = jnp.asarray(data.sample_mixed(pools, args.nsamples, args.seqlen, args.seed))
     held = jnp.asarray(data.sample_windows(dev, args.holdout, args.seqlen, args.seed))
     other = (jnp.asarray(data.sample_windows(
         data.tokenize_corpus(data.load_corpus(args.other_text), tok), args.holdout, args.seqlen,
@@ -159,6 +164,7 @@ def main(argv=None) -> int:
     config = {**dataclasses.asdict(cfg), "method_spec": dataclasses.asdict(cfg.method_spec)}
     out = {"model": args.model, "method": args.method, "setting": args.setting,
            "nsamples": args.nsamples, "other_text": args.other_text or None,
+           "calib_data": args.calib_data,
            "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "hparams": hparams,
            "config": config,
            "holdout": args.holdout, "calib_seconds": calib_s, "layers": layers}

@@ -138,6 +138,22 @@ def test_rerun_with_other_flags_is_refused(reference):
     assert again["wall_time_s"] == meta["wall_time_s"]
 
 
+def test_a_run_recorded_before_a_flag_existed_has_its_default(reference, monkeypatch):
+    cfg, _, _ = reference
+    real = checkpoint.read_json
+
+    def older(path):  # the record of a version without --anchor
+        record = real(path)
+        del record["flags"]["anchor"]
+        return record
+
+    monkeypatch.setattr(checkpoint, "read_json", older)
+    assert calibrate.inspect_output_dir(cfg)[0] == "done"
+    with pytest.raises(calibrate.ConfigError) as e:
+        calibrate.inspect_output_dir(dataclasses.replace(cfg, anchor=0.5))
+    assert "different flags: --anchor=0.0 (now 0.5);" in str(e.value)
+
+
 @pytest.mark.parametrize("change,error,message", [
     (dict(method="awq"), calibrate.ConfigError, "--method=awq is unknown; valid: rtn, gptq,"),
     (dict(setting="W4A2"), calibrate.ConfigError, "--setting=W4A2 is unknown"),
@@ -184,3 +200,20 @@ def test_flags_accept_what_the_library_accepts():
     with pytest.raises(calibrate.ConfigError) as e:
         calibrate.CalibrateConfig(output_dir="x", scale_mode="round").validate()
     assert str(e.value) == "--scale_mode=round is unknown; valid: floor, ceil, even, rceil"
+
+
+def test_two_calibration_sources_share_the_windows(tiny, tmp_path):
+    model, text = tiny
+    code = tmp_path / "code.py"
+    code.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 40)
+    cfg = dataclasses.replace(config_for(model, text, tmp_path / "run"), epochs=0,
+                              calib_data=f"{text},{code}")
+    meta = calibrate.run_calibration(cfg, log=lambda s: None, out=lambda s: None)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = [data.tokenize_corpus(data.load_corpus(p), tok) for p in (text, code)]
+    want = data.sample_mixed(ids, 8, 32, 0)
+    assert meta["calib_data"]["tokens_sha256"] == checkpoint.array_digest(want)
+    assert meta["calib_data"]["tokens"] == sum(int(i.size) for i in ids)
+    with pytest.raises(calibrate.ConfigError, match="--nsamples 1 is fewer than the 2"):
+        dataclasses.replace(cfg, nsamples=1, batch_size=1).validate()

@@ -315,3 +315,32 @@ def test_a_layout_naming_an_einsum_is_refused_in_one_line():
     with pytest.raises(TypeError, match=r"^up is a Einsum; the groups of a layout name "
                        r"flax.nnx.Linear or batquant_jax Linear modules"):
         quantize_model(net, jnp.ones((4, 8, 64)), "rtn", layout=_mlp_layout(), log=lambda m: None)
+
+
+def test_decay_to_start_adds_the_pull_towards_the_initial_parameters():
+    from batquant_jax.calibration import decay_to_start
+    start = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(3.0)}
+    tx = decay_to_start(0.5)
+    state = tx.init(start)
+    params = {"a": jnp.array([2.0, -2.0]), "b": jnp.array(1.0)}
+    updates = {"a": jnp.array([0.25, 0.0]), "b": jnp.array(-1.0)}
+    got, _ = tx.update(updates, state, params)
+    assert [float(v) for v in got["a"]] == [0.75, 0.0] and float(got["b"]) == -2.0
+
+
+def test_anchor_keeps_the_trained_transforms_near_their_start():
+    from batquant_jax.calibration import is_transform_param
+    toks = _tokens()
+
+    def transforms(**kw):
+        model, _ = quantize_model(_model(), toks, "batquant", batch_size=4, log=lambda s: None,
+                                  **kw)
+        return jax.tree.leaves(nnx.state(model, is_transform_param))
+
+    start = transforms(epochs=0)
+    dist = {a: sum(float(jnp.sum(jnp.square(p - s))) for p, s in zip(transforms(epochs=5,
+                                                                                 anchor=a), start))
+            for a in (0.0, 100.0)}
+    assert dist[0.0] > 0 and dist[100.0] < 0.5 * dist[0.0]
+    with pytest.raises(ValueError, match="anchor must be a finite number >= 0, got -1"):
+        CalibConfig(anchor=-1.0)

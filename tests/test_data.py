@@ -214,3 +214,17 @@ def test_cli_prepare_stats(tmp_path):
     assert out[2].startswith("wiki-eval: 1 articles, 38 chars")
     assert json.loads((tmp_path / "wiki-splits.v1.json").read_text())["wiki-eval"]["titles"] == [
         "Article 1"]
+
+
+def test_sample_mixed_shares_the_windows_evenly_among_the_sources():
+    a, b = np.arange(1000, dtype=np.int32), np.arange(5000, 6000, dtype=np.int32)
+    np.testing.assert_array_equal(data.sample_mixed([a], 5, 16, 3), data.sample_windows(a, 5, 16, 3))
+    w = data.sample_mixed([a, b], 5, 16, 3)
+    assert w.shape == (5, 16) and [int(r[0] >= 5000) for r in w] == [0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(w[:3], data.sample_windows(a, 3, 16, [3, 0]))
+    np.testing.assert_array_equal(w[3:], data.sample_windows(b, 2, 16, [3, 1]))
+    with pytest.raises(data.DataError, match="--nsamples 1 is fewer than the 2 calibration"):
+        data.sample_mixed([a, b], 1, 16, 3)
+    assert data.calib_sources(" wiki-calib, /x/code ") == ["wiki-calib", "/x/code"]
+    with pytest.raises(data.DataError, match="has an empty source"):
+        data.calib_sources("wiki-calib,")
