@@ -190,7 +190,7 @@ def row_key(row: Row, budget: Budget) -> dict:
 
 # CalibConfig fields added after results were recorded, at the value that changes nothing:
 # left out of a key, so that adding an option does not make every learned row stale
-NEUTRAL_NEW_FIELDS = {"kv_transform": "none"}
+NEUTRAL_NEW_FIELDS = {"kv_transform": "none", "anchor": 0.0}
 
 
 def defaults_changed(row: Row, rec: dict) -> bool:

@@ -148,30 +148,53 @@ def section(folder=DIR) -> list[str]:
             + probe_lines(PROBES if folder == DIR else pathlib.Path(folder) / "probes"))
 
 
+def _calibration(run: dict) -> str:
+    """A probe run's calibration text: its sources ("wiki-calib + python3.11")."""
+    return " + ".join(n if n == "wiki-calib" else pathlib.Path(n).name
+                      for n in (run.get("calib_data") or "wiki-calib").split(","))
+
+
+def _variant(run: dict) -> str:
+    """The calibration text plus any hyperparameter the run changed ("wiki-calib, anchor 25")."""
+    hp = run.get("hparams") or {}
+    return ", ".join([_calibration(run)] + [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in sorted(hp.items())])
+
+
 def probe_lines(folder=PROBES) -> list[str]:
     """Layer probes of ``experiments/diagnose.py --layers=... --other_text=...``: per probed
-    layer, batquant's per-token relative output error over brq's on held-back calibration
-    windows and on windows of another text (neither calibration nor evaluation text)."""
-    runs = {r["method"]: r for r in (json.loads(p.read_text())
-                                     for p in sorted(pathlib.Path(folder).glob("*.json")))
-            if r.get("other_text")}
-    if "brq" not in runs or "batquant" not in runs:
+    layer, batquant's per-token relative output error over brq's (calibrated on the same text)
+    on its calibration windows, held-back calibration windows and windows of another text
+    (neither calibration nor evaluation text); one block of rows per batquant variant (the
+    calibration text and changed hyperparameters), the plain wiki-calib run first."""
+    runs = [json.loads(p.read_text()) for p in sorted(pathlib.Path(folder).glob("*.json"))]
+    runs = [r for r in runs if r.get("other_text")]
+    base = {_calibration(r): r for r in runs if r["method"] == "brq" and not r.get("hparams")}
+    ours = sorted((r for r in runs if r["method"] == "batquant" and _calibration(r) in base),
+                  key=lambda r: (_variant(r) != "wiki-calib", _variant(r)))
+    if not ours:
         return []
-    ours, base = runs["batquant"], runs["brq"]
-    other = pathlib.Path(ours["other_text"]).name
+    first = ours[0]
+    layers, other = first["probe_layers"], pathlib.Path(first["other_text"]).name
     out = ["Layer probes (`experiments/diagnose.py --layers=... --other_text=...`: only these "
-           f"layers calibrated, teacher-forced, {ours['nsamples']} x {ours['seqlen']} calibration "
-           "tokens): batquant's per-token relative output error over brq's, on "
-           f"{ours['holdout']} held-back wiki-calib windows and on {ours['holdout']} windows of "
-           f"another register (`{other}`; neither calibration nor evaluation text). Layers are "
-           "0-based; below 1 favours batquant.", "",
-           "| windows | " + " | ".join(f"layer {i}" for i in ours["probe_layers"])
-           + " | geometric mean |", "|---|" + "---|" * (len(ours["probe_layers"]) + 1)]
-    for key, name in (("train", "calibration (trained on)"), ("held", "held-back wiki-calib"),
-                      ("other", f"other text ({other})")):
-        r = [a[key]["rel_err"] / b[key]["rel_err"] for a, b in zip(ours["layers"], base["layers"])]
-        geo = math.exp(sum(map(math.log, r)) / len(r))
-        out.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in r) + f" | {geo:.3f} |")
+           f"layers calibrated, teacher-forced, {first['nsamples']} x {first['seqlen']} calibration "
+           "tokens): batquant's per-token relative output error over brq's calibrated on the same "
+           f"text, on its calibration windows, on {first['holdout']} held-back wiki-calib windows "
+           f"and on {first['holdout']} windows of another register (`{other}`; neither "
+           "calibration nor evaluation text). Several calibration sources share the windows "
+           "evenly. Layers are 0-based; below 1 favours batquant.", "",
+           "| calibration | windows | " + " | ".join(f"layer {i}" for i in layers)
+           + " | geometric mean |", "|---|---|" + "---|" * (len(layers) + 1)]
+    for run in ours:
+        if run["probe_layers"] != layers or pathlib.Path(run["other_text"]).name != other:
+            continue
+        b = base[_calibration(run)]
+        for key, name in (("train", "calibration (trained on)"), ("held", "held-back wiki-calib"),
+                          ("other", f"other text ({other})")):
+            r = [x[key]["rel_err"] / y[key]["rel_err"] for x, y in zip(run["layers"], b["layers"])]
+            geo = math.exp(sum(map(math.log, r)) / len(r))
+            out.append(f"| {_variant(run)} | {name} | " + " | ".join(f"{x:.3f}" for x in r)
+                       + f" | {geo:.3f} |")
     return out + [""]
 
 

@@ -556,9 +556,9 @@ def test_second_model_seed_table(tmp_path):
 
 def test_second_model_probe_table(tmp_path):
     from experiments.second_model import probe_lines
-    def run(method, errs):
+    def run(method, errs, **kw):
         return {"method": method, "other_text": "/x/asyncio", "probe_layers": [2, 9],
-                "nsamples": 32, "seqlen": 256, "holdout": 8,
+                "nsamples": 32, "seqlen": 256, "holdout": 8, **kw,
                 "layers": [{k: {"rel_err": e} for k, e in zip(("train", "held", "other"), row)}
                            for row in errs]}
     (tmp_path / "brq.json").write_text(json.dumps(run("brq", [(0.1, 0.1, 0.1), (0.2, 0.2, 0.2)])))
@@ -569,6 +569,20 @@ def test_second_model_probe_table(tmp_path):
     assert "teacher-forced, 32 x 256 calibration tokens" in lines[0]
     assert "on 8 held-back wiki-calib windows and on 8 windows of another register (`asyncio`;" \
         in lines[0]
-    assert lines[-4:] == ["| calibration (trained on) | 0.800 | 0.900 | 0.849 |",
-                          "| held-back wiki-calib | 0.900 | 0.900 | 0.900 |",
-                          "| other text (asyncio) | 1.100 | 1.100 | 1.100 |", ""]
+    assert lines[-4:] == ["| wiki-calib | calibration (trained on) | 0.800 | 0.900 | 0.849 |",
+                          "| wiki-calib | held-back wiki-calib | 0.900 | 0.900 | 0.900 |",
+                          "| wiki-calib | other text (asyncio) | 1.100 | 1.100 | 1.100 |", ""]
+    # variants: a batquant hyperparameter against the same brq; a mixed text against its own brq
+    mixed = "wiki-calib,/usr/lib/python3.11"
+    (tmp_path / "a-anchor.json").write_text(json.dumps(run(
+        "batquant", [(0.09, 0.09, 0.1), (0.2, 0.2, 0.2)], hparams={"anchor": 25.0})))
+    (tmp_path / "bq-mixed.json").write_text(json.dumps(run(
+        "batquant", [(0.05, 0.05, 0.05), (0.1, 0.1, 0.1)], calib_data=mixed)))
+    assert probe_lines(tmp_path)[-7:-4] == lines[-4:-1]  # no brq on the mixed text: left out
+    (tmp_path / "brq-mixed.json").write_text(json.dumps(run(
+        "brq", [(0.1, 0.1, 0.1), (0.1, 0.1, 0.1)], calib_data=mixed)))
+    got = probe_lines(tmp_path)
+    assert got[-10:-7] == lines[-4:-1]
+    assert got[-6] == ("| wiki-calib + python3.11 | held-back wiki-calib | 0.500 | 1.000 | "
+                       "0.707 |")
+    assert got[-4] == "| wiki-calib, anchor 25 | calibration (trained on) | 0.900 | 1.000 | 0.949 |"
