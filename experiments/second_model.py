@@ -185,6 +185,10 @@ def probe_lines(folder=PROBES) -> list[str]:
            "evenly. Layers are 0-based; below 1 favours batquant.", "",
            "| calibration | windows | " + " | ".join(f"layer {i}" for i in layers)
            + " | geometric mean |", "|---|---|" + "---|" * (len(layers) + 1)]
+    mixed = sorted({_calibration(r) for r in ours if "," in (r.get("calib_data") or "")})
+    if mixed:  # the other text is unseen there, but its register may not be
+        out[0] += (f" Calibrated on {' and '.join(f'`{m}`' for m in mixed)}, the `{other}` "
+                   "windows are unseen text, though of a register such a source may share.")
     for run in ours:
         if run["probe_layers"] != layers or pathlib.Path(run["other_text"]).name != other:
             continue

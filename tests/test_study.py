@@ -583,6 +583,8 @@ def test_second_model_probe_table(tmp_path):
         "brq", [(0.1, 0.1, 0.1), (0.1, 0.1, 0.1)], calib_data=mixed)))
     got = probe_lines(tmp_path)
     assert got[-10:-7] == lines[-4:-1]
+    assert got[0].endswith(" Calibrated on `wiki-calib + python3.11`, the `asyncio` windows are "
+                           "unseen text, though of a register such a source may share.")
     assert got[-6] == ("| wiki-calib + python3.11 | held-back wiki-calib | 0.500 | 1.000 | "
                        "0.707 |")
     assert got[-4] == "| wiki-calib, anchor 25 | calibration (trained on) | 0.900 | 1.000 | 0.949 |"
