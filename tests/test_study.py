@@ -552,6 +552,13 @@ def test_second_model_seed_table(tmp_path):
     for p in tmp_path.glob("*-s1-*.json"):
         p.unlink()
     assert "| seed | wiki-eval | shakespeare |" not in section(tmp_path)  # seed 0 alone
+    ev("brq-mix", "wiki-eval", [2.0, 2.2, 2.4])
+    assert not any("plus Python source (`--calib" in x for x in section(tmp_path))  # one row alone
+    ev("batquant-mix", "wiki-eval", [1.9, 2.05, 2.35])
+    lines = section(tmp_path)
+    i = next(i for i, x in enumerate(lines) if "both calibrated on wiki-calib plus Python" in x)
+    assert lines[i + 2:i + 5] == ["| batquant-mix / | wiki-eval | shakespeare |", "|---|---|---|",
+                                  "| brq-mix | 0.9048 [0.8541, 0.9586] better | - |"]
 
 
 def test_second_model_probe_table(tmp_path):
