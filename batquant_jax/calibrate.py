@@ -98,12 +98,12 @@ class _CalibrateConfigMethods:
             raise ConfigError(e.flag_message()) from None
         if not self.output_dir.strip():
             raise ConfigError("--output_dir is required")
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be >= 1, got {self.nsamples}")
         sources = data.calib_sources(self.calib_data)
         if len(sources) > self.nsamples:
             raise ConfigError(f"--nsamples {self.nsamples} is fewer than the {len(sources)} "
                               "--calib_data sources; each needs a window")
-        if self.nsamples < 1:
-            raise ConfigError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.nsamples < self.batch_size and self.trains():
             raise ConfigError(f"--nsamples ({self.nsamples}) must be >= --batch_size "
                               f"({self.batch_size}) for a method that trains")
