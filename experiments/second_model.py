@@ -29,11 +29,14 @@ PROBES = HERE / "results" / "diagnose" / "probes" / "qwen2.5-coder-1.5b"
 TEXTS = ("wiki-eval", "shakespeare")
 ORDER = ("fp", "rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant", "batquant")
 BASELINES = ("rtn", "gptq", "quarot", "brq", "mr-gptq", "flatquant")
-# row suffix, what the rows share
-SETTINGS = (("", "W4A4KV16"), ("-w4a8", "W4A8KV16"),
-            ("-mix", "W4A4KV16, both calibrated on wiki-calib plus Python source (`--calib_data="
-                     "wiki-calib,<stdlib>`: the top-level modules of the Python standard library, "
-                     "half the windows each)"))
+# (our row, the baselines' row suffix, what the rows share): one BATQuant / baseline table each
+COMPARISONS = (
+    ("batquant", "", "at W4A4KV16"), ("batquant-w4a8", "-w4a8", "at W4A8KV16"),
+    ("batquant-mix", "-mix", "at W4A4KV16, both calibrated on wiki-calib plus Python source "
+     "(`--calib_data=wiki-calib,<stdlib>`: the top-level modules of the Python standard library, "
+     "half the windows each)"),
+    ("batquant-ones", "", "at W4A4KV16, BATQuant's channel scale started at 1 "
+     "(`--scale_init=ones`; chosen on Python source, neither calibration nor evaluation text)"))
 SEEDS = (0, 1, 2)  # calibration seeds of batquant and brq at W4A4KV16: rows <method>-s<seed>
 
 
@@ -103,9 +106,22 @@ def _cell(mean: float, se: float) -> str:
     return f"{interval(mean, se)} {verdict(mean, se).split(' ')[0]}"
 
 
+def _side_table(recs: dict, title: str) -> list[str]:
+    """Perplexity of some checkpoints on one more text, each against brq's on it."""
+    if not recs:
+        return []
+    out = ["", title, "", "| checkpoint | ppl | vs brq |", "|---|---|---|"]
+    for row, rec in recs.items():
+        vs = _pair(rec, recs["brq"]) if "brq" in recs and row != "brq" else "-"
+        out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
+    return out
+
+
 def section(folder=DIR) -> list[str]:
     """The markdown lines of the section (empty without evaluation files)."""
     evals, held, seconds = load(folder)
+    other = {p.stem[len("asyncio-"):]: json.loads(p.read_text())
+             for p in sorted(pathlib.Path(folder).glob("asyncio-*.json"))}
     if not evals:
         return []
     out = ["## Second model: Qwen2.5-Coder-1.5B-Instruct (seed 0, default budget)", "",
@@ -128,11 +144,10 @@ def section(folder=DIR) -> list[str]:
         secs = seconds.get(row)
         out.append(f"| {row} | " + " | ".join(cells) + " | "
                    + (f"{secs / 60:.0f} min" if secs else "-") + " |")
-    for suffix, setting in SETTINGS:
-        ours = "batquant" + suffix
+    for ours, suffix, what in COMPARISONS:
         if ours not in evals or not any(b + suffix in evals for b in BASELINES):
             continue
-        out += ["", f"BATQuant against each baseline, {setting} (ratio < 1 favours BATQuant):",
+        out += ["", f"BATQuant against each baseline {what} (ratio < 1 favours BATQuant):",
                 "", f"| {ours} / | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
         for base in (b + suffix for b in BASELINES):
             if base in evals:
@@ -140,14 +155,12 @@ def section(folder=DIR) -> list[str]:
                          if t in evals[ours] and t in evals[base] else "-" for t in TEXTS]
                 out.append(f"| {base} | " + " | ".join(cells) + " |")
     out += seed_lines(evals)
-    if held:
-        out += ["", "Held-back calibration windows (8 x 512 tokens of wiki-calib's last 10% "
-                "that no calibration window touches; `experiments/heldback.py`), where the "
-                "choice of batquant's channel-scale start was made:", "",
-                "| checkpoint | held-back ppl | vs brq |", "|---|---|---|"]
-        for row, rec in held.items():
-            vs = _pair(rec, held["brq"]) if "brq" in held and row != "brq" else "-"
-            out.append(f"| {row} | {rec['perplexity']:.4f} | {vs} |")
+    out += _side_table(held, "Held-back calibration windows (8 x 512 tokens of wiki-calib's "
+                       "last 10% that no calibration window touches; `experiments/heldback.py`), "
+                       "where the choice of batquant's channel-scale start was first made:")
+    out += _side_table(other, "Another register (`evaluate --eval_data=<stdlib>/asyncio "
+                       "--max_tokens=4096`: Python source, neither calibration nor evaluation "
+                       "text), where the `ones` start was chosen:")
     out.append("")
     return (out + zero_shot_lines(zero_shot(folder)) + token_lines(folder)
             + probe_lines(PROBES if folder == DIR else pathlib.Path(folder) / "probes"))

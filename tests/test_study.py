@@ -559,6 +559,13 @@ def test_second_model_seed_table(tmp_path):
     i = next(i for i, x in enumerate(lines) if "both calibrated on wiki-calib plus Python" in x)
     assert lines[i + 2:i + 5] == ["| batquant-mix / | wiki-eval | shakespeare |", "|---|---|---|",
                                   "| brq-mix | 0.9048 [0.8541, 0.9586] better | - |"]
+    for row, nll in (("brq", [2.0, 2.2, 2.4]), ("batquant", [2.1, 2.35, 2.45])):
+        (tmp_path / f"asyncio-{row}.json").write_text(json.dumps(
+            {"perplexity": float(np.exp(np.mean(nll))), "window_nll": nll}))
+    lines = section(tmp_path)
+    i = lines.index("| checkpoint | ppl | vs brq |")
+    assert "Another register" in lines[i - 2] and lines[i + 2:i + 4] == [
+        "| batquant | 9.9742 | 1.1052 [1.0432, 1.1709] worse |", "| brq | 9.0250 | - |"]
 
 
 def test_second_model_probe_table(tmp_path):
