@@ -21,6 +21,7 @@ import json
 import math
 import pathlib
 
+from batquant_jax import data
 from experiments.rows import interval, paired_nll, paired_recovery, verdict
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -42,8 +43,7 @@ SEEDS = (0, 1, 2)  # calibration seeds of batquant and brq at W4A4KV16: rows <me
 
 def zero_shot(folder=DIR) -> dict[str, dict]:
     """{row: zero-shot evaluate JSON} of the ``zs-<row>.json`` files."""
-    return {p.stem[len("zs-"):]: json.loads(p.read_text())
-            for p in sorted(pathlib.Path(folder).glob("zs-*.json"))}
+    return _records(pathlib.Path(folder), "zs-")
 
 
 def zero_shot_lines(runs: dict[str, dict]) -> list[str]:
@@ -72,8 +72,15 @@ def zero_shot_lines(runs: dict[str, dict]) -> list[str]:
     return out + [""]
 
 
-def load(folder=DIR) -> tuple[dict, dict, dict]:
-    """({row: {text: evaluate JSON}}, {row: heldback JSON}, {row: calibration seconds})."""
+def _records(d: pathlib.Path, prefix: str) -> dict[str, dict]:
+    """{row: JSON} of the ``<prefix><row>.json`` files in ``d``."""
+    return {p.stem[len(prefix):]: json.loads(p.read_text())
+            for p in sorted(d.glob(f"{prefix}*.json"))}
+
+
+def load(folder=DIR) -> tuple[dict, dict, dict, dict]:
+    """({row: {text: evaluate JSON}}, {row: heldback JSON}, {row: asyncio evaluate JSON},
+    {row: calibration seconds})."""
     d = pathlib.Path(folder)
     evals: dict[str, dict] = {}
     for p in sorted(d.glob("ev-*.json")):
@@ -81,15 +88,14 @@ def load(folder=DIR) -> tuple[dict, dict, dict]:
         for t in TEXTS:
             if stem.endswith("-" + t):
                 evals.setdefault(stem[: -len(t) - 1], {})[t] = json.loads(p.read_text())
-    held = {p.stem[len("heldback-"):]: json.loads(p.read_text())
-            for p in sorted(d.glob("heldback-*.json"))}
+    held, other = _records(d, "heldback-"), _records(d, "asyncio-")
     seconds = {}
     for p in sorted(d.glob("calibrate-*.txt")):
         rows = [line.split() for line in p.read_text().splitlines()[1:]]
         secs = [float(r[6]) for r in rows if r and r[0].isdigit()]  # after it: "fell back"
         if secs:
             seconds[p.stem[len("calibrate-"):]] = sum(secs)
-    return evals, held, seconds
+    return evals, held, other, seconds
 
 
 def _rows(evals: dict) -> list[str]:
@@ -119,9 +125,7 @@ def _side_table(recs: dict, title: str) -> list[str]:
 
 def section(folder=DIR) -> list[str]:
     """The markdown lines of the section (empty without evaluation files)."""
-    evals, held, seconds = load(folder)
-    other = {p.stem[len("asyncio-"):]: json.loads(p.read_text())
-             for p in sorted(pathlib.Path(folder).glob("asyncio-*.json"))}
+    evals, held, other, seconds = load(folder)
     if not evals:
         return []
     out = ["## Second model: Qwen2.5-Coder-1.5B-Instruct (seed 0, default budget)", "",
@@ -169,7 +173,7 @@ def section(folder=DIR) -> list[str]:
 def _calibration(run: dict) -> str:
     """A probe run's calibration text: its sources ("wiki-calib + python3.11")."""
     return " + ".join(n if n == "wiki-calib" else pathlib.Path(n).name
-                      for n in (run.get("calib_data") or "wiki-calib").split(","))
+                      for n in data.calib_sources(run.get("calib_data") or "wiki-calib"))
 
 
 def _variant(run: dict) -> str:
@@ -203,7 +207,8 @@ def probe_lines(folder=PROBES) -> list[str]:
            "evenly. Layers are 0-based; below 1 favours batquant.", "",
            "| calibration | windows | " + " | ".join(f"layer {i}" for i in layers)
            + " | geometric mean |", "|---|---|" + "---|" * (len(layers) + 1)]
-    mixed = sorted({_calibration(r) for r in ours if "," in (r.get("calib_data") or "")})
+    mixed = sorted({_calibration(r) for r in ours
+                    if len(data.calib_sources(r.get("calib_data") or "wiki-calib")) > 1})
     if mixed:  # the other text is unseen there, but its register may not be
         out[0] += (f" Calibrated on {' and '.join(f'`{m}`' for m in mixed)}, the `{other}` "
                    "windows are unseen text, though of a register such a source may share.")
