@@ -12,6 +12,8 @@ import json
 import math
 import pathlib
 
+from experiments.rows import geomean
+
 HERE = pathlib.Path(__file__).resolve().parent
 DIAG_DIR = HERE / "results" / "diagnose"
 
@@ -58,9 +60,8 @@ def probe_table(probes: dict) -> list[str]:
             continue
         held = [l["held"]["rel_err"] / b["held"]["rel_err"] for l, b in zip(run["layers"], base["layers"])]
         train = [l["train"]["rel_err"] / b["train"]["rel_err"] for l, b in zip(run["layers"], base["layers"])]
-        geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
         cells = [describe(run)] + [f"{x:.3f}" for x in held]
-        cells += [f"{geo(held):.3f}", f"{geo(train):.3f}",
+        cells += [f"{geomean(held):.3f}", f"{geomean(train):.3f}",
                   str(sum(bool(l["fell_back"]) for l in run["layers"])), f"{run['calib_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

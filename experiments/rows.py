@@ -346,6 +346,11 @@ def paired_nll(wa: list[float], wb: list[float]) -> tuple[float, float, int] | N
     return mean, math.sqrt(var / n), n
 
 
+def geomean(xs: list[float]) -> float:
+    """The geometric mean of positive ratios (layers' error ratios, say)."""
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
 def interval(mean: float, se: float) -> str:
     """'ratio [low, high]': the perplexity ratio exp(mean) and its ±2 SE interval."""
     return f"{math.exp(mean):.4f} [{math.exp(mean - 2 * se):.4f}, {math.exp(mean + 2 * se):.4f}]"

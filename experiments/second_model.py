@@ -22,7 +22,7 @@ import math
 import pathlib
 
 from batquant_jax import data
-from experiments.rows import interval, paired_nll, paired_recovery, verdict
+from experiments.rows import geomean, interval, paired_nll, paired_recovery, verdict
 
 HERE = pathlib.Path(__file__).resolve().parent
 DIR = HERE / "results" / "qwen15b"
@@ -158,7 +158,7 @@ def section(folder=DIR) -> list[str]:
                 cells = [_pair(evals[ours][t], evals[base][t])
                          if t in evals[ours] and t in evals[base] else "-" for t in TEXTS]
                 out.append(f"| {base} | " + " | ".join(cells) + " |")
-    out += seed_lines(evals)
+    out += seed_lines(evals) + seed_lines(evals, "batquant-ones", " (`--scale_init=ones`)")
     out += _side_table(held, "Held-back calibration windows (8 x 512 tokens of wiki-calib's "
                        "last 10% that no calibration window touches; `experiments/heldback.py`), "
                        "where the choice of batquant's channel-scale start was first made:")
@@ -219,9 +219,8 @@ def probe_lines(folder=PROBES) -> list[str]:
         for key, name in (("train", "calibration (trained on)"), ("held", "held-back wiki-calib"),
                           ("other", f"other text ({other})")):
             r = [x[key]["rel_err"] / y[key]["rel_err"] for x, y in zip(run["layers"], b["layers"])]
-            geo = math.exp(sum(map(math.log, r)) / len(r))
             out.append(f"| {_variant(run)} | {name} | " + " | ".join(f"{x:.3f}" for x in r)
-                       + f" | {geo:.3f} |")
+                       + f" | {geomean(r):.3f} |")
     return out + [""]
 
 
@@ -229,17 +228,17 @@ def _seed_row(method: str, seed: int) -> str:
     return method if seed == 0 else f"{method}-s{seed}"
 
 
-def seed_lines(evals: dict) -> list[str]:
-    """batquant / brq at W4A4KV16 on each calibration seed that both rows have (seed 0: the
-    plain rows; seed s: ``<method>-s<s>``, ``calibrate --seed=s``): the paired ratio per text
+def seed_lines(evals: dict, ours: str = "batquant", what: str = "") -> list[str]:
+    """``ours`` / brq at W4A4KV16 on each calibration seed that both rows have (seed 0: the
+    plain rows; seed s: ``<row>-s<s>``, ``calibrate --seed=s``): the paired ratio per text
     and how many seeds meet the goal (ratio <= 0.97 with the ±2 SE interval below 1)."""
-    pairs = [(s, evals[_seed_row("batquant", s)], evals[_seed_row("brq", s)]) for s in SEEDS
-             if _seed_row("batquant", s) in evals and _seed_row("brq", s) in evals]
+    pairs = [(s, evals[_seed_row(ours, s)], evals[_seed_row("brq", s)]) for s in SEEDS
+             if _seed_row(ours, s) in evals and _seed_row("brq", s) in evals]
     if not any(s for s, _, _ in pairs):
         return []  # seed 0 alone is in the table above
-    out = ["", "BATQuant / BRQ at W4A4KV16 across calibration seeds (each seed calibrates both "
-           "on its own windows; ratio < 1 favours BATQuant):", "",
-           "| seed | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
+    out = ["", f"BATQuant{what} / BRQ at W4A4KV16 across calibration seeds (each seed calibrates "
+           "both on its own windows; ratio < 1 favours BATQuant):", "",
+           f"| seed ({ours}) | " + " | ".join(TEXTS) + " |", "|---|" + "---|" * len(TEXTS)]
     met = {t: 0 for t in TEXTS}
     for seed, ours, base in pairs:
         cells = []
