@@ -38,6 +38,9 @@ COMPARISONS = (
      "half the windows each)"),
     ("batquant-ones", "", "at W4A4KV16, BATQuant's channel scale started at 1 "
      "(`--scale_init=ones`; chosen on Python source, neither calibration nor evaluation text)"))
+# rows calibrated alone on the machine (both cores); every other row had one core of 2, the
+# other busy with another row
+QUIET = ("batquant-s2",)
 SEEDS = (0, 1, 2)  # calibration seeds of batquant and brq at W4A4KV16: rows <method>-s<seed>
 
 
@@ -134,7 +137,8 @@ def section(folder=DIR) -> list[str]:
            "`-mix` rows calibrate on wiki-calib plus Python source. "
            "8 x 512 evaluation tokens per text; ratios are paired "
            "over the windows with ±2 SE. Calibration time is the sum of the per-layer times "
-           "(one core of 2, the other busy; excludes loading and the checkpoint write).", "",
+           "(one core of 2, the other busy, except rows marked * that ran alone on both cores; "
+           "excludes loading and the checkpoint write).", "",
            "| row | " + " | ".join(f"{t} ppl | vs fp" for t in TEXTS) + " | calibration |",
            "|---|" + "---|---|" * len(TEXTS) + "---|"]
     fp = evals.get("fp", {})
@@ -147,7 +151,7 @@ def section(folder=DIR) -> list[str]:
                          else "-")
         secs = seconds.get(row)
         out.append(f"| {row} | " + " | ".join(cells) + " | "
-                   + (f"{secs / 60:.0f} min" if secs else "-") + " |")
+                   + (f"{secs / 60:.0f} min" + "*" * (row in QUIET) if secs else "-") + " |")
     for ours, suffix, what in COMPARISONS:
         if ours not in evals or not any(b + suffix in evals for b in BASELINES):
             continue

@@ -542,7 +542,17 @@ def test_second_model_seed_table(tmp_path):
         ev("brq-s1", t, [2.0, 2.2, 2.4])
         ev("batquant-s1", t, [1.9, 2.05, 2.35])  # better: -0.1, SE 0.0289
     ev("brq-s2", "wiki-eval", [2.0, 2.2, 2.4])  # seed 2 has no batquant row yet: left out
+    (tmp_path / "calibrate-brq-s2.txt").write_text(  # per-layer seconds, summed
+        "layer token_mse rtn init trained final steps seconds\n"
+        "1 0.1 0.1 0.1 0.1 16 60.0\n2 0.1 0.1 0.1 0.1 16 90.0\n")
     lines = section(tmp_path)
+    assert [x.rsplit("|", 2)[1] for x in lines if x.startswith("| brq-s2 |")] == [" 2 min "]
+    (tmp_path / "calibrate-batquant-s2.txt").write_text(
+        (tmp_path / "calibrate-brq-s2.txt").read_text())  # a row that ran alone: marked
+    ev("batquant-s2", "wiki-eval", [2.0, 2.2, 2.4])
+    assert [x.rsplit("|", 2)[1] for x in section(tmp_path)
+            if x.startswith("| batquant-s2 |")] == [" 2 min* "]
+    (tmp_path / "ev-batquant-s2-wiki-eval.json").unlink()
     i = lines.index("| seed (batquant) | wiki-eval | shakespeare |")
     assert lines[i + 2:i + 4] == [
         "| 0 | 1.1052 [1.0432, 1.1709] worse | 1.1052 [1.0432, 1.1709] worse |",
