@@ -46,17 +46,20 @@ def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[
     layer = build_quantized_layer(nnx.clone(fp_layer), cfg, 0)
     graphdef, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
     ot, oc = cal.tx_t.init(tp), cal.tx_c.init(cp)
-    merged = lambda tp, cp: nnx.merge(graphdef, tp, cp, rest)  # noqa: E731
-    loss = jax.jit(lambda tp, cp: cal.loss_fn(merged(tp, cp)(x), y))
-    grad = jax.jit(jax.value_and_grad(lambda tp, cp: cal.loss_fn(merged(tp, cp)(x), y),
-                                      argnums=(0, 1)))
-    wside = jax.jit(lambda tp, cp: [q.effective_weight() for q in quant_linears(merged(tp, cp)).values()])
+    # the weights and the batch are arguments, as in the step: closed over, XLA would see them
+    # as constants and could lay them out (or fold work on them) at compile time
+    merged = lambda tp, cp, rest: nnx.merge(graphdef, tp, cp, rest)  # noqa: E731
+    objective = lambda tp, cp, rest, x, y: cal.loss_fn(merged(tp, cp, rest)(x), y)  # noqa: E731
+    loss = jax.jit(objective)
+    grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+    wside = jax.jit(lambda tp, cp, rest: [q.effective_weight()
+                                          for q in quant_linears(merged(tp, cp, rest)).values()])
     qg, qs = nnx.split(layer)
     return {
         "quantized forward": _median_time(lambda: apply_layer(qg, qs, x), reps),
-        "  weight side alone": _median_time(lambda: wside(tp, cp), reps),
-        "forward + objective": _median_time(lambda: loss(tp, cp), reps),
-        "forward + gradients": _median_time(lambda: grad(tp, cp)[0], reps),
+        "  weight side alone": _median_time(lambda: wside(tp, cp, rest), reps),
+        "forward + objective": _median_time(lambda: loss(tp, cp, rest, x, y), reps),
+        "forward + gradients": _median_time(lambda: grad(tp, cp, rest, x, y)[0], reps),
         "optimizer step": _median_time(
             lambda: cal.step_fn(graphdef, tp, cp, ot, oc, rest, x, y, cal.gain)[-1], reps),
     }
