@@ -2,20 +2,26 @@
 
     .venv/bin/python -m experiments.bench_calib_step [--model=smollm2-135m] [--layer=0] \\
         [--batch=4] [--seqlen=256] \\
-        [--variants='[{}, {"clip": "none"}, {"transform": "block_affine"}]']
+        [--variants='[{}, {"clip": "none"}, {"transform": "block_affine"}]'] [--profile=3]
 
 Real layer weights (default: SmolLM2-135M's layer 0), random hidden states of the residual stream's scale.
 For each variant (CalibConfig fields over method=batquant) it prints, as ratios to the
 full-precision forward measured in the same run: the quantized forward in training mode, the
 weight side alone (fold, weight clip, fake quant of the seven weights), forward + objective,
 forward + gradients, and the whole optimizer step. Median of --reps after a warm-up call.
+With --profile=N it then traces N optimizer steps (jax.profiler) and prints the XLA:CPU time
+per step by kind of work: products, elementwise fusions, transposes and copies, reductions.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import json
+import pathlib
 import statistics
+import tempfile
 import time
 
 import jax
@@ -38,8 +44,9 @@ def _median_time(fn, reps):
     return statistics.median(times)
 
 
-def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[str, float]:
-    """Seconds of each part of one training step of ``fp_layer`` on x -> y: [batch, T, d]."""
+def step_programs(fp_layer, x, y, hparams: dict, batch: int) -> dict:
+    """{part: a call running it once} for the parts of one training step of ``fp_layer`` on
+    x -> y: [batch, T, d]."""
     cfg = CalibConfig(method="batquant", batch_size=batch, **hparams)
     cal = LayerCalibrator(cfg, nsamples=batch, log=lambda s: None)
     cal.gain = jnp.ones((x.shape[-1],), jnp.float32)
@@ -56,13 +63,40 @@ def bench_variant(fp_layer, x, y, hparams: dict, batch: int, reps: int) -> dict[
                                           for q in quant_linears(merged(tp, cp, rest)).values()])
     qg, qs = nnx.split(layer)
     return {
-        "quantized forward": _median_time(lambda: apply_layer(qg, qs, x), reps),
-        "  weight side alone": _median_time(lambda: wside(tp, cp, rest), reps),
-        "forward + objective": _median_time(lambda: loss(tp, cp, rest, x, y), reps),
-        "forward + gradients": _median_time(lambda: grad(tp, cp, rest, x, y)[0], reps),
-        "optimizer step": _median_time(
-            lambda: cal.step_fn(graphdef, tp, cp, ot, oc, rest, x, y, cal.gain)[-1], reps),
+        "quantized forward": lambda: apply_layer(qg, qs, x),
+        "  weight side alone": lambda: wside(tp, cp, rest),
+        "forward + objective": lambda: loss(tp, cp, rest, x, y),
+        "forward + gradients": lambda: grad(tp, cp, rest, x, y)[0],
+        "optimizer step": lambda: cal.step_fn(graphdef, tp, cp, ot, oc, rest, x, y, cal.gain)[-1],
     }
+
+
+def _kind(name: str) -> str:
+    """The group of an XLA:CPU thunk by its name."""
+    if name.startswith(("ynn_fusion", "dot", "convolution")):
+        return "products (dot / YNNPACK fusions)"
+    if "transpose" in name or name.startswith("copy"):
+        return "transposes and copies"
+    if "reduce" in name:
+        return "reductions"
+    return "elementwise fusions" if "fusion" in name else "other"
+
+
+def profile(step, steps: int, log_dir: str) -> list[tuple[str, float]]:
+    """Traces ``steps`` calls of ``step`` with jax.profiler and returns the XLA:CPU thunks'
+    milliseconds per call, summed by group (threads' times add up, so the sum can exceed the
+    wall time)."""
+    jax.block_until_ready(step())
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(step())
+    trace = max(pathlib.Path(log_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    wrappers = ("PjitFunction", "ThunkExecutor", "CommonPjRt", "$")
+    groups: collections.Counter = collections.Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(wrappers):
+            groups[_kind(e["name"])] += e["dur"] / 1e3 / steps
+    return groups.most_common()
 
 
 def main() -> None:
@@ -76,6 +110,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--variants", default="[{}]", help="JSON list of CalibConfig field dicts")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also trace N optimizer steps of each variant and print where the "
+                         "XLA:CPU time goes")
+    ap.add_argument("--profile_dir", default=None, help="where the trace goes (default: a "
+                    "temporary folder)")
     args = ap.parse_args()
 
     model = load_model(args.model, with_tokenizer=False).model
@@ -88,8 +127,17 @@ def main() -> None:
           f"{t_fwd * 1e3:.1f} ms")
     for hp in json.loads(args.variants):
         print(f"batquant {json.dumps(hp)}:")
-        for name, t in bench_variant(fp_layer, x, y, hp, args.batch, args.reps).items():
+        programs = step_programs(fp_layer, x, y, hp, args.batch)
+        for name, fn in programs.items():
+            t = _median_time(fn, args.reps)
             print(f"  {name:22s} {t * 1e3:9.1f} ms  {t / t_fwd:6.2f}x the forward")
+        if args.profile:
+            with tempfile.TemporaryDirectory() as tmp:
+                groups = profile(programs["optimizer step"], args.profile, args.profile_dir or tmp)
+            total = sum(ms for _, ms in groups)
+            print(f"  profile of {args.profile} steps, XLA:CPU thunks per step:")
+            for name, ms in groups:
+                print(f"    {name:32s} {ms:9.1f} ms  {100 * ms / total:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -618,3 +618,18 @@ def test_second_model_probe_table(tmp_path):
     assert got[-6] == ("| wiki-calib + python3.11 | held-back wiki-calib | 0.500 | 1.000 | "
                        "0.707 |")
     assert got[-4] == "| wiki-calib, anchor 25 | calibration (trained on) | 0.900 | 1.000 | 0.949 |"
+
+
+def test_bench_profile_groups_thunks(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from experiments.bench_calib_step import _kind, profile
+    assert [_kind(n) for n in ("ynn_fusion.177", "dot.28", "transpose_copy_fusion.22",
+                               "and_reduce_fusion.2", "multiply_select_fusion", "while")] == [
+        "products (dot / YNNPACK fusions)", "products (dot / YNNPACK fusions)",
+        "transposes and copies", "reductions", "elementwise fusions", "other"]
+    a = jnp.ones((256, 256))
+    f = jax.jit(lambda a: jnp.exp(a @ a.T).sum())
+    groups = dict(profile(lambda: f(a), 2, str(tmp_path)))
+    assert groups["products (dot / YNNPACK fusions)"] > 0
+    assert next(tmp_path.rglob("*.trace.json.gz")).stat().st_size > 0
