@@ -553,7 +553,7 @@ def test_second_model_seed_table(tmp_path):
     assert [x.rsplit("|", 2)[1] for x in section(tmp_path)
             if x.startswith("| batquant-s2 |")] == [" 2 min* "]
     (tmp_path / "ev-batquant-s2-wiki-eval.json").unlink()
-    i = lines.index("| seed (batquant) | wiki-eval | shakespeare |")
+    i = lines.index("| seed (batquant / brq) | wiki-eval | shakespeare |")
     assert lines[i + 2:i + 4] == [
         "| 0 | 1.1052 [1.0432, 1.1709] worse | 1.1052 [1.0432, 1.1709] worse |",
         "| 1 | 0.9048 [0.8541, 0.9586] better | 0.9048 [0.8541, 0.9586] better |"]
@@ -561,13 +561,21 @@ def test_second_model_seed_table(tmp_path):
                             "wiki-eval 1 of 2, shakespeare 1 of 2.")
     for p in tmp_path.glob("*-s1-*.json"):
         p.unlink()
-    assert "| seed (batquant) | wiki-eval | shakespeare |" not in section(tmp_path)  # seed 0 alone
+    assert "| seed (batquant / brq) | wiki-eval | shakespeare |" not in section(tmp_path)  # seed 0
     for seed, nll in (("", [2.05, 2.2, 2.4]), ("-s2", [2.0, 2.15, 2.4])):
         ev("batquant-ones" + seed, "wiki-eval", nll)
     lines = section(tmp_path)  # the ones start's seeds: 0 (vs brq) and 2 (vs brq-s2)
-    i = lines.index("| seed (batquant-ones) | wiki-eval | shakespeare |")
+    i = lines.index("| seed (batquant-ones / brq) | wiki-eval | shakespeare |")
     assert "(`--scale_init=ones`) / BRQ" in lines[i - 2] and lines[i + 2:i + 4] == [
         "| 0 | 1.0168 [0.9835, 1.0513] tie | - |", "| 2 | 0.9835 [0.9512, 1.0168] tie | - |"]
+    assert "| seed (batquant-ones / batquant) | wiki-eval | shakespeare |" not in lines  # no s2
+    ev("batquant-s2", "wiki-eval", [2.1, 2.15, 2.4])
+    lines = section(tmp_path)
+    i = lines.index("| seed (batquant-ones / batquant) | wiki-eval | shakespeare |")
+    assert lines[i + 2:i + 4] == [
+        "| 0 | 0.9200 [0.8607, 0.9835] better | - |", "| 2 | 0.9672 [0.9048, 1.0339] tie | - |"]
+    # the goal line goes with the two tables against brq, not with ones / default start
+    assert sum(x.startswith("Seeds meeting") for x in lines) == 2
     ev("brq-mix", "wiki-eval", [2.0, 2.2, 2.4])
     assert not any("plus Python source (`--calib" in x for x in section(tmp_path))  # one row alone
     ev("batquant-mix", "wiki-eval", [1.9, 2.05, 2.35])
