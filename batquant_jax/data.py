@@ -355,16 +355,20 @@ def read_cached_text(name: str, path: pathlib.Path) -> str:
 
 
 def load_corpus(name_or_path: str | os.PathLike) -> str:
-    """Corpus text: ``"wiki-calib"``, ``"wiki-eval"``, a UTF-8 file, or a folder of such files.
+    """Corpus text: ``"wiki-calib"``, ``"wiki-eval"``, ``"shakespeare"``, a UTF-8 file, or a
+    folder of such files.
 
     A folder's regular, non-hidden files are read in sorted name order and joined with "\\n\\n".
-    The Wikipedia splits are fetched and cached on first use (see ``prepare``).
+    The named texts are fetched and cached on first use (see ``prepare`` and
+    ``load_shakespeare``) and checked against their SHA-256 on every read.
     """
     name = os.fspath(name_or_path)
     if name in SPLITS:
         root = cache_dir()
         prepare(root)
         return read_cached_text(name, _split_path(root, name))
+    if name == SHAKESPEARE:
+        return load_shakespeare()
     path = pathlib.Path(name).expanduser()
     if path.is_file():
         return _read_utf8(path)
@@ -377,7 +381,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> str:
             raise DataError(f"folder {path} has no text files; need at least one UTF-8 file in it")
         return "\n\n".join(_read_utf8(p) for p in files)
     raise DataError(f"corpus {name!r} not found: no such file or folder; need one of "
-                    f"{', '.join(SPLITS)} or a path to a UTF-8 text file or a folder of them")
+                    f"{', '.join(SPLITS + (SHAKESPEARE,))} or a path to a UTF-8 text file or a "
+                    "folder of them")
 
 
 # ----------------------------------------------------------------------------- second text

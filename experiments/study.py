@@ -278,8 +278,7 @@ class Texts:
         from batquant_jax import data
         if name not in self._ids:
             self.tokenizer()
-            text = data.load_shakespeare() if name == "shakespeare" else data.load_corpus(name)
-            self._ids[name] = data.tokenize_corpus(text, self._tok)
+            self._ids[name] = data.tokenize_corpus(data.load_corpus(name), self._tok)
         return self._ids[name]
 
     def tokenizer(self):

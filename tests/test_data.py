@@ -228,3 +228,13 @@ def test_sample_mixed_shares_the_windows_evenly_among_the_sources():
     assert data.calib_sources(" wiki-calib, /x/code ") == ["wiki-calib", "/x/code"]
     with pytest.raises(data.DataError, match="has an empty source"):
         data.calib_sources("wiki-calib,")
+
+
+def test_shakespeare_by_name_reads_the_checked_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATQUANT_CACHE", str(tmp_path))
+    path = tmp_path / "shakespeare.v1.txt"
+    path.write_text("not the plays", encoding="utf-8")  # a cached copy: no fetch, then the check
+    with pytest.raises(data.DataError, match=rf"^the cached shakespeare text {path} was changed"):
+        data.load_corpus("shakespeare")
+    with pytest.raises(data.DataError, match="need one of wiki-calib, wiki-eval, shakespeare or"):
+        data.load_corpus(tmp_path / "absent")
