@@ -147,6 +147,19 @@ def _log(msg: str) -> None:
     print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
 
+def _compute(first_layer: int) -> dict:
+    """Where a calibration session runs: the backend, its devices and the CPU threads this
+    process may use. Float reductions are split by thread count, so GPTQ's rounding can flip on
+    a few codes between machines of different sizes; the record says which ran which layers."""
+    import os
+
+    import jax
+    devices = jax.devices()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"from_layer": first_layer, "backend": jax.default_backend(), "devices": len(devices),
+            "device_kind": devices[0].device_kind, "cpu_threads": threads}
+
+
 def _versions() -> dict:
     import flax
     import jax
@@ -390,7 +403,8 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
             record = {"flags": cfg.run_flags(), "layers_done": 0, "reports": [],
                       "elapsed_s": 0.0, "sessions": 0}
         record = dict(record, sessions=int(record.get("sessions", 0)) + 1,
-                      calib_tokens_sha256=tokens_sha)
+                      calib_tokens_sha256=tokens_sha,
+                      compute=record.get("compute", []) + [_compute(record["layers_done"])])
         store.start(record)
         start = int(record["layers_done"])
         store.clean(start)
@@ -432,7 +446,8 @@ def _calibrate(cfg: CalibrateConfig, calib_cfg: CalibConfig, out_dir: pathlib.Pa
                            "tokens": n_tokens, "sha256": _text_digest(texts),
                            "tokens_sha256": tokens_sha,
                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
-            "layers": progress["reports"], "sessions": progress["sessions"]}
+            "layers": progress["reports"], "sessions": progress["sessions"],
+            "compute": progress.get("compute", [])}
         eval_result = None
         if eval_ids is not None:
             log(f"evaluating perplexity on {cfg.eval_data}: full precision")

@@ -102,6 +102,8 @@ def test_killed_run_resumes_to_the_same_checkpoint(tiny, reference, tmp_path):
     assert [k for k in want if not np.array_equal(got[k], want[k])] == []
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["sessions"] == 2
+    assert [(c["from_layer"], c["backend"], c["cpu_threads"]) for c in meta["compute"]] == [
+        (0, "cpu", len(os.sched_getaffinity(0))), (done, "cpu", len(os.sched_getaffinity(0)))]
     assert [r["loss_final"] for r in meta["layers"]] == [r["loss_final"] for r in reference[1]["layers"]]
 
 
