@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import pathlib
 import platform
 import re
@@ -151,8 +152,6 @@ def _compute(first_layer: int) -> dict:
     """Where a calibration session runs: the backend, its devices and the CPU threads this
     process may use. Float reductions are split by thread count, so GPTQ's rounding can flip on
     a few codes between machines of different sizes; the record says which ran which layers."""
-    import os
-
     import jax
     devices = jax.devices()
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
