@@ -138,7 +138,9 @@ def section(folder=DIR) -> list[str]:
            "8 x 512 evaluation tokens per text; ratios are paired "
            "over the windows with ±2 SE. Calibration time is the sum of the per-layer times "
            "(one core of 2, the other busy, except rows marked * that ran alone on both cores; "
-           "excludes loading and the checkpoint write).", "",
+           "excludes loading and the checkpoint write). Rows are bit-exact for the same code on "
+           "the same number of cores; on another core count GPTQ's rounding flips on a few codes "
+           "(quarot rerun on 2 cores instead of 1: 0.9919 and 1.0066 of the first run, ties).", "",
            "| row | " + " | ".join(f"{t} ppl | vs fp" for t in TEXTS) + " | calibration |",
            "|---|" + "---|---|" * len(TEXTS) + "---|"]
     fp = evals.get("fp", {})
