@@ -178,10 +178,14 @@ def section(folder=DIR) -> list[str]:
             + probe_lines(PROBES if folder == DIR else pathlib.Path(folder) / "probes"))
 
 
+def _sources(run: dict) -> list[str]:
+    """A probe run's calibration sources (``--calib_data``, wiki-calib when unrecorded)."""
+    return data.calib_sources(run.get("calib_data") or "wiki-calib")
+
+
 def _calibration(run: dict) -> str:
     """A probe run's calibration text: its sources ("wiki-calib + python3.11")."""
-    return " + ".join(n if n == "wiki-calib" else pathlib.Path(n).name
-                      for n in data.calib_sources(run.get("calib_data") or "wiki-calib"))
+    return " + ".join(n if n == "wiki-calib" else pathlib.Path(n).name for n in _sources(run))
 
 
 def _variant(run: dict) -> str:
@@ -215,8 +219,7 @@ def probe_lines(folder=PROBES) -> list[str]:
            "evenly. Layers are 0-based; below 1 favours batquant.", "",
            "| calibration | windows | " + " | ".join(f"layer {i}" for i in layers)
            + " | geometric mean |", "|---|---|" + "---|" * (len(layers) + 1)]
-    mixed = sorted({_calibration(r) for r in ours
-                    if len(data.calib_sources(r.get("calib_data") or "wiki-calib")) > 1})
+    mixed = sorted({_calibration(r) for r in ours if len(_sources(r)) > 1})
     if mixed:  # the other text is unseen there, but its register may not be
         out[0] += (f" Calibrated on {' and '.join(f'`{m}`' for m in mixed)}, the `{other}` "
                    "windows are unseen text, though of a register such a source may share.")
@@ -250,11 +253,10 @@ def seed_lines(evals: dict, ours: str = "batquant", what: str = "",
            f"| seed ({ours} / {base_row}) | " + " | ".join(TEXTS) + " |",
            "|---|" + "---|" * len(TEXTS)]
     met = {t: 0 for t in TEXTS}
-    for seed, ours, base in pairs:
+    for seed, a, b in pairs:
         cells = []
         for t in TEXTS:
-            res = paired_nll(ours[t]["window_nll"], base[t]["window_nll"]) \
-                if t in ours and t in base else None
+            res = paired_nll(a[t]["window_nll"], b[t]["window_nll"]) if t in a and t in b else None
             if res is None:
                 cells.append("-")
                 continue
