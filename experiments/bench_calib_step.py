@@ -9,6 +9,8 @@ For each variant (CalibConfig fields over method=batquant) it prints, as ratios 
 full-precision forward measured in the same run: the quantized forward in training mode, the
 weight side alone (fold, weight clip, fake quant of the seven weights), forward + objective,
 forward + gradients, and the whole optimizer step. Median of --reps after a warm-up call.
+With --memory it prints instead what XLA's memory analysis gives for the compiled optimizer
+step and quantized forward: argument, output and temporary bytes.
 With --profile=N it then traces N optimizer steps (jax.profiler) and prints the XLA:CPU time
 per step by kind of work: products, elementwise fusions, transposes and copies, reductions.
 """
@@ -44,15 +46,38 @@ def _median_time(fn, reps):
     return statistics.median(times)
 
 
+def _training_state(fp_layer, hparams: dict, batch: int, d: int):
+    """(calibrator, quantized layer, its split (graphdef, transform, clip, rest), optimizer
+    states): what one training step of ``fp_layer`` reads, as the calibrator builds it."""
+    cfg = CalibConfig(method="batquant", batch_size=batch, **hparams)
+    cal = LayerCalibrator(cfg, nsamples=batch, log=lambda s: None)
+    cal.gain = jnp.ones((d,), jnp.float32)
+    layer = build_quantized_layer(nnx.clone(fp_layer), cfg, 0)
+    graphdef, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
+    return cal, layer, (graphdef, tp, cp, rest), (cal.tx_t.init(tp), cal.tx_c.init(cp))
+
+
+def step_memory(fp_layer, x, y, hparams: dict, batch: int) -> dict:
+    """{program: (argument, output, temporary bytes)} of the compiled optimizer step and
+    quantized forward on x -> y: [batch, T, d], as XLA's memory analysis reports them."""
+    cal, layer, (graphdef, tp, cp, rest), (ot, oc) = _training_state(fp_layer, hparams, batch,
+                                                                         x.shape[-1])
+    qg, qs = nnx.split(layer)
+    lowered = {"quantized forward": apply_layer.lower(qg, qs, x),
+               "optimizer step": cal.step_fn.lower(graphdef, tp, cp, ot, oc, rest, x, y,
+                                                   cal.gain)}
+    out = {}
+    for name, low in lowered.items():
+        m = low.compile().memory_analysis()
+        out[name] = (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes)
+    return out
+
+
 def step_programs(fp_layer, x, y, hparams: dict, batch: int) -> dict:
     """{part: a call running it once} for the parts of one training step of ``fp_layer`` on
     x -> y: [batch, T, d]."""
-    cfg = CalibConfig(method="batquant", batch_size=batch, **hparams)
-    cal = LayerCalibrator(cfg, nsamples=batch, log=lambda s: None)
-    cal.gain = jnp.ones((x.shape[-1],), jnp.float32)
-    layer = build_quantized_layer(nnx.clone(fp_layer), cfg, 0)
-    graphdef, tp, cp, rest = nnx.split(layer, is_transform_param, is_clip_param, ...)
-    ot, oc = cal.tx_t.init(tp), cal.tx_c.init(cp)
+    cal, layer, (graphdef, tp, cp, rest), (ot, oc) = _training_state(fp_layer, hparams, batch,
+                                                                         x.shape[-1])
     # the weights and the batch are arguments, as in the step: closed over, XLA would see them
     # as constants and could lay them out (or fold work on them) at compile time
     merged = lambda tp, cp, rest: nnx.merge(graphdef, tp, cp, rest)  # noqa: E731
@@ -113,6 +138,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also trace N optimizer steps of each variant and print where the "
                          "XLA:CPU time goes")
+    ap.add_argument("--memory", action="store_true",
+                    help="print the compiled programs' memory (arguments, outputs, XLA "
+                         "temporaries) instead of timing them")
     ap.add_argument("--profile_dir", default=None, help="where the trace goes (default: a "
                     "temporary folder)")
     args = ap.parse_args()
@@ -127,6 +155,12 @@ def main() -> None:
           f"{t_fwd * 1e3:.1f} ms")
     for hp in json.loads(args.variants):
         print(f"batquant {json.dumps(hp)}:")
+        if args.memory:
+            for name, sizes in step_memory(fp_layer, x, y, hp, args.batch).items():
+                print("  " + f"{name:22s} " + ", ".join(
+                    f"{k} {v / 2**20:7.1f} MiB" for k, v in zip(("arguments", "outputs",
+                                                                  "temporaries"), sizes)))
+            continue
         programs = step_programs(fp_layer, x, y, hp, args.batch)
         for name, fn in programs.items():
             t = _median_time(fn, args.reps)

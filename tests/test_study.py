@@ -641,3 +641,55 @@ def test_bench_profile_groups_thunks(tmp_path):
     groups = dict(profile(lambda: f(a), 2, str(tmp_path)))
     assert groups["products (dot / YNNPACK fusions)"] > 0
     assert next(tmp_path.rglob("*.trace.json.gz")).stat().st_size > 0
+
+
+def test_rss_trace_phases_fold_samples_between_lines():
+    from experiments.rss_trace import Phase, phases
+    m = 2 ** 20
+    events = [("sample", 0.1, 100 * m, 100 * m), ("sample", 0.2, 300 * m, 300 * m),
+              ("line", 0.3, "loaded"),
+              ("sample", 0.4, 250 * m, 300 * m),  # below the mark: no new peak
+              ("line", 0.5, "step"),
+              ("sample", 0.6, 200 * m, 500 * m),  # a spike between samples, seen by VmHWM
+              ("sample", 0.7, 150 * m, 500 * m)]
+    assert phases(events) == [Phase(0.3, 300 * m, 300 * m, "loaded"),
+                              Phase(0.5, 250 * m, None, "step"),
+                              Phase(0.7, 200 * m, 500 * m, "(exit)")]
+
+
+def test_rss_trace_sees_an_allocation_in_its_phase(capsys):
+    from experiments import rss_trace
+    child = ("import sys, time\n"
+             "print('start', file=sys.stderr, flush=True); time.sleep(0.3)\n"
+             "b = bytearray(400 * 2 ** 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3)\n"
+             "print('allocated', file=sys.stderr, flush=True); del b; time.sleep(0.3)\n"
+             "print('freed', file=sys.stderr, flush=True); time.sleep(60)\n")
+    got = rss_trace.phases(rss_trace.trace([sys.executable, "-c", child], 0.02,
+                                           stop_after="freed"))
+    assert [p.line for p in got][:3] == ["start", "allocated", "freed"]
+    start, allocated, freed = got[:3]
+    grew = (allocated.new_hwm - start.rss_max) / 2 ** 20
+    assert 395 <= grew <= 440  # the 400 MiB buffer, in the phase that allocated it
+    assert freed.new_hwm is None and freed.rss_max <= allocated.rss_max
+    assert got[-1].seconds < 30  # stopped after "freed", not after the child's sleep
+
+
+def test_bench_step_memory_counts_every_argument():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from batquant_jax.models import LlamaConfig, LlamaForCausalLM
+    from experiments.bench_calib_step import _training_state, step_memory
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    fp_layer = LlamaForCausalLM(cfg, nnx.Rngs(0)).layers[0]
+    x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+    got = step_memory(fp_layer, x, x, {}, 2)
+    _, layer, split, opt = _training_state(fp_layer, {}, 2, 64)
+    nbytes = lambda *t: sum(a.nbytes for a in jax.tree.leaves(t))  # noqa: E731
+    gain = jnp.ones((64,), jnp.float32)
+    assert got["optimizer step"][0] == nbytes(split[1:], opt, x, x, gain)
+    assert got["quantized forward"][0] == nbytes(nnx.split(layer)[1], x)
+    assert got["quantized forward"][1] == x.nbytes
+    assert got["optimizer step"][2] > 0
