@@ -40,7 +40,7 @@ COMPARISONS = (
      "(`--scale_init=ones`; chosen on Python source, neither calibration nor evaluation text)"))
 # rows calibrated alone on the machine (both cores); every other row had one core of 2, the
 # other busy with another row
-QUIET = ("batquant-s2", "batquant-ones-s1", "batquant-ones-s2")
+QUIET = ("batquant-s2", "batquant-ones-s1", "batquant-ones-s2", "batquant-mix")
 SEEDS = (0, 1, 2)  # calibration seeds of batquant and brq at W4A4KV16: rows <method>-s<seed>
 
 
