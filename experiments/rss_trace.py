@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 GIB = 2 ** 30
 
@@ -44,10 +44,11 @@ def read_status(pid: int) -> tuple[int, int] | None:
     return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
 
 
-def phases(events) -> list[Phase]:
-    """Folds a time-ordered stream of events into phases. events: ("sample", t, rss, hwm) and
-    ("line", t, text); samples after the last line form a final phase named "(exit)"."""
-    out, rss_max, hwm_before, hwm = [], 0, 0, 0
+def phases(events) -> Iterator[Phase]:
+    """Folds a time-ordered stream of events into phases, each yielded as its line arrives.
+    events: ("sample", t, rss, hwm) and ("line", t, text); samples after the last line form a
+    final phase named "(exit)"."""
+    rss_max, hwm_before, hwm = 0, 0, 0
     pending = False
     for ev in events:
         if ev[0] == "sample":
@@ -55,11 +56,10 @@ def phases(events) -> list[Phase]:
             rss_max, hwm, pending = max(rss_max, rss), max(hwm, hwm_now), True
         else:
             _, t, text = ev
-            out.append(Phase(t, rss_max, hwm if hwm > hwm_before else None, text))
+            yield Phase(t, rss_max, hwm if hwm > hwm_before else None, text)
             rss_max, hwm_before, pending = 0, hwm, False
     if pending:
-        out.append(Phase(ev[1], rss_max, hwm if hwm > hwm_before else None, "(exit)"))
-    return out
+        yield Phase(ev[1], rss_max, hwm if hwm > hwm_before else None, "(exit)")
 
 
 def trace(cmd: list[str], interval: float = 0.05, stop_after: str | None = None):

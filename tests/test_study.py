@@ -652,7 +652,7 @@ def test_rss_trace_phases_fold_samples_between_lines():
               ("line", 0.5, "step"),
               ("sample", 0.6, 200 * m, 500 * m),  # a spike between samples, seen by VmHWM
               ("sample", 0.7, 150 * m, 500 * m)]
-    assert phases(events) == [Phase(0.3, 300 * m, 300 * m, "loaded"),
+    assert list(phases(events)) == [Phase(0.3, 300 * m, 300 * m, "loaded"),
                               Phase(0.5, 250 * m, None, "step"),
                               Phase(0.7, 200 * m, 500 * m, "(exit)")]
 
@@ -664,8 +664,8 @@ def test_rss_trace_sees_an_allocation_in_its_phase(capsys):
              "b = bytearray(400 * 2 ** 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3)\n"
              "print('allocated', file=sys.stderr, flush=True); del b; time.sleep(0.3)\n"
              "print('freed', file=sys.stderr, flush=True); time.sleep(60)\n")
-    got = rss_trace.phases(rss_trace.trace([sys.executable, "-c", child], 0.02,
-                                           stop_after="freed"))
+    got = list(rss_trace.phases(rss_trace.trace([sys.executable, "-c", child], 0.02,
+                                                stop_after="freed")))
     assert [p.line for p in got][:3] == ["start", "allocated", "freed"]
     start, allocated, freed = got[:3]
     grew = (allocated.new_hwm - start.rss_max) / 2 ** 20
