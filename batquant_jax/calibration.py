@@ -22,6 +22,7 @@ of plain RTN on the same layer and data.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
@@ -94,6 +95,19 @@ def _loss_name(fn) -> str:
     if isinstance(fn, functools.partial):
         return f"partial({_loss_name(fn.func)})"
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def release_free_heap() -> bool:
+    """Hands the C heap's free pages back to the system (glibc ``malloc_trim(0)``); True if
+    any were. Between layers: the host side of a layer (numpy folds, GPTQ, checkpoint writes,
+    XLA:CPU's buffers) frees its memory into glibc's heap, which keeps it, and the resident set
+    then grew by 20-90 MB a layer on the 1.5B (a 28-layer calibration ended 1.1 GiB above
+    its first layer's peak). A no-op returning False without glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
 
 
 # ----------------------------------------------------------------------------- jitted kernels
@@ -472,4 +486,5 @@ def quantize_model(model: LlamaForCausalLM, calib_tokens, method: str | CalibCon
         log(rep.line(n_layers, cal.loss_name) + f" elapsed {time.time() - t0:.0f}s, eta {eta:.0f}s")
         if on_layer_done is not None:
             on_layer_done(i, layer, xs, rep)
+        release_free_heap()
     return model, CalibrationResult(cfg, reports, time.time() - t0, cal.loss_name)

@@ -1,5 +1,7 @@
 """Quantized layers and layer-wise calibration, on tiny random models."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -344,3 +346,28 @@ def test_anchor_keeps_the_trained_transforms_near_their_start():
     assert dist[0.0] > 0 and dist[100.0] < 0.5 * dist[0.0]
     with pytest.raises(ValueError, match="anchor must be a finite number >= 0, got -1"):
         CalibConfig(anchor=-1.0)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_free_heap_returns_freed_pages():
+    import ctypes
+
+    from batquant_jax.calibration import release_free_heap
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024  # below glibc's mmap threshold: freed, these stay in its heap
+    blocks = [libc.malloc(size) for _ in range(4096)]  # 256 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks[:-1]:  # the last one pins the heap's top: free alone cannot shrink it
+        libc.free(b)
+    before = _rss_mib()
+    assert release_free_heap() is True
+    assert before - _rss_mib() >= 200
+    libc.free(blocks[-1])
