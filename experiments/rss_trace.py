@@ -63,10 +63,10 @@ def phases(events) -> Iterator[Phase]:
 
 
 def trace(cmd: list[str], interval: float = 0.05, stop_after: str | None = None):
-    """Runs cmd; yields its events (see ``phases``) as they happen. stderr lines are echoed
-    nowhere: the caller prints what it wants."""
+    """Runs cmd; yields its events (see ``phases``) as they happen. Its stderr lines become
+    events (the caller prints what it wants); its stdout passes through."""
     stop = re.compile(stop_after) if stop_after else None
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)  # its stdout passes through
     lines: queue.Queue = queue.Queue()
 
     def reader():
