@@ -8,7 +8,8 @@ For each phase (the time between two lines; a phase is named by the line that en
 prints the largest resident set sampled in it and, where the phase raised the kernel's
 high-water mark (VmHWM, which misses no spike), the new mark. --stop_after ends the command
 (SIGTERM) once a line matches, after the phase that line closes: the per-layer phases of a
-calibration repeat, so two layers show what a whole run reaches. Linux only (/proc).
+calibration repeat, so a few layers show the shape of a whole run (and any growth from one layer
+to the next, which only a whole run measures in full). Linux only (/proc).
 """
 
 from __future__ import annotations
